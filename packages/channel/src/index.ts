@@ -1,0 +1,4 @@
+export * from './uri.js';
+export * from './transport.js';
+export * from './byte-reader.js';
+export * from './buffered-writer.js';

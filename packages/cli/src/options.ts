@@ -1,0 +1,107 @@
+/**
+ * The flags of each command, named after QEMU's migration parameters, and turning parsed
+ * values into typed settings.
+ */
+import { DEFAULT_PARAMS, InvalidArgumentError, type MigrationParams, type ZeroPageDetection } from '@vmig/core';
+import { FILL_PATTERNS, type FillPattern, type WritePattern } from '@vmig/test-harness';
+import { parseChoice, parseIntFlag, parseRamSpecs, parseSize, type RamSpec } from './args.js';
+
+/** Flags both ends understand; demo passes these to `incoming`. */
+export const SHARED_OPTIONS = {
+  ram: { type: 'string' },
+  'ram-block': { type: 'string', multiple: true },
+  'multifd-channels': { type: 'string' },
+  'multifd-compression': { type: 'string' },
+  'multifd-flush-after-each-section': { type: 'boolean' },
+  json: { type: 'boolean' },
+} as const;
+
+export const INCOMING_OPTIONS = {
+  ...SHARED_OPTIONS,
+  'dump-ram': { type: 'string' },
+} as const;
+
+export const MIGRATE_OPTIONS = {
+  ...SHARED_OPTIONS,
+  fill: { type: 'string' },
+  seed: { type: 'string' },
+  writers: { type: 'string' },
+  'dirty-rate': { type: 'string' },
+  pattern: { type: 'string' },
+  'hot-pages': { type: 'string' },
+  'max-bandwidth': { type: 'string' },
+  'downtime-limit': { type: 'string' },
+  'zero-page-detection': { type: 'string' },
+  postcopy: { type: 'boolean' },
+} as const;
+
+export const MAX_MULTIFD_CHANNELS = 64;
+export const COMPRESSION_METHODS = ['none', 'zlib', 'lz4', 'zstd'] as const;
+
+export interface SharedSettings {
+  ram: RamSpec[] | undefined;
+  multifdChannels: number;
+  json: boolean;
+}
+
+type Values = Record<string, string | boolean | string[] | undefined>;
+
+const str = (v: Values, k: string): string | undefined => v[k] as string | undefined;
+
+export function sharedSettings(v: Values): SharedSettings {
+  const channels = str(v, 'multifd-channels');
+  const compression = str(v, 'multifd-compression');
+  if (compression !== undefined && compression !== 'none') {
+    parseChoice('multifd-compression', compression, COMPRESSION_METHODS);
+    throw new InvalidArgumentError(`--multifd-compression ${compression}: compression needs multifd, which this build does not have yet`);
+  }
+  const n = channels === undefined ? 0 : parseIntFlag('multifd-channels', channels, 1, MAX_MULTIFD_CHANNELS);
+  if (n > 0) throw new InvalidArgumentError('--multifd-channels: multifd is not available in this build yet');
+  if (v['multifd-flush-after-each-section']) throw new InvalidArgumentError('--multifd-flush-after-each-section: multifd is not available in this build yet');
+  return {
+    ram: parseRamSpecs(str(v, 'ram'), v['ram-block'] as string[] | undefined),
+    multifdChannels: n,
+    json: v['json'] === true,
+  };
+}
+
+export interface MigrateSettings extends SharedSettings {
+  ram: RamSpec[];
+  fill: FillPattern;
+  seed: string;
+  writers: number;
+  dirtyRate: number;
+  pattern: WritePattern;
+  hotPages: number;
+  params: MigrationParams;
+}
+
+export function migrateSettings(v: Values): MigrateSettings {
+  const shared = sharedSettings(v);
+  if (!shared.ram) throw new InvalidArgumentError('migrate: --ram SIZE (or --ram-block NAME=SIZE) is required');
+  if (v['postcopy']) throw new InvalidArgumentError('--postcopy: postcopy is not available in this build yet');
+  const writers = str(v, 'writers') === undefined ? 0 : parseIntFlag('writers', str(v, 'writers')!, 0, 64);
+  const dirtyRate = str(v, 'dirty-rate') === undefined ? (writers > 0 ? 16 << 20 : 0) : parseSize('dirty-rate', str(v, 'dirty-rate')!);
+  if (dirtyRate > 0 && writers === 0) throw new InvalidArgumentError('--dirty-rate needs --writers N (N >= 1)');
+  const zpd = str(v, 'zero-page-detection');
+  const zeroPageDetection: ZeroPageDetection = zpd === undefined ? 'legacy' : parseChoice('zero-page-detection', zpd, ['none', 'legacy', 'multifd'] as const);
+  if (zeroPageDetection === 'multifd') throw new InvalidArgumentError('--zero-page-detection multifd needs multifd, which this build does not have yet');
+  const downtime = str(v, 'downtime-limit');
+  const maxBw = str(v, 'max-bandwidth');
+  return {
+    ...shared,
+    ram: shared.ram,
+    fill: str(v, 'fill') === undefined ? 'random' : parseChoice('fill', str(v, 'fill')!, FILL_PATTERNS),
+    seed: str(v, 'seed') ?? '1',
+    writers,
+    dirtyRate,
+    pattern: str(v, 'pattern') === undefined ? 'uniform' : parseChoice('pattern', str(v, 'pattern')!, ['uniform', 'hot'] as const),
+    hotPages: str(v, 'hot-pages') === undefined ? 64 : parseIntFlag('hot-pages', str(v, 'hot-pages')!, 1, 1 << 30),
+    params: {
+      ...DEFAULT_PARAMS,
+      zeroPageDetection,
+      downtimeLimitMs: downtime === undefined ? DEFAULT_PARAMS.downtimeLimitMs : parseIntFlag('downtime-limit', downtime, 1, 2_000_000),
+      maxBandwidth: maxBw === undefined ? 0 : parseSize('max-bandwidth', maxBw),
+    },
+  };
+}

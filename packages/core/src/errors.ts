@@ -1,0 +1,73 @@
+/**
+ * Errors with stable codes (undici style). `code` never changes once published; the
+ * message names the channel and phase where they are known.
+ */
+export type VmigErrorCode =
+  | 'VMIG_ERR_INVALID_ARG'
+  | 'VMIG_ERR_STREAM_MAGIC'
+  | 'VMIG_ERR_STREAM_VERSION'
+  | 'VMIG_ERR_STREAM_FORMAT'
+  | 'VMIG_ERR_STREAM_TRUNCATED'
+  | 'VMIG_ERR_UNKNOWN_BLOCK'
+  | 'VMIG_ERR_BLOCK_MISMATCH'
+  | 'VMIG_ERR_BAD_OFFSET'
+  | 'VMIG_ERR_UNKNOWN_SECTION'
+  | 'VMIG_ERR_DEVICE_VERSION'
+  | 'VMIG_ERR_DEVICE_STATE'
+  | 'VMIG_ERR_CONNECT'
+  | 'VMIG_ERR_PEER_CLOSED'
+  | 'VMIG_ERR_CHANNEL'
+  | 'VMIG_ERR_MULTIFD_HANDSHAKE'
+  | 'VMIG_ERR_MULTIFD_PACKET'
+  | 'VMIG_ERR_CANCELLED'
+  | 'VMIG_ERR_REMOTE'
+  | 'VMIG_ERR_WORKER';
+
+export interface VmigErrorContext {
+  /** 'main', 'return-path', 'multifd/3', ... */
+  channel?: string;
+  /** 'setup', 'iterate', 'complete', 'load', ... */
+  phase?: string;
+}
+
+export class VmigError extends Error {
+  readonly code: VmigErrorCode;
+  readonly channel: string | undefined;
+  readonly phase: string | undefined;
+
+  constructor(code: VmigErrorCode, message: string, ctx: VmigErrorContext = {}, options?: { cause?: unknown }) {
+    const where = [ctx.channel && `channel ${ctx.channel}`, ctx.phase && `phase ${ctx.phase}`].filter(Boolean).join(', ');
+    super(where ? `${message} (${where})` : message, options);
+    this.name = 'VmigError';
+    this.code = code;
+    this.channel = ctx.channel;
+    this.phase = ctx.phase;
+  }
+
+  /** The plain object put into reports and sent between processes. */
+  toJSON(): { code: VmigErrorCode; message: string } {
+    return { code: this.code, message: this.message };
+  }
+}
+
+/** A malformed or hostile stream; `code` says which rule it broke. */
+export class StreamError extends VmigError {
+  constructor(code: VmigErrorCode, message: string, ctx: VmigErrorContext = {}) {
+    super(code, message, ctx);
+    this.name = 'StreamError';
+  }
+}
+
+export class InvalidArgumentError extends VmigError {
+  constructor(message: string) {
+    super('VMIG_ERR_INVALID_ARG', message);
+    this.name = 'InvalidArgumentError';
+  }
+}
+
+/** Wrap anything thrown into a VmigError, keeping an existing one as is. */
+export function toVmigError(err: unknown, fallback: VmigErrorCode, ctx: VmigErrorContext = {}): VmigError {
+  if (err instanceof VmigError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  return new VmigError(fallback, message, ctx, { cause: err });
+}

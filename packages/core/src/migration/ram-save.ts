@@ -1,0 +1,159 @@
+/**
+ * Source side of the "ram" section (QEMU's ram.c save path): the migration bitmap, the
+ * page scan with its wrap ("complete round"), zero-page detection and page records.
+ */
+import type { ByteWriter } from '../io.js';
+import { AtomicBitmap } from '../ram/bitmap.js';
+import { type GuestRam, type RamBlock, TARGET_PAGE_SIZE } from '../ram/ram-block.js';
+import { QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START, RAM_SECTION_IDSTR, RAM_SECTION_VERSION } from '../wire/constants.js';
+import {
+  putRamEos,
+  putRamMemSize,
+  putRamPage,
+  putRamZeroPage,
+  putSectionFooter,
+  putSectionFull,
+  putSectionPart,
+} from '../wire/main-stream.js';
+import { clearDirtyLog, syncDirtyLog } from './dirty-sync.js';
+import type { MigrationStats } from './stats.js';
+
+/** Where zero pages are detected (QEMU's zero-page-detection parameter). */
+export type ZeroPageDetection = 'none' | 'legacy' | 'multifd';
+
+/**
+ * Carries normal pages. The default writes them on the main stream; multifd replaces it
+ * with its channels. A sender must have read (copied or sent) the page before it returns
+ * or hold the page only while the dirty-log rule covers it (see dirty-sync.ts).
+ */
+export interface PageSender {
+  /** Saves one page of `block`. `w` is the main stream, positioned inside a RAM section. */
+  savePage(w: ByteWriter, block: RamBlock, page: number): void;
+}
+
+const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+
+export function isZeroPage(host: Buffer, offset: number): boolean {
+  return ZERO_PAGE.compare(host, offset, offset + TARGET_PAGE_SIZE) === 0;
+}
+
+export interface ScanResult {
+  /** Bytes written on the main stream by this call. */
+  bytes: number;
+  /** True if the scan passed the end of the last block (QEMU's complete_round). */
+  wrapped: boolean;
+}
+
+export class RamSaver implements PageSender {
+  readonly bitmaps: AtomicBitmap[];
+  private readonly hostBuffers: Buffer[];
+  private blockIdx = 0;
+  private nextPage = 0;
+  /** Block of the last record on the main stream, for RAM_SAVE_FLAG_CONTINUE. */
+  private lastSentBlock: RamBlock | undefined;
+  /** Pages set in the migration bitmaps (QEMU's migration_dirty_pages). */
+  dirtyPages = 0;
+  private lastSyncTime = 0;
+  /** Optional replacement for normal pages (multifd). */
+  pageSender: PageSender = this;
+
+  constructor(
+    readonly ram: GuestRam,
+    private readonly stats: MigrationStats,
+    private readonly zeroPageDetection: ZeroPageDetection = 'legacy',
+  ) {
+    this.bitmaps = ram.blocks.map((b) => AtomicBitmap.create(b.pages));
+    this.hostBuffers = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
+  }
+
+  /** ram_save_setup: start dirty logging, then mark every page dirty. */
+  setup(): void {
+    for (let i = 0; i < this.ram.blocks.length; i++) {
+      // Clear the log first: a write after this point is in the log, and every page is
+      // in the migration bitmap anyway, so nothing written before or after is missed.
+      clearDirtyLog(this.ram.blocks[i]!);
+      this.bitmaps[i]!.setAll();
+    }
+    this.dirtyPages = this.ram.totalPages;
+    this.stats.remainingPages = this.dirtyPages;
+    this.lastSyncTime = performance.now();
+  }
+
+  /** migration_bitmap_sync: returns pages newly dirtied since the last sync. */
+  bitmapSync(): number {
+    let newly = 0;
+    for (let i = 0; i < this.ram.blocks.length; i++) newly += syncDirtyLog(this.ram.blocks[i]!, this.bitmaps[i]!);
+    this.dirtyPages += newly;
+    const now = performance.now();
+    const secs = (now - this.lastSyncTime) / 1000;
+    if (secs > 0) this.stats.dirtyPagesRate = newly / secs;
+    this.lastSyncTime = now;
+    this.stats.dirtySyncCount++;
+    this.stats.remainingPages = this.dirtyPages;
+    return newly;
+  }
+
+  writeSetupSection(w: ByteWriter, sectionId: number): void {
+    putSectionFull(w, QEMU_VM_SECTION_START, { sectionId, idstr: RAM_SECTION_IDSTR, instanceId: 0, versionId: RAM_SECTION_VERSION });
+    putRamMemSize(w, this.ram.blocks);
+  }
+
+  /** Ends a RAM section part: EOS and footer. */
+  writeSectionEnd(w: ByteWriter, sectionId: number): void {
+    putRamEos(w);
+    putSectionFooter(w, sectionId);
+  }
+
+  writePartHeader(w: ByteWriter, sectionId: number, final: boolean): void {
+    putSectionPart(w, final ? QEMU_VM_SECTION_END : QEMU_VM_SECTION_PART, sectionId);
+    // Name the block again in every section: the reader need not carry it across.
+    this.lastSentBlock = undefined;
+  }
+
+  /**
+   * Sends dirty pages from the scan position until `budgetBytes` of main-stream bytes
+   * were written or the scan wraps. Clears each page's migration-bitmap bit BEFORE
+   * reading the page.
+   */
+  savePages(w: ByteWriter & { readonly bytesWritten: number }, budgetBytes: number): ScanResult {
+    const start = w.bytesWritten;
+    const blocks = this.ram.blocks;
+    while (w.bytesWritten - start < budgetBytes) {
+      const bitmap = this.bitmaps[this.blockIdx]!;
+      const page = bitmap.findNextSet(this.nextPage);
+      if (page < 0) {
+        this.blockIdx++;
+        this.nextPage = 0;
+        if (this.blockIdx >= blocks.length) {
+          this.blockIdx = 0;
+          return { bytes: w.bytesWritten - start, wrapped: true };
+        }
+        continue;
+      }
+      bitmap.clear(page);
+      this.dirtyPages--;
+      this.nextPage = page + 1;
+      this.savePageChecked(w, this.blockIdx, page);
+    }
+    this.stats.remainingPages = this.dirtyPages;
+    return { bytes: w.bytesWritten - start, wrapped: false };
+  }
+
+  private savePageChecked(w: ByteWriter, blockIdx: number, page: number): void {
+    const block = this.ram.blocks[blockIdx]!;
+    if (this.zeroPageDetection === 'legacy' && isZeroPage(this.hostBuffers[blockIdx]!, page * TARGET_PAGE_SIZE)) {
+      putRamZeroPage(w, page * TARGET_PAGE_SIZE, block.idstr, this.lastSentBlock === block);
+      this.lastSentBlock = block;
+      this.stats.zeroPages++;
+      return;
+    }
+    this.pageSender.savePage(w, block, page);
+  }
+
+  /** The default PageSender: a RAM_SAVE_FLAG_PAGE record on the main stream. */
+  savePage(w: ByteWriter, block: RamBlock, page: number): void {
+    putRamPage(w, page * TARGET_PAGE_SIZE, block.idstr, this.lastSentBlock === block, block.page(page));
+    this.lastSentBlock = block;
+    this.stats.normalPages++;
+  }
+}

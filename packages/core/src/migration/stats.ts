@@ -1,0 +1,90 @@
+/**
+ * Migration statistics in the shape of QEMU's query-migrate (camelCase).
+ */
+import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
+import type { MigrationStatus } from './state.js';
+
+export interface RamStats {
+  transferred: number;
+  remaining: number;
+  total: number;
+  duplicate: number;
+  normal: number;
+  normalBytes: number;
+  dirtySyncCount: number;
+  dirtyPagesRate: number;
+  mbps: number;
+  pagesPerSecond: number;
+  pageSize: number;
+  precopyBytes: number;
+  downtimeBytes: number;
+  multifdBytes: number;
+}
+
+export interface MigrationInfo {
+  status: MigrationStatus;
+  totalTimeMs: number;
+  setupTimeMs: number;
+  downtimeMs?: number;
+  expectedDowntimeMs: number;
+  ram: RamStats;
+  error?: { code: string; message: string };
+}
+
+/** Counters the migration thread updates; `info()` renders them. */
+export class MigrationStats {
+  status: MigrationStatus = 'none';
+  startTime = 0;
+  setupTimeMs = 0;
+  endTime: number | undefined;
+  downtimeMs: number | undefined;
+  expectedDowntimeMs = 0;
+  /** Bytes written on every channel. */
+  transferred = 0;
+  remainingPages = 0;
+  totalBytes = 0;
+  zeroPages = 0;
+  normalPages = 0;
+  dirtySyncCount = 0;
+  dirtyPagesRate = 0;
+  /** Bytes per second over the last measured period. */
+  bandwidth = 0;
+  pagesPerSecond = 0;
+  precopyBytes = 0;
+  downtimeBytes = 0;
+  multifdBytes = 0;
+  error: { code: string; message: string } | undefined;
+
+  info(now = performance.now()): MigrationInfo {
+    const end = this.endTime ?? now;
+    const out: MigrationInfo = {
+      status: this.status,
+      totalTimeMs: round(this.startTime ? end - this.startTime : 0),
+      setupTimeMs: round(this.setupTimeMs),
+      expectedDowntimeMs: round(this.expectedDowntimeMs),
+      ram: {
+        transferred: this.transferred,
+        remaining: this.remainingPages * TARGET_PAGE_SIZE,
+        total: this.totalBytes,
+        duplicate: this.zeroPages,
+        normal: this.normalPages,
+        normalBytes: this.normalPages * TARGET_PAGE_SIZE,
+        dirtySyncCount: this.dirtySyncCount,
+        dirtyPagesRate: Math.round(this.dirtyPagesRate),
+        mbps: round((this.bandwidth * 8) / 1e6),
+        pagesPerSecond: Math.round(this.pagesPerSecond),
+        pageSize: TARGET_PAGE_SIZE,
+        precopyBytes: this.precopyBytes,
+        downtimeBytes: this.downtimeBytes,
+        multifdBytes: this.multifdBytes,
+      },
+    };
+    if (this.downtimeMs !== undefined) out.downtimeMs = round(this.downtimeMs);
+    if (this.error) out.error = this.error;
+    return out;
+  }
+}
+
+function round(v: number): number {
+  return Math.round(v * 1000) / 1000;
+}

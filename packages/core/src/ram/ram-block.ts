@@ -1,0 +1,137 @@
+import { InvalidArgumentError } from '../errors.js';
+import { AtomicBitmap } from './bitmap.js';
+
+/** QEMU's TARGET_PAGE_BITS / TARGET_PAGE_SIZE for x86: every page here is 4 KiB. */
+export const TARGET_PAGE_BITS = 12;
+export const TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS;
+/** idstr travels as u8 length + bytes. */
+export const MAX_IDSTR_LENGTH = 255;
+/** One block may be at most this large (Node's SharedArrayBuffer limit is far above). */
+export const MAX_BLOCK_BYTES = 64 * 2 ** 30;
+
+/** What a RamBlock is made of, in a form that can be posted to a worker (SABs share). */
+export interface RamBlockShared {
+  idstr: string;
+  usedLength: number;
+  host: SharedArrayBuffer;
+  dirtyLog: SharedArrayBuffer;
+}
+
+export function validateIdstr(idstr: string): void {
+  const len = Buffer.byteLength(idstr);
+  if (len === 0 || len > MAX_IDSTR_LENGTH) {
+    throw new InvalidArgumentError(`RAM block name must be 1..${MAX_IDSTR_LENGTH} bytes, got ${len}`);
+  }
+}
+
+export function validateBlockSize(size: number): void {
+  if (!Number.isSafeInteger(size) || size <= 0 || size % TARGET_PAGE_SIZE !== 0 || size > MAX_BLOCK_BYTES) {
+    throw new InvalidArgumentError(
+      `RAM block size must be a positive multiple of ${TARGET_PAGE_SIZE} up to ${MAX_BLOCK_BYTES}, got ${size}`,
+    );
+  }
+}
+
+/**
+ * A named region of guest RAM (QEMU's RAMBlock): `host` is the memory, in a
+ * SharedArrayBuffer shared with vCPU and channel threads; `dirtyLog` has one bit per page,
+ * set by vCPUs after they write (see migration/dirty-sync.ts for the ordering rule).
+ */
+export class RamBlock {
+  readonly pages: number;
+  readonly host: Uint8Array;
+  readonly dirtyLog: AtomicBitmap;
+
+  private constructor(
+    readonly idstr: string,
+    readonly usedLength: number,
+    readonly hostSab: SharedArrayBuffer,
+    dirtyLogSab: SharedArrayBuffer,
+  ) {
+    this.pages = usedLength / TARGET_PAGE_SIZE;
+    this.host = new Uint8Array(hostSab, 0, usedLength);
+    this.dirtyLog = new AtomicBitmap(dirtyLogSab, this.pages);
+  }
+
+  /**
+   * Allocates and pre-faults a block. Fresh memory is expensive to touch on first use
+   * (page faults), so it is touched once here and never reallocated.
+   */
+  static create(idstr: string, usedLength: number, opts: { prefault?: boolean } = {}): RamBlock {
+    validateIdstr(idstr);
+    validateBlockSize(usedLength);
+    const pages = usedLength / TARGET_PAGE_SIZE;
+    const block = new RamBlock(
+      idstr,
+      usedLength,
+      new SharedArrayBuffer(usedLength),
+      new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
+    );
+    if (opts.prefault !== false) prefault(block.host);
+    return block;
+  }
+
+  static fromShared(s: RamBlockShared): RamBlock {
+    return new RamBlock(s.idstr, s.usedLength, s.host, s.dirtyLog);
+  }
+
+  toShared(): RamBlockShared {
+    return { idstr: this.idstr, usedLength: this.usedLength, host: this.hostSab, dirtyLog: this.dirtyLog.sab };
+  }
+
+  /** A view of page `page` (no copy). */
+  page(page: number): Uint8Array {
+    const off = page * TARGET_PAGE_SIZE;
+    return this.host.subarray(off, off + TARGET_PAGE_SIZE);
+  }
+}
+
+/** Writes one word per page so the kernel maps every page now, not during migration. */
+function prefault(host: Uint8Array): void {
+  const words = new Int32Array(host.buffer, host.byteOffset, host.byteLength >>> 2);
+  for (let i = 0; i < words.length; i += TARGET_PAGE_SIZE >>> 2) words[i] = 0;
+}
+
+/** The guest's RAM: its blocks, in registration order (the order they travel in). */
+export class GuestRam {
+  private readonly byName = new Map<string, RamBlock>();
+
+  constructor(readonly blocks: readonly RamBlock[]) {
+    for (const b of blocks) {
+      if (this.byName.has(b.idstr)) throw new InvalidArgumentError(`duplicate RAM block name '${b.idstr}'`);
+      this.byName.set(b.idstr, b);
+    }
+  }
+
+  static create(specs: readonly { idstr: string; size: number }[], opts: { prefault?: boolean } = {}): GuestRam {
+    if (specs.length === 0) throw new InvalidArgumentError('guest RAM needs at least one block');
+    const names = new Set<string>();
+    for (const s of specs) {
+      validateIdstr(s.idstr);
+      validateBlockSize(s.size);
+      if (names.has(s.idstr)) throw new InvalidArgumentError(`duplicate RAM block name '${s.idstr}'`);
+      names.add(s.idstr);
+    }
+    return new GuestRam(specs.map((s) => RamBlock.create(s.idstr, s.size, opts)));
+  }
+
+  static fromShared(shared: readonly RamBlockShared[]): GuestRam {
+    return new GuestRam(shared.map((s) => RamBlock.fromShared(s)));
+  }
+
+  toShared(): RamBlockShared[] {
+    return this.blocks.map((b) => b.toShared());
+  }
+
+  find(idstr: string): RamBlock | undefined {
+    return this.byName.get(idstr);
+  }
+
+  get totalBytes(): number {
+    return this.blocks.reduce((n, b) => n + b.usedLength, 0);
+  }
+
+  get totalPages(): number {
+    return this.totalBytes / TARGET_PAGE_SIZE;
+  }
+}

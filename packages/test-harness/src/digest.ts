@@ -1,0 +1,37 @@
+/**
+ * Per-page digests of guest RAM (xxh3-64) and one digest over them. Comparing the
+ * per-page arrays names the pages that differ; the single digest is what reports carry.
+ */
+import { xxh3 } from '@node-rs/xxhash';
+import { type GuestRam, TARGET_PAGE_SIZE } from '@vmig/core';
+
+export interface RamDigest {
+  /** xxh3-64 of each page, blocks in order. */
+  pages: BigUint64Array;
+  /** xxh3-64 over `pages`, hex. */
+  digest: string;
+}
+
+export function digestRam(ram: GuestRam): RamDigest {
+  const pages = new BigUint64Array(ram.totalPages);
+  let i = 0;
+  for (const block of ram.blocks) {
+    const buf = Buffer.from(block.hostSab, 0, block.usedLength);
+    for (let off = 0; off < block.usedLength; off += TARGET_PAGE_SIZE) {
+      pages[i++] = xxh3.xxh64(buf.subarray(off, off + TARGET_PAGE_SIZE));
+    }
+  }
+  return { pages, digest: hexDigest(pages) };
+}
+
+export function hexDigest(pages: BigUint64Array): string {
+  return xxh3.xxh64(Buffer.from(pages.buffer, pages.byteOffset, pages.byteLength)).toString(16).padStart(16, '0');
+}
+
+/** Indices of pages whose digests differ (at most `limit`). */
+export function diffPages(a: BigUint64Array, b: BigUint64Array, limit = 16): number[] {
+  const out: number[] = [];
+  const n = Math.max(a.length, b.length);
+  for (let i = 0; i < n && out.length < limit; i++) if (a[i] !== b[i]) out.push(i);
+  return out;
+}

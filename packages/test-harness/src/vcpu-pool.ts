@@ -1,0 +1,130 @@
+/**
+ * The vCPUs of a test guest: writer workers over guest RAM, stopped and resumed with the
+ * protocol in vcpu-control.ts. Implements core's VmRunControl (vm_stop / vm_start).
+ */
+import { Worker } from 'node:worker_threads';
+import { type GuestRam, InvalidArgumentError, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl } from '@vmig/core';
+import { controlBytes, PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
+import { workerUrl } from './worker-url.js';
+
+export type WritePattern = 'uniform' | 'hot';
+
+export interface WriterOptions {
+  writers: number;
+  /** Total bytes dirtied per second across all writers (one page per write); 0 = as fast as they can. */
+  dirtyRate: number;
+  pattern?: WritePattern;
+  /** Size of the hot set, in pages. */
+  hotPages?: number;
+  seed?: number;
+}
+
+/** What each writer worker receives (SABs are shared, not copied). */
+export interface WriterConfig {
+  ram: RamBlockShared[];
+  control: SharedArrayBuffer;
+  index: number;
+  pagesPerSecond: number;
+  pattern: WritePattern;
+  hotPages: number;
+  seed: number;
+}
+
+export class VcpuPool implements VmRunControl {
+  private readonly ctl: Int32Array;
+  private constructor(
+    private readonly workers: Worker[],
+    control: SharedArrayBuffer,
+  ) {
+    this.ctl = new Int32Array(control);
+  }
+
+  static async start(ram: GuestRam, opts: WriterOptions): Promise<VcpuPool> {
+    if (!Number.isInteger(opts.writers) || opts.writers < 0 || opts.writers > 256) {
+      throw new InvalidArgumentError(`writers must be 0..256, got ${opts.writers}`);
+    }
+    const control = new SharedArrayBuffer(controlBytes(opts.writers));
+    const ctl = new Int32Array(control);
+    const pagesPerSecond = opts.dirtyRate / TARGET_PAGE_SIZE / Math.max(1, opts.writers);
+    const workers: Worker[] = [];
+    for (let i = 0; i < opts.writers; i++) {
+      const cfg: WriterConfig = {
+        ram: ram.toShared(),
+        control,
+        index: i,
+        pagesPerSecond,
+        pattern: opts.pattern ?? 'uniform',
+        hotPages: opts.hotPages ?? 64,
+        seed: opts.seed ?? 1,
+      };
+      workers.push(new Worker(workerUrl(import.meta.url, 'vcpu-writer.worker.js'), { workerData: cfg }));
+    }
+    const pool = new VcpuPool(workers, control);
+    const failed = new Promise<never>((_, reject) => {
+      for (const w of workers) w.once('error', (e) => reject(new VmigError('VMIG_ERR_WORKER', `vCPU writer failed: ${e.message}`)));
+    });
+    failed.catch(() => {});
+    // Wait until every writer runs its loop.
+    while (Atomics.load(ctl, STARTED) < opts.writers) {
+      const seen = Atomics.load(ctl, STARTED);
+      await Promise.race([Atomics.waitAsync(ctl, STARTED, seen, 1000).value, failed]);
+    }
+    return pool;
+  }
+
+  get count(): number {
+    return this.workers.length;
+  }
+
+  /** vm_stop: resolves once every writer is parked with its last write published. */
+  async stop(): Promise<void> {
+    Atomics.store(this.ctl, RUN_STATE, STATE_STOP);
+    Atomics.notify(this.ctl, RUN_STATE);
+    for (;;) {
+      const parked = Atomics.load(this.ctl, PARKED);
+      if (parked >= this.workers.length) return;
+      await Atomics.waitAsync(this.ctl, PARKED, parked, 100).value;
+    }
+  }
+
+  /** vm_start. */
+  resume(): void {
+    if (Atomics.load(this.ctl, RUN_STATE) === STATE_EXIT) return;
+    Atomics.store(this.ctl, RUN_STATE, STATE_RUN);
+    Atomics.notify(this.ctl, RUN_STATE);
+  }
+
+  get stopped(): boolean {
+    return Atomics.load(this.ctl, RUN_STATE) === STATE_STOP;
+  }
+
+  /** Auto-converge: share of time writers sleep, 0..99. */
+  setThrottle(pct: number): void {
+    Atomics.store(this.ctl, THROTTLE_PCT, Math.max(0, Math.min(99, Math.round(pct))));
+  }
+
+  /** Writes done so far by all writers (each counter wraps at 2^32). */
+  get writes(): number {
+    let n = 0;
+    for (let i = 0; i < this.workers.length; i++) n += Atomics.load(this.ctl, WRITES_BASE + i) >>> 0;
+    return n;
+  }
+
+  /** Ends every writer and waits for the threads to exit. */
+  async terminate(): Promise<void> {
+    Atomics.store(this.ctl, RUN_STATE, STATE_EXIT);
+    Atomics.notify(this.ctl, RUN_STATE);
+    await Promise.all(
+      this.workers.map(
+        (w) =>
+          new Promise<void>((resolve) => {
+            const t = setTimeout(() => void w.terminate().then(() => resolve()), 2000);
+            w.once('exit', () => {
+              clearTimeout(t);
+              resolve();
+            });
+          }),
+      ),
+    );
+  }
+}
