@@ -21,6 +21,7 @@ export class BufferedWriter implements StreamSink {
   private len = 0;
   private readonly free: Buffer[] = [];
   private flushed = 0;
+  private taken = 0;
   /** Writes handed to the socket whose callbacks have not fired yet. */
   private inFlight = 0;
   private onIdle: (() => void) | undefined;
@@ -44,6 +45,10 @@ export class BufferedWriter implements StreamSink {
 
   get bytesWritten(): number {
     return this.flushed + this.len;
+  }
+
+  get bytesFlushed(): number {
+    return this.taken;
   }
 
   private room(n: number): void {
@@ -102,7 +107,10 @@ export class BufferedWriter implements StreamSink {
     // be staged into again.
     this.inFlight++;
     this.out.write(buf.subarray(0, n), () => {
-      if (this.free.length < 4) this.free.push(buf);
+      this.taken += n;
+      // Always recycle: allocating fresh memory means page faults, which are slow. The
+      // pool never exceeds what backpressure lets be in flight at once.
+      this.free.push(buf);
       if (--this.inFlight === 0) {
         const idle = this.onIdle;
         this.onIdle = undefined;
@@ -111,7 +119,14 @@ export class BufferedWriter implements StreamSink {
     });
   }
 
+  /**
+   * The backpressure point, and the place where the event loop runs: it always yields to
+   * it once (setImmediate), so that write completions recycle staging buffers and other
+   * I/O (the return path, timers) is serviced even when the socket never pushes back. A
+   * loop of awaits on already-resolved promises would starve all of that.
+   */
   async ready(): Promise<void> {
+    await new Promise<void>((r) => setImmediate(r));
     if (this.error) throw this.error;
     while (this.out.writableLength > this.hwm) {
       await this.waitDrain();

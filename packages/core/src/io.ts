@@ -18,6 +18,8 @@ export interface ByteWriter {
 export interface StreamSink extends ByteWriter {
   /** Bytes handed to this sink so far. */
   readonly bytesWritten: number;
+  /** Bytes the transport has taken (handed to the kernel); what bandwidth is measured on. */
+  readonly bytesFlushed: number;
   /** Resolves once the transport can take more (backpressure); rejects if it failed. */
   ready(): Promise<void>;
   /** Pushes buffered bytes to the transport and waits until it has taken them. */
@@ -75,6 +77,10 @@ export class MemorySink implements StreamSink {
   private len = 0;
 
   get bytesWritten(): number {
+    return this.len;
+  }
+
+  get bytesFlushed(): number {
     return this.len;
   }
 

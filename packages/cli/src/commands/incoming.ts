@@ -56,9 +56,10 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     });
     ram = result.ram;
     const loadMs = performance.now() - loadStart;
-    // Digest before anything else could touch RAM (this side runs no writers in precopy).
-    const digest = digestRam(ram);
+    // Loaded: tell the source at once (its downtime ends here), then digest. Nothing on
+    // this side writes guest RAM in precopy, so the digest is of RAM as loaded.
     if (returnPath) conn.write(encodeRpShut(0));
+    const digest = digestRam(ram);
     // QEMU appends a JSON description after EOF; read it if the source sends one.
     try {
       await readVmDescription(reader);

@@ -164,7 +164,8 @@ export class PrecopyMigration {
     const { sink, params } = this.ctx;
     const { stats, saver } = this;
     let periodStart = performance.now();
-    let periodBytes = sink.bytesWritten;
+    // Bandwidth counts what the transport took, not what is queued in front of it.
+    let periodBytes = sink.bytesFlushed;
     let periodPages = stats.normalPages + stats.zeroPages;
     let lastProgress = periodStart;
     let rateWindowStart = periodStart;
@@ -175,10 +176,10 @@ export class PrecopyMigration {
       const now = performance.now();
       if (now - periodStart >= BANDWIDTH_PERIOD_MS) {
         const secs = (now - periodStart) / 1000;
-        stats.bandwidth = (sink.bytesWritten - periodBytes) / secs;
+        stats.bandwidth = (sink.bytesFlushed - periodBytes) / secs;
         stats.pagesPerSecond = (stats.normalPages + stats.zeroPages - periodPages) / secs;
         periodStart = now;
-        periodBytes = sink.bytesWritten;
+        periodBytes = sink.bytesFlushed;
         periodPages = stats.normalPages + stats.zeroPages;
         if (now - lastProgress >= 1000) {
           lastProgress = now;
