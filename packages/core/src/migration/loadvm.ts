@@ -87,7 +87,7 @@ export async function qemuLoadVmState(s: StreamSource, opts: LoadVmOptions): Pro
         break;
       }
       case QEMU_VM_EOF: {
-        if (!ramLoad.ram) fail('stream ended without RAM');
+        if (ramSectionId === undefined || !ramLoad.ram) fail('stream ended without a RAM section');
         return {
           machine: header.machine,
           ram: ramLoad.ram,

@@ -1,0 +1,189 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import {
+  GuestRam,
+  MemorySink,
+  MemorySource,
+  EndOfStream,
+  MIG_CMD_PING,
+  putCommand,
+  putEof,
+  putFileHeader,
+  putRamEos,
+  putRamMemSize,
+  putRamPage,
+  putRamZeroPage,
+  putSectionFooter,
+  putSectionFull,
+  putSectionPart,
+  QEMU_VM_SECTION_FULL,
+  QEMU_VM_SECTION_PART,
+  QEMU_VM_SECTION_START,
+  qemuLoadVmState,
+  RAM_SAVE_FLAG_CONTINUE,
+  RAM_SAVE_FLAG_PAGE,
+  readVmDescription,
+  VmigError,
+  TARGET_PAGE_SIZE,
+  type ByteWriter,
+} from '../src/index.js';
+import { createRamFrom, precopyToMemory, qemuDevices, splitAt } from './helpers.js';
+
+function sampleRam(): GuestRam {
+  const ram = GuestRam.create(
+    [
+      { idstr: 'pc.ram', size: 64 * TARGET_PAGE_SIZE },
+      { idstr: 'vga.vram', size: 8 * TARGET_PAGE_SIZE },
+    ],
+    { prefault: false },
+  );
+  // Mixed content: random pages, zero pages, a page with one byte set at its end.
+  let x = 7;
+  for (const b of ram.blocks) {
+    for (let p = 0; p < b.pages; p++) {
+      if (p % 3 === 0) continue;
+      for (let i = 0; i < TARGET_PAGE_SIZE; i += 4) {
+        x = (x * 1103515245 + 12345) >>> 0;
+        b.host[p * TARGET_PAGE_SIZE + i] = x & 0xff;
+      }
+    }
+    b.host[b.usedLength - 1] = 1;
+  }
+  return ram;
+}
+
+describe('main stream round trip', () => {
+  it('precopy stream loads back into identical RAM, split at any byte', async () => {
+    const ram = sampleRam();
+    const stream = await precopyToMemory(ram);
+    await fc.assert(
+      fc.asyncProperty(fc.array(fc.nat(), { maxLength: 40 }), async (cuts) => {
+        const src = new MemorySource(splitAt(stream, cuts));
+        const res = await qemuLoadVmState(src, { createRam: createRamFrom, devices: qemuDevices() });
+        expect(res.ram.blocks.map((b) => [b.idstr, b.usedLength])).toEqual([
+          ['pc.ram', 64 * TARGET_PAGE_SIZE],
+          ['vga.vram', 8 * TARGET_PAGE_SIZE],
+        ]);
+        for (let i = 0; i < ram.blocks.length; i++) expect(Buffer.from(res.ram.blocks[i]!.host).equals(Buffer.from(ram.blocks[i]!.host))).toBe(true);
+        expect(res.machine).toBe('none');
+        expect(res.zeroPages).toBeGreaterThan(0);
+        expect(res.normalPages).toBeGreaterThan(0);
+        const desc = (await readVmDescription(src)) as { devices: { name: string }[] };
+        expect(desc.devices.map((d) => d.name)).toEqual(['timer', 'globalstate']);
+      }),
+      { numRuns: 30 },
+    );
+  });
+
+  it('loads into RAM given up front and checks the block list against it', async () => {
+    const ram = sampleRam();
+    const stream = await precopyToMemory(ram);
+    const mine = GuestRam.create(
+      [
+        { idstr: 'pc.ram', size: 64 * TARGET_PAGE_SIZE },
+        { idstr: 'vga.vram', size: 8 * TARGET_PAGE_SIZE },
+      ],
+      { prefault: false },
+    );
+    await qemuLoadVmState(new MemorySource([stream]), { ram: mine, createRam: () => { throw new Error('must not create'); }, devices: qemuDevices() });
+    expect(Buffer.from(mine.blocks[0]!.host).equals(Buffer.from(ram.blocks[0]!.host))).toBe(true);
+
+    const wrong = GuestRam.create([{ idstr: 'pc.ram', size: 32 * TARGET_PAGE_SIZE }, { idstr: 'vga.vram', size: 8 * TARGET_PAGE_SIZE }], { prefault: false });
+    await expect(qemuLoadVmState(new MemorySource([stream]), { ram: wrong, createRam: createRamFrom, devices: qemuDevices() })).rejects.toMatchObject({
+      code: 'VMIG_ERR_BLOCK_MISMATCH',
+    });
+  });
+});
+
+/** A stream up to inside the first RAM section, for one 8-page block 'pc.ram'. */
+function hostileStream(body: (w: ByteWriter) => void, opts: { magic?: number; version?: number } = {}): Uint8Array {
+  const w = new MemorySink();
+  if (opts.magic !== undefined || opts.version !== undefined) {
+    w.put32(opts.magic ?? 0x5145564d);
+    w.put32(opts.version ?? 3);
+  } else {
+    putFileHeader(w, 'none');
+  }
+  putSectionFull(w, QEMU_VM_SECTION_START, { sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 });
+  putRamMemSize(w, [{ idstr: 'pc.ram', usedLength: 8 * TARGET_PAGE_SIZE }]);
+  body(w);
+  return w.bytes();
+}
+
+const PAGE = new Uint8Array(TARGET_PAGE_SIZE).fill(0xee);
+
+async function loadHostile(stream: Uint8Array): Promise<{ error: unknown; ram: GuestRam }> {
+  const ram = GuestRam.create([{ idstr: 'pc.ram', size: 8 * TARGET_PAGE_SIZE }], { prefault: false });
+  ram.blocks[0]!.host.fill(0x11);
+  let error: unknown;
+  try {
+    await qemuLoadVmState(new MemorySource([stream]), { ram, createRam: createRamFrom, devices: qemuDevices() });
+  } catch (e) {
+    error = e;
+  }
+  return { error, ram };
+}
+
+describe('hostile and malformed streams', () => {
+  const cases: [string, Uint8Array, string][] = [
+    ['bad magic', hostileStream(() => {}, { magic: 0x12345678 }), 'VMIG_ERR_STREAM_MAGIC'],
+    ['bad version', hostileStream(() => {}, { version: 2 }), 'VMIG_ERR_STREAM_VERSION'],
+    ['page past the block end', hostileStream((w) => putRamPage(w, 8 * TARGET_PAGE_SIZE, 'pc.ram', false, PAGE)), 'VMIG_ERR_BAD_OFFSET'],
+    ['page far past the block end', hostileStream((w) => putRamPage(w, 2 ** 40, 'pc.ram', false, PAGE)), 'VMIG_ERR_BAD_OFFSET'],
+    ['address beyond 2^53', hostileStream((w) => { w.put32(0xffffffff); w.put32(RAM_SAVE_FLAG_PAGE); }), 'VMIG_ERR_STREAM_FORMAT'],
+    ['unknown block', hostileStream((w) => putRamPage(w, 0, 'nope', false, PAGE)), 'VMIG_ERR_UNKNOWN_BLOCK'],
+    ['CONTINUE with no block yet', hostileStream((w) => w.put64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)), 'VMIG_ERR_STREAM_FORMAT'],
+    ['unknown RAM flag', hostileStream((w) => w.put64(0x400)), 'VMIG_ERR_STREAM_FORMAT'],
+    ['XBZRLE (unsupported)', hostileStream((w) => w.put64(0x40)), 'VMIG_ERR_STREAM_FORMAT'],
+    ['block list longer than its total', (() => {
+      const w = new MemorySink();
+      putFileHeader(w, 'none');
+      putSectionFull(w, QEMU_VM_SECTION_START, { sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 });
+      w.put64(TARGET_PAGE_SIZE + 4); // MEM_SIZE total 1 page
+      w.put8(6); w.putBytes(new TextEncoder().encode('pc.ram')); w.put64(8 * TARGET_PAGE_SIZE);
+      return w.bytes();
+    })(), 'VMIG_ERR_STREAM_FORMAT'],
+    ['missing footer', hostileStream((w) => { putRamEos(w); w.put8(0x7e); w.put32(9); }), 'VMIG_ERR_STREAM_FORMAT'],
+    ['PART of a section never started', hostileStream((w) => { putRamEos(w); putSectionFooter(w, 2); putSectionPart(w, QEMU_VM_SECTION_PART, 77); }), 'VMIG_ERR_UNKNOWN_SECTION'],
+    ['unknown device section', hostileStream((w) => { putRamEos(w); putSectionFooter(w, 2); putSectionFull(w, QEMU_VM_SECTION_FULL, { sectionId: 5, idstr: 'e1000', instanceId: 0, versionId: 1 }); }), 'VMIG_ERR_UNKNOWN_SECTION'],
+    ['device version too new', hostileStream((w) => { putRamEos(w); putSectionFooter(w, 2); putSectionFull(w, QEMU_VM_SECTION_FULL, { sectionId: 5, idstr: 'timer', instanceId: 0, versionId: 3 }); }), 'VMIG_ERR_DEVICE_VERSION'],
+    ['unknown section type', hostileStream((w) => { putRamEos(w); putSectionFooter(w, 2); w.put8(0x42); }), 'VMIG_ERR_STREAM_FORMAT'],
+    ['unsupported command', hostileStream((w) => { putRamEos(w); putSectionFooter(w, 2); putCommand(w, 99); }), 'VMIG_ERR_STREAM_FORMAT'],
+    ['PING of the wrong size', hostileStream((w) => { putRamEos(w); putSectionFooter(w, 2); putCommand(w, MIG_CMD_PING, new Uint8Array(2)); }), 'VMIG_ERR_STREAM_FORMAT'],
+    ['EOF without RAM', (() => { const w = new MemorySink(); putFileHeader(w, 'none'); putEof(w); return w.bytes(); })(), 'VMIG_ERR_STREAM_FORMAT'],
+  ];
+
+  for (const [name, stream, code] of cases) {
+    it(`rejects ${name} with ${code}, RAM untouched`, async () => {
+      const { error, ram } = await loadHostile(stream);
+      expect(error).toBeInstanceOf(VmigError);
+      expect((error as VmigError).code).toBe(code);
+      expect(ram.blocks[0]!.host.every((b) => b === 0x11)).toBe(true);
+    });
+  }
+
+  it('reports a truncated stream, at every length', async () => {
+    const stream = await precopyToMemory(GuestRam.create([{ idstr: 'pc.ram', size: 4 * TARGET_PAGE_SIZE }], { prefault: false }));
+    // Everything up to EOF is needed; the vmdesc after it is optional.
+    const whole = new MemorySource([stream]);
+    await qemuLoadVmState(whole, { createRam: createRamFrom, devices: qemuDevices() });
+    const eofAt = whole.bytesRead;
+    for (let len = 0; len < eofAt; len += 37) {
+      await expect(qemuLoadVmState(new MemorySource([stream.subarray(0, len)]), { createRam: createRamFrom, devices: qemuDevices() })).rejects.toBeInstanceOf(EndOfStream);
+    }
+  });
+
+  it('a valid page at the last offset is accepted', async () => {
+    const stream = hostileStream((w) => {
+      putRamPage(w, 7 * TARGET_PAGE_SIZE, 'pc.ram', false, PAGE);
+      putRamZeroPage(w, 0, 'pc.ram', true);
+      putRamEos(w);
+      putSectionFooter(w, 2);
+      putEof(w);
+    });
+    const { error, ram } = await loadHostile(stream);
+    expect(error).toBeUndefined();
+    expect(ram.blocks[0]!.page(7).every((b) => b === 0xee)).toBe(true);
+    expect(ram.blocks[0]!.page(0).every((b) => b === 0)).toBe(true);
+  });
+});
