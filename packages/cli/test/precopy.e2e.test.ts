@@ -41,7 +41,7 @@ describe('precopy between two processes over loopback', () => {
 
   it('several RAM blocks, text fill, zero pages and a bandwidth limit', async () => {
     const blocks = ['--ram-block', 'pc.ram=24M', '--ram-block', 'vga.vram=8M'];
-    const { source, destination } = await runMigrationPair(CLI_MAIN, blocks, [...blocks, '--fill', 'text', '--writers', '1', '--dirty-rate', '4M', '--max-bandwidth', '64M']);
+    const { source, destination } = await runMigrationPair(CLI_MAIN, blocks, [...blocks, '--fill', 'text', '--writers', '1', '--dirty-rate', '4M', '--max-bandwidth', '64M', '--downtime-limit', '20']);
     expectVerified(source.report, destination.report);
     expect(destination.report!.ram.blocks).toEqual([
       { idstr: 'pc.ram', size: 24 << 20 },

@@ -13,4 +13,5 @@ export * from './migration/dirty-sync.js';
 export * from './migration/ram-save.js';
 export * from './migration/ram-load.js';
 export * from './migration/loadvm.js';
+export * from './migration/rate-limit.js';
 export * from './migration/precopy.js';

@@ -13,6 +13,7 @@ import { MIG_CMD_OPEN_RETURN_PATH, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT, QEMU_VM_SEC
 import { putCommand, putEof, putFileHeader, putSectionFooter, putSectionFull, putVmDescription } from '../wire/main-stream.js';
 import { readRpMessage } from '../wire/return-path.js';
 import { RamSaver, type ZeroPageDetection } from './ram-save.js';
+import { RateLimiter } from './rate-limit.js';
 import type { MigrationStatus } from './state.js';
 import { MigrationStats, type MigrationInfo } from './stats.js';
 
@@ -168,8 +169,7 @@ export class PrecopyMigration {
     let periodBytes = sink.bytesFlushed;
     let periodPages = stats.normalPages + stats.zeroPages;
     let lastProgress = periodStart;
-    let rateWindowStart = periodStart;
-    let rateWindowBytes = sink.bytesWritten;
+    const limiter = new RateLimiter(params.maxBandwidth, BANDWIDTH_PERIOD_MS, periodStart);
 
     for (;;) {
       if (this.error) throw this.error;
@@ -204,24 +204,17 @@ export class PrecopyMigration {
       }
       stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : stats.expectedDowntimeMs;
 
-      let budget = SLICE_BYTES;
-      if (params.maxBandwidth > 0) {
-        if (now - rateWindowStart >= BANDWIDTH_PERIOD_MS) {
-          rateWindowStart = now;
-          rateWindowBytes = sink.bytesWritten;
-        }
-        const allowance = (params.maxBandwidth * BANDWIDTH_PERIOD_MS) / 1000 - (sink.bytesWritten - rateWindowBytes);
-        if (allowance <= 0) {
-          // migration_rate_limit: wait for the next window.
-          await this.guard(sleep(rateWindowStart + BANDWIDTH_PERIOD_MS - now));
-          continue;
-        }
-        budget = Math.min(budget, allowance);
+      const allowance = limiter.allowance(now);
+      if (allowance <= 0) {
+        // migration_rate_limit: over max-bandwidth, wait for credit.
+        await this.guard(sleep(limiter.waitMs(now)));
+        continue;
       }
-
+      const before = sink.bytesWritten;
       saver.writePartHeader(sink, RAM_SECTION_ID, false);
-      saver.savePages(sink, budget);
+      saver.savePages(sink, Math.min(SLICE_BYTES, allowance));
       saver.writeSectionEnd(sink, RAM_SECTION_ID);
+      limiter.consume(sink.bytesWritten - before);
       stats.transferred = sink.bytesWritten;
       stats.precopyBytes = sink.bytesWritten;
       await this.guard(sink.ready());

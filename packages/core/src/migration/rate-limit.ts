@@ -1,0 +1,46 @@
+/**
+ * max-bandwidth as a token bucket (QEMU's migration_rate_limit, smoothed): credit accrues
+ * at `bytesPerSecond` and is capped at one period's worth, so a pause never turns into a
+ * burst larger than one period.
+ */
+export class RateLimiter {
+  private tokens: number;
+  private last: number;
+
+  constructor(
+    private readonly bytesPerSecond: number,
+    private readonly periodMs = 100,
+    now = performance.now(),
+  ) {
+    this.tokens = (bytesPerSecond * periodMs) / 1000;
+    this.last = now;
+  }
+
+  get unlimited(): boolean {
+    return this.bytesPerSecond <= 0;
+  }
+
+  private refill(now: number): void {
+    const cap = (this.bytesPerSecond * this.periodMs) / 1000;
+    this.tokens = Math.min(cap, this.tokens + ((now - this.last) * this.bytesPerSecond) / 1000);
+    this.last = now;
+  }
+
+  /** Bytes that may be sent now (0 if the caller must wait). */
+  allowance(now = performance.now()): number {
+    if (this.unlimited) return Infinity;
+    this.refill(now);
+    return Math.max(0, this.tokens);
+  }
+
+  /** Milliseconds until some credit is available again. */
+  waitMs(now = performance.now()): number {
+    if (this.unlimited) return 0;
+    this.refill(now);
+    return this.tokens > 0 ? 0 : Math.max(1, (-this.tokens * 1000) / this.bytesPerSecond + 1);
+  }
+
+  consume(bytes: number): void {
+    if (!this.unlimited) this.tokens -= bytes;
+  }
+}

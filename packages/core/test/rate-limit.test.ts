@@ -1,0 +1,24 @@
+import { describe, expect, it } from 'vitest';
+import { RateLimiter } from '../src/index.js';
+
+describe('RateLimiter', () => {
+  it('allows one period of credit, then the configured rate', () => {
+    const r = new RateLimiter(1000, 100, 0); // 1000 B/s, 100 ms periods
+    expect(r.allowance(0)).toBe(100);
+    r.consume(100);
+    expect(r.allowance(0)).toBe(0);
+    expect(r.waitMs(0)).toBeGreaterThan(0);
+    expect(r.allowance(50)).toBeCloseTo(50);
+    r.consume(80); // overdraw by 30
+    expect(r.allowance(50)).toBe(0);
+    expect(r.waitMs(50)).toBeGreaterThanOrEqual(30);
+    // Over a long time the total sent tracks the rate, and idle time does not bank a burst.
+    expect(r.allowance(10_000)).toBe(100);
+  });
+
+  it('is unlimited at 0', () => {
+    const r = new RateLimiter(0);
+    expect(r.allowance()).toBe(Infinity);
+    expect(r.waitMs()).toBe(0);
+  });
+});
