@@ -3,6 +3,7 @@
  * The vmig command. Exit codes: 0 success, 1 migration failed, 2 bad command line.
  */
 import { VmigError } from '@vmig/core';
+import { benchCommand } from './commands/bench.js';
 import { demoCommand } from './commands/demo.js';
 import { incomingCommand } from './commands/incoming.js';
 import { migrateCommand } from './commands/migrate.js';
@@ -13,6 +14,7 @@ commands:
   incoming URI        be the destination: listen on URI, load one migration
   migrate URI         be the source: build a guest (RAM + writers), migrate it to URI
   demo                both ends as two processes on loopback, verified by RAM digest
+  bench               benchmark scenarios (JSON lines); --list, --scenario NAME, --ram SIZE
   help                this text
 
 URI: tcp:HOST:PORT or unix:PATH. Sizes take K, M, G suffixes (binary).
@@ -22,6 +24,7 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<number>> = {
   incoming: incomingCommand,
   migrate: migrateCommand,
   demo: demoCommand,
+  bench: benchCommand,
 };
 
 async function main(argv: string[]): Promise<number> {

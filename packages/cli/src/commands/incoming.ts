@@ -23,6 +23,7 @@ import { digestRam } from '@vmig/test-harness';
 import { INCOMING_OPTIONS, sharedSettings } from '../options.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
+import { resourceUsage } from '../resources.js';
 
 export async function incomingCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('incoming', argv, INCOMING_OPTIONS);
@@ -83,6 +84,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
           blocks: ram.blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })),
         },
         ramDigest: digest.digest,
+        resources: resourceUsage(),
       },
       `vmig: destination loaded ${fmtBytes(ram.totalBytes)} in ${loadMs.toFixed(0)} ms (${result.normalPages} pages, ${result.zeroPages} zero pages), digest ${digest.digest}`,
     );

@@ -17,6 +17,7 @@ import { digestRam, fillRam, VcpuPool } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { MIGRATE_OPTIONS, migrateSettings } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
+import { resourceUsage } from '../resources.js';
 
 export async function migrateCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('migrate', argv, MIGRATE_OPTIONS);
@@ -73,7 +74,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   sock.destroy();
   const writes = vcpus.writes;
   await vcpus.terminate();
-  const report = { role: 'source', ...info, writes, ...(digest ? { ramDigest: digest } : {}) };
+  const report = { role: 'source', ...info, writes, resources: resourceUsage(), ...(digest ? { ramDigest: digest } : {}) };
   out.report(
     report,
     info.status === 'completed'

@@ -16,6 +16,7 @@ import {
   RAM_SAVE_FLAG_PAGE,
   RAM_SAVE_FLAG_ZERO,
 } from '../wire/constants.js';
+import { isZeroPage } from './ram-save.js';
 import { getU64, getU8, RAM_RECORD_FLAGS_KNOWN, readCountedString, splitRamAddr } from '../wire/main-stream.js';
 
 export interface RamBlockSpec {
@@ -81,8 +82,9 @@ export class RamLoadState {
         } else {
           await s.ensure(1);
           const ch = getU8(s);
-          // QEMU's ram_handle_zero: fill with the byte (always 0 in practice).
-          block.host.fill(ch, offset, offset + TARGET_PAGE_SIZE);
+          // QEMU's ram_handle_compressed: fill with the byte (always 0 in practice), but
+          // leave a page that is already zero alone: reading it is cheaper than writing.
+          if (ch !== 0 || !isZeroPage(this.hostBuffer(block), offset)) block.host.fill(ch, offset, offset + TARGET_PAGE_SIZE);
           this.zeroPages++;
         }
         continue;
@@ -97,6 +99,17 @@ export class RamLoadState {
       }
       this.fail(`RAM record with flags 0x${flags.toString(16)} and nothing to do`);
     }
+  }
+
+  private readonly hostBuffers = new Map<RamBlock, Buffer>();
+
+  private hostBuffer(block: RamBlock): Buffer {
+    let b = this.hostBuffers.get(block);
+    if (!b) {
+      b = Buffer.from(block.hostSab, 0, block.usedLength);
+      this.hostBuffers.set(block, b);
+    }
+    return b;
   }
 
   private async blockFor(s: StreamSource, flags: number): Promise<RamBlock> {
