@@ -23,8 +23,10 @@ export class ByteReader implements StreamSource {
 
   constructor(
     private readonly input: Readable,
-    private readonly opts: { channel?: string; highWaterMark?: number; maxRead?: number } = {},
+    private readonly opts: { channel?: string; highWaterMark?: number; maxRead?: number; initial?: Uint8Array } = {},
   ) {
+    // Bytes already read off this stream by someone else (a peek at its magic).
+    if (opts.initial && opts.initial.length > 0) this.queue.push(opts.initial);
     input.on('data', (chunk: Buffer) => {
       this.queue.push(chunk);
       this.queued += chunk.length;

@@ -2,3 +2,4 @@ export * from './uri.js';
 export * from './transport.js';
 export * from './byte-reader.js';
 export * from './buffered-writer.js';
+export * from './handoff.js';

@@ -4,6 +4,7 @@
  */
 import { DEFAULT_PARAMS, InvalidArgumentError, type MigrationParams, type ZeroPageDetection } from '@vmig/core';
 import { FILL_PATTERNS, type FillPattern, type WritePattern } from '@vmig/test-harness';
+import { COMPRESSION_NAMES, type CompressionName } from '@vmig/multifd';
 import { parseChoice, parseIntFlag, parseRamSpecs, parseSize, type RamSpec } from './args.js';
 
 /** Flags both ends understand; demo passes these to `incoming`. */
@@ -36,11 +37,13 @@ export const MIGRATE_OPTIONS = {
 } as const;
 
 export const MAX_MULTIFD_CHANNELS = 64;
-export const COMPRESSION_METHODS = ['none', 'zlib', 'lz4', 'zstd'] as const;
 
 export interface SharedSettings {
   ram: RamSpec[] | undefined;
+  /** 0 = no multifd. */
   multifdChannels: number;
+  compression: CompressionName;
+  flushAfterEachSection: boolean;
   json: boolean;
 }
 
@@ -50,17 +53,16 @@ const str = (v: Values, k: string): string | undefined => v[k] as string | undef
 
 export function sharedSettings(v: Values): SharedSettings {
   const channels = str(v, 'multifd-channels');
-  const compression = str(v, 'multifd-compression');
-  if (compression !== undefined && compression !== 'none') {
-    parseChoice('multifd-compression', compression, COMPRESSION_METHODS);
-    throw new InvalidArgumentError(`--multifd-compression ${compression}: compression needs multifd, which this build does not have yet`);
-  }
   const n = channels === undefined ? 0 : parseIntFlag('multifd-channels', channels, 1, MAX_MULTIFD_CHANNELS);
-  if (n > 0) throw new InvalidArgumentError('--multifd-channels: multifd is not available in this build yet');
-  if (v['multifd-flush-after-each-section']) throw new InvalidArgumentError('--multifd-flush-after-each-section: multifd is not available in this build yet');
+  const compression = parseChoice('multifd-compression', str(v, 'multifd-compression') ?? 'none', COMPRESSION_NAMES as readonly CompressionName[]);
+  if (compression !== 'none' && n === 0) throw new InvalidArgumentError(`--multifd-compression ${compression} needs --multifd-channels N`);
+  const legacy = v['multifd-flush-after-each-section'] === true;
+  if (legacy && n === 0) throw new InvalidArgumentError('--multifd-flush-after-each-section needs --multifd-channels N');
   return {
     ram: parseRamSpecs(str(v, 'ram'), v['ram-block'] as string[] | undefined),
     multifdChannels: n,
+    compression,
+    flushAfterEachSection: legacy,
     json: v['json'] === true,
   };
 }
@@ -84,8 +86,10 @@ export function migrateSettings(v: Values): MigrateSettings {
   const dirtyRate = str(v, 'dirty-rate') === undefined ? (writers > 0 ? 16 << 20 : 0) : parseSize('dirty-rate', str(v, 'dirty-rate')!);
   if (dirtyRate > 0 && writers === 0) throw new InvalidArgumentError('--dirty-rate needs --writers N (N >= 1)');
   const zpd = str(v, 'zero-page-detection');
-  const zeroPageDetection: ZeroPageDetection = zpd === undefined ? 'legacy' : parseChoice('zero-page-detection', zpd, ['none', 'legacy', 'multifd'] as const);
-  if (zeroPageDetection === 'multifd') throw new InvalidArgumentError('--zero-page-detection multifd needs multifd, which this build does not have yet');
+  // QEMU >= 9.0 defaults to multifd detection when multifd is on; legacy otherwise.
+  const zeroPageDetection: ZeroPageDetection =
+    zpd === undefined ? (shared.multifdChannels > 0 ? 'multifd' : 'legacy') : parseChoice('zero-page-detection', zpd, ['none', 'legacy', 'multifd'] as const);
+  if (zeroPageDetection === 'multifd' && shared.multifdChannels === 0) throw new InvalidArgumentError('--zero-page-detection multifd needs --multifd-channels N');
   const downtime = str(v, 'downtime-limit');
   const maxBw = str(v, 'max-bandwidth');
   return {

@@ -15,3 +15,4 @@ export * from './migration/ram-load.js';
 export * from './migration/loadvm.js';
 export * from './migration/rate-limit.js';
 export * from './migration/precopy.js';
+export * from './worker-url.js';

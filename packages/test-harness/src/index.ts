@@ -2,5 +2,5 @@ export * from './fill.js';
 export * from './digest.js';
 export * from './vcpu-control.js';
 export * from './vcpu-pool.js';
-export * from './worker-url.js';
+
 export * from './process-pair.js';

@@ -3,9 +3,9 @@
  * protocol in vcpu-control.ts. Implements core's VmRunControl (vm_stop / vm_start).
  */
 import { Worker } from 'node:worker_threads';
-import { type GuestRam, InvalidArgumentError, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl } from '@vmig/core';
+import { type GuestRam, InvalidArgumentError, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl } from '@vmig/core';
 import { controlBytes, PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
-import { workerUrl } from './worker-url.js';
+
 
 export type WritePattern = 'uniform' | 'hot';
 

@@ -1,29 +1,79 @@
 /**
- * `vmig incoming URI`: the destination. Listens, loads one migration stream into guest RAM,
- * replies on the return path, reports the loaded RAM's digest, exits.
+ * `vmig incoming URI`: the destination. Listens, tells each connection apart by its first
+ * bytes (the main channel's QEVM magic, or a multifd channel's MultiFDInit_t), loads one
+ * migration stream into guest RAM, replies on the return path, reports the loaded RAM's
+ * digest, exits.
  */
 import { open } from 'node:fs/promises';
 import type net from 'node:net';
-import { ByteReader, formatMigrationUri, listen, parseMigrationUri } from '@vmig/channel';
+import { ByteReader, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, type Listener } from '@vmig/channel';
 import {
   DeviceRegistry,
   EndOfStream,
   GlobalStateDevice,
   GuestRam,
   qemuLoadVmState,
+  QEMU_VM_FILE_MAGIC,
   readVmDescription,
   encodeRpPong,
   encodeRpShut,
   InvalidArgumentError,
+  StreamError,
   TimerDevice,
   toVmigError,
   VmigError,
 } from '@vmig/core';
+import { MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultifdReceiver } from '@vmig/multifd';
 import { digestRam } from '@vmig/test-harness';
 import { INCOMING_OPTIONS, sharedSettings } from '../options.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
 import { resourceUsage } from '../resources.js';
+
+interface MainChannel {
+  sock: net.Socket;
+  first: Buffer;
+}
+
+/**
+ * Accepts connections until the listener closes: the first QEVM one is the main channel,
+ * multifd ones go to the receiver. Anything else is closed.
+ */
+function acceptChannels(listener: Listener, receiver: MultifdReceiver | undefined, onFatal: (e: VmigError) => void): Promise<MainChannel> {
+  return new Promise((resolveMain) => {
+    let mainSeen = false;
+    const handle = async (sock: net.Socket): Promise<void> => {
+      sock.on('error', () => {});
+      let first = await readFirstBytes(sock, 4);
+      const magic = first.readUInt32BE(0);
+      if (magic === QEMU_VM_FILE_MAGIC && !mainSeen) {
+        mainSeen = true;
+        resolveMain({ sock, first });
+      } else if (magic === MULTIFD_MAGIC) {
+        if (!receiver) {
+          sock.destroy();
+          onFatal(new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', 'a multifd channel connected, but this side was started without --multifd-channels', { channel: 'multifd' }));
+          return;
+        }
+        if (first.length < MULTIFD_INIT_SIZE) first = Buffer.concat([first, await readFirstBytes(sock, MULTIFD_INIT_SIZE - first.length)]);
+        receiver.addChannel(sock, first);
+      } else {
+        sock.destroy();
+      }
+    };
+    void (async () => {
+      for (;;) {
+        let sock: net.Socket;
+        try {
+          sock = await listener.accept();
+        } catch {
+          return; // listener closed
+        }
+        handle(sock).catch(() => sock.destroy());
+      }
+    })();
+  });
+}
 
 export async function incomingCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('incoming', argv, INCOMING_OPTIONS);
@@ -37,28 +87,46 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   const listener = await listen(uri);
   out.event({ event: 'listening', uri: formatMigrationUri(listener.uri) }, `vmig: listening on ${formatMigrationUri(listener.uri)}`);
 
-  let sock: net.Socket | undefined;
+  const receiver = settings.multifdChannels > 0 ? new MultifdReceiver(settings.multifdChannels) : undefined;
+  if (ram) receiver?.setRam(ram);
+  let firstError: VmigError | undefined;
+  let mainSock: net.Socket | undefined;
+  const fatal = (e: VmigError): void => {
+    firstError ??= e;
+    // Unblock the load loop: it fails on its next read.
+    mainSock?.destroy();
+  };
+  receiver?.onError(fatal);
+
   const start = performance.now();
   let loadStart = start;
   let returnPath = false;
   try {
-    sock = await listener.accept();
-    await listener.close();
+    const main = await acceptChannels(listener, receiver, fatal);
+    mainSock = main.sock;
+    if (firstError) throw firstError;
     loadStart = performance.now();
-    const conn = sock;
-    const reader = new ByteReader(conn, { channel: 'main' });
+    const conn = main.sock;
+    const reader = new ByteReader(conn, { channel: 'main', initial: main.first });
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice());
+    const noMultifd = async (): Promise<void> => {
+      throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'stream uses multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH) but this side was started without --multifd-channels', { channel: 'main' });
+    };
     const result = await qemuLoadVmState(reader, {
       ram,
       createRam: (blocks) => GuestRam.create(blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength }))),
+      onRamReady: (r) => receiver?.setRam(r),
+      onMultifdFlush: receiver && !settings.flushAfterEachSection ? () => receiver.sync() : noMultifd,
+      ...(receiver && settings.flushAfterEachSection ? { onEos: () => receiver.sync() } : {}),
       devices,
       onOpenReturnPath: () => (returnPath = true),
       onPing: (v) => conn.write(encodeRpPong(v)),
     });
     ram = result.ram;
     const loadMs = performance.now() - loadStart;
-    // Loaded: tell the source at once (its downtime ends here), then digest. Nothing on
-    // this side writes guest RAM in precopy, so the digest is of RAM as loaded.
+    // Loaded (the last barrier put every multifd page in place): tell the source at once
+    // (its downtime ends here), then digest. Nothing on this side writes guest RAM in
+    // precopy, so the digest is of RAM as loaded.
     if (returnPath) conn.write(encodeRpShut(0));
     const digest = digestRam(ram);
     // QEMU appends a JSON description after EOF; read it if the source sends one.
@@ -70,6 +138,9 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     const dumpFile = values['dump-ram'];
     if (typeof dumpFile === 'string' && dumpFile.length > 0) await dumpRam(ram, dumpFile);
     conn.end();
+    await listener.close();
+    await receiver?.close();
+    const mf = receiver?.totals() ?? { normal: 0, zero: 0, bytes: 0 };
     out.report(
       {
         role: 'destination',
@@ -79,22 +150,27 @@ export async function incomingCommand(argv: string[]): Promise<number> {
         machine: result.machine ?? null,
         ram: {
           total: ram.totalBytes,
-          normal: result.normalPages,
-          duplicate: result.zeroPages,
+          normal: result.normalPages + mf.normal,
+          duplicate: result.zeroPages + mf.zero,
+          multifdBytes: mf.bytes,
           blocks: ram.blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })),
         },
+        multifdChannels: settings.multifdChannels,
         ramDigest: digest.digest,
         resources: resourceUsage(),
       },
-      `vmig: destination loaded ${fmtBytes(ram.totalBytes)} in ${loadMs.toFixed(0)} ms (${result.normalPages} pages, ${result.zeroPages} zero pages), digest ${digest.digest}`,
+      `vmig: destination loaded ${fmtBytes(ram.totalBytes)} in ${loadMs.toFixed(0)} ms (${result.normalPages + mf.normal} pages, ${result.zeroPages + mf.zero} zero pages), digest ${digest.digest}`,
     );
     return 0;
   } catch (e) {
-    const err = e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'source closed the migration stream early', { channel: 'main', phase: 'load' }) : toVmigError(e, 'VMIG_ERR_CHANNEL');
-    if (sock && returnPath && !sock.destroyed) sock.write(encodeRpShut(1));
-    sock?.end();
-    sock?.destroy();
+    const err =
+      firstError ??
+      (e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'source closed the migration stream early', { channel: 'main', phase: 'load' }) : toVmigError(e, 'VMIG_ERR_CHANNEL'));
+    if (mainSock && returnPath && !mainSock.destroyed) mainSock.write(encodeRpShut(1));
+    mainSock?.end();
+    mainSock?.destroy();
     await listener.close().catch(() => {});
+    await receiver?.close(0);
     out.report(
       { role: 'destination', status: 'failed', totalTimeMs: round(performance.now() - start), error: err.toJSON() },
       `vmig: incoming migration failed: ${err.message} [${err.code}]`,

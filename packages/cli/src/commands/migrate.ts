@@ -8,11 +8,13 @@ import {
   GlobalStateDevice,
   GuestRam,
   InvalidArgumentError,
+  MigrationStats,
   PrecopyMigration,
   TimerDevice,
   toVmigError,
   type MigrationInfo,
 } from '@vmig/core';
+import { MultifdSender } from '@vmig/multifd';
 import { digestRam, fillRam, VcpuPool } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { MIGRATE_OPTIONS, migrateSettings } from '../options.js';
@@ -46,12 +48,33 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     out.report({ role: 'source', status: 'failed', error: err.toJSON() }, `vmig: migration failed: ${err.message} [${err.code}]`);
     return 1;
   }
+  const stats = new MigrationStats();
+  let multifd: MultifdSender | undefined;
+  if (s.multifdChannels > 0) {
+    try {
+      multifd = await MultifdSender.start(ram, stats, {
+        uri,
+        channels: s.multifdChannels,
+        compression: s.compression,
+        zeroPageDetection: s.params.zeroPageDetection,
+        flushAfterEachSection: s.flushAfterEachSection,
+      });
+    } catch (e) {
+      const err = toVmigError(e, 'VMIG_ERR_CONNECT');
+      sock.destroy();
+      await vcpus.terminate();
+      out.report({ role: 'source', status: 'failed', error: err.toJSON() }, `vmig: migration failed: ${err.message} [${err.code}]`);
+      return 1;
+    }
+  }
   const sink = new BufferedWriter(sock, { channel: 'main' });
   const returnPath = new ByteReader(sock, { channel: 'return-path' });
   const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
   const mig = new PrecopyMigration({
     ram,
     sink,
+    stats,
+    multifd,
     vm: vcpus,
     devices,
     params: s.params,
@@ -65,6 +88,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       ),
   });
   sock.on('error', (e) => mig.fail(e));
+  multifd?.onError((e) => mig.fail(e));
   info = await mig.run();
   process.off('SIGINT', onSignal);
   process.off('SIGTERM', onSignal);
@@ -72,6 +96,8 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // After success the vCPUs stay stopped: RAM is exactly what was migrated.
   const digest = info.status === 'completed' ? digestRam(ram).digest : undefined;
   sock.destroy();
+  if (info.status === 'completed') await multifd?.close();
+  else await multifd?.destroy();
   const writes = vcpus.writes;
   await vcpus.terminate();
   const report = { role: 'source', ...info, writes, resources: resourceUsage(), ...(digest ? { ramDigest: digest } : {}) };

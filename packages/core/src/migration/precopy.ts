@@ -10,9 +10,9 @@ import { EndOfStream, type StreamSink, type StreamSource } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { MIG_CMD_OPEN_RETURN_PATH, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT, QEMU_VM_SECTION_FULL } from '../wire/constants.js';
-import { putCommand, putEof, putFileHeader, putSectionFooter, putSectionFull, putVmDescription } from '../wire/main-stream.js';
+import { putCommand, putEof, putFileHeader, putRamMultifdFlush, putSectionFooter, putSectionFull, putVmDescription } from '../wire/main-stream.js';
 import { readRpMessage } from '../wire/return-path.js';
-import { RamSaver, type ZeroPageDetection } from './ram-save.js';
+import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
 import { RateLimiter } from './rate-limit.js';
 import type { MigrationStatus } from './state.js';
 import { MigrationStats, type MigrationInfo } from './stats.js';
@@ -48,6 +48,10 @@ export interface PrecopyContext {
   vm: VmRunControl;
   devices: DeviceRegistry;
   params: MigrationParams;
+  /** Counters to fill (shared with multifd); a fresh set if omitted. */
+  stats?: MigrationStats | undefined;
+  /** Multifd channels for normal pages; without it pages go on the main stream. */
+  multifd?: MultifdLink | undefined;
   /** The destination's replies; when given, OPEN_RETURN_PATH is sent and SHUT awaited. */
   returnPath?: StreamSource | undefined;
   onStatus?: (info: MigrationInfo) => void;
@@ -58,12 +62,14 @@ export interface PrecopyContext {
 
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
 const BANDWIDTH_PERIOD_MS = 100;
-/** Main-stream bytes per PART section before yielding for backpressure. */
-const SLICE_BYTES = 4 << 20;
+/** Pages per slice: the unit between backpressure checks. */
+const SLICE_PAGES = 1024;
+/** How long one RAM section iterates (QEMU's MAX_WAIT in ram_save_iterate). */
+const SECTION_MS = 50;
 const RAM_SECTION_ID = 2;
 
 export class PrecopyMigration {
-  readonly stats = new MigrationStats();
+  readonly stats: MigrationStats;
   readonly saver: RamSaver;
   private error: VmigError | undefined;
   private readonly failure: Promise<never>;
@@ -72,7 +78,9 @@ export class PrecopyMigration {
   private rounds = 0;
 
   constructor(private readonly ctx: PrecopyContext) {
+    this.stats = ctx.stats ?? new MigrationStats();
     this.saver = new RamSaver(ctx.ram, this.stats, ctx.params.zeroPageDetection);
+    if (ctx.multifd) this.saver.pageSender = ctx.multifd;
     this.stats.totalBytes = ctx.ram.totalBytes;
     this.failure = new Promise<never>((_, reject) => {
       this.rejectFailure = reject;
@@ -133,9 +141,45 @@ export class PrecopyMigration {
       this.shutStatus.catch(() => {});
     }
     this.saver.writeSetupSection(sink, RAM_SECTION_ID);
+    // The setup barrier: every channel synced once before any page travels.
+    await this.multifdSync(true);
     this.saver.writeSectionEnd(sink, RAM_SECTION_ID);
     await this.guard(sink.flush());
     this.stats.setupTimeMs = performance.now() - this.stats.startTime;
+  }
+
+  /** Bytes on every channel (main stream and multifd) the transports took. */
+  private flushedBytes(): number {
+    return this.ctx.sink.bytesFlushed + this.stats.multifdBytes;
+  }
+
+  private writtenBytes(): number {
+    return this.ctx.sink.bytesWritten + this.stats.multifdBytes;
+  }
+
+  /** Pages were handed to multifd since the last barrier. */
+  private unsynced = false;
+
+  /**
+   * The flush-and-sync barrier, written inside a RAM section before its EOS: every channel
+   * writes SYNC after what it holds, then the main stream carries RAM_SAVE_FLAG_MULTIFD_FLUSH
+   * (modern) or relies on the EOS that follows (legacy dialect, QEMU 7.2). `always` forces it
+   * in the modern dialect too (setup, a round boundary, completion); in the legacy dialect
+   * every section end syncs.
+   */
+  private async multifdSync(always: boolean): Promise<void> {
+    const mf = this.ctx.multifd;
+    if (!mf) return;
+    if (!mf.flushAfterEachSection && !always) return;
+    await this.guard(mf.flushAndSync());
+    this.unsynced = false;
+    if (!mf.flushAfterEachSection) putRamMultifdFlush(this.ctx.sink);
+  }
+
+  /** Backpressure on every channel. */
+  private async channelsReady(): Promise<void> {
+    await this.guard(this.ctx.sink.ready());
+    if (this.ctx.multifd) await this.guard(this.ctx.multifd.ready());
   }
 
   private async readReturnPath(rp: StreamSource): Promise<number> {
@@ -165,8 +209,8 @@ export class PrecopyMigration {
     const { sink, params } = this.ctx;
     const { stats, saver } = this;
     let periodStart = performance.now();
-    // Bandwidth counts what the transport took, not what is queued in front of it.
-    let periodBytes = sink.bytesFlushed;
+    // Bandwidth counts what the transports took, not what is queued in front of them.
+    let periodBytes = this.flushedBytes();
     let periodPages = stats.normalPages + stats.zeroPages;
     let lastProgress = periodStart;
     const limiter = new RateLimiter(params.maxBandwidth, BANDWIDTH_PERIOD_MS, periodStart);
@@ -176,10 +220,10 @@ export class PrecopyMigration {
       const now = performance.now();
       if (now - periodStart >= BANDWIDTH_PERIOD_MS) {
         const secs = (now - periodStart) / 1000;
-        stats.bandwidth = (sink.bytesFlushed - periodBytes) / secs;
+        stats.bandwidth = (this.flushedBytes() - periodBytes) / secs;
         stats.pagesPerSecond = (stats.normalPages + stats.zeroPages - periodPages) / secs;
         periodStart = now;
-        periodBytes = sink.bytesFlushed;
+        periodBytes = this.flushedBytes();
         periodPages = stats.normalPages + stats.zeroPages;
         if (now - lastProgress >= 1000) {
           lastProgress = now;
@@ -190,6 +234,9 @@ export class PrecopyMigration {
       const threshold = (stats.bandwidth * params.downtimeLimitMs) / 1000;
       let pending = saver.dirtyPages * TARGET_PAGE_SIZE;
       if (pending <= threshold || saver.dirtyPages === 0) {
+        // A new round starts: pages of the last one must all land before any page of the
+        // next (a page re-sent on another channel must not be overtaken by its old copy).
+        if (this.unsynced) await this.barrierSection();
         // The scan wrapped or little is left: look at what the vCPUs dirtied since.
         saver.bitmapSync();
         this.rounds++;
@@ -204,37 +251,63 @@ export class PrecopyMigration {
       }
       stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : stats.expectedDowntimeMs;
 
-      const allowance = limiter.allowance(now);
-      if (allowance <= 0) {
+      if (limiter.allowance(now) <= 0) {
         // migration_rate_limit: over max-bandwidth, wait for credit.
         await this.guard(sleep(limiter.waitMs(now)));
         continue;
       }
-      const before = sink.bytesWritten;
+
+      // One RAM section (ram_save_iterate): slices of pages until the scan wraps, the
+      // section has run SECTION_MS, or the rate limit is reached.
       saver.writePartHeader(sink, RAM_SECTION_ID, false);
-      saver.savePages(sink, Math.min(SLICE_BYTES, allowance));
+      const sectionStart = performance.now();
+      let wrapped = false;
+      do {
+        const before = this.writtenBytes();
+        const pagesBefore = saver.dirtyPages;
+        const allowance = limiter.allowance();
+        const r = saver.savePages(sink, Math.min(SLICE_PAGES, Math.max(1, Math.ceil(allowance / TARGET_PAGE_SIZE))));
+        if (this.ctx.multifd && saver.dirtyPages !== pagesBefore) this.unsynced = true;
+        wrapped = r.wrapped;
+        await this.channelsReady();
+        limiter.consume(this.writtenBytes() - before);
+      } while (!wrapped && saver.dirtyPages > 0 && performance.now() - sectionStart < SECTION_MS && limiter.allowance() > 0);
+      await this.multifdSync(wrapped);
       saver.writeSectionEnd(sink, RAM_SECTION_ID);
-      limiter.consume(sink.bytesWritten - before);
-      stats.transferred = sink.bytesWritten;
-      stats.precopyBytes = sink.bytesWritten;
-      await this.guard(sink.ready());
+      // Like QEMU's qemu_fflush at the end of ram_save_iterate: the section, and above all
+      // a barrier marker in it, must reach the destination now. Multifd channels parked at
+      // their SYNC wait for that marker; left in a staging buffer it would deadlock them.
+      await this.guard(sink.flush());
+      stats.transferred = this.writtenBytes();
+      stats.precopyBytes = stats.transferred;
+      await this.channelsReady();
     }
+  }
+
+  /** A RAM section holding only the barrier (a round ended without the scan seeing the wrap). */
+  private async barrierSection(): Promise<void> {
+    this.saver.writePartHeader(this.ctx.sink, RAM_SECTION_ID, false);
+    await this.multifdSync(true);
+    this.saver.writeSectionEnd(this.ctx.sink, RAM_SECTION_ID);
+    await this.guard(this.ctx.sink.flush());
   }
 
   private async complete(): Promise<void> {
     const { sink, vm, devices } = this.ctx;
     const { stats, saver } = this;
     const downtimeStart = performance.now();
-    const bytesBefore = sink.bytesWritten;
+    const bytesBefore = this.writtenBytes();
     await this.guard(vm.stop());
     if (this.error) throw this.error;
 
     saver.bitmapSync();
     saver.writePartHeader(sink, RAM_SECTION_ID, true);
     while (saver.dirtyPages > 0) {
-      saver.savePages(sink, SLICE_BYTES);
-      await this.guard(sink.ready());
+      saver.savePages(sink, SLICE_PAGES);
+      await this.channelsReady();
     }
+    // Every page must have landed before the device state and EOF are loaded.
+    await this.multifdSync(true);
     saver.writeSectionEnd(sink, RAM_SECTION_ID);
 
     const descs: unknown[] = [];
@@ -249,8 +322,8 @@ export class PrecopyMigration {
     putEof(sink);
     putVmDescription(sink, JSON.stringify({ page_size: TARGET_PAGE_SIZE, devices: descs }));
     await this.guard(sink.flush());
-    stats.transferred = sink.bytesWritten;
-    stats.downtimeBytes = sink.bytesWritten - bytesBefore;
+    stats.transferred = this.writtenBytes();
+    stats.downtimeBytes = this.writtenBytes() - bytesBefore;
     stats.remainingPages = 0;
 
     if (this.shutStatus) {

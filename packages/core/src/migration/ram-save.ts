@@ -31,6 +31,23 @@ export interface PageSender {
   savePage(w: ByteWriter, block: RamBlock, page: number): void;
 }
 
+/**
+ * Multifd as the migration thread sees it (implemented in packages/multifd): a PageSender
+ * that carries normal pages on its channels, plus the flush-and-sync barrier.
+ */
+export interface MultifdLink extends PageSender {
+  /** Backpressure: resolves when the channels can take more pages. */
+  ready(): Promise<void>;
+  /**
+   * multifd_ram_flush_and_sync: every queued page is written, then every channel writes a
+   * SYNC packet. The caller then puts the marker on the main stream (MULTIFD_FLUSH, or EOS
+   * in the legacy dialect).
+   */
+  flushAndSync(): Promise<void>;
+  /** QEMU <= 7.2 dialect (multifd-flush-after-each-section): sync at every section's EOS. */
+  readonly flushAfterEachSection: boolean;
+}
+
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 
 export function isZeroPage(host: Buffer, offset: number): boolean {
@@ -38,7 +55,7 @@ export function isZeroPage(host: Buffer, offset: number): boolean {
 }
 
 export interface ScanResult {
-  /** Bytes written on the main stream by this call. */
+  /** Bytes written on the main stream by this call (multifd pages not included). */
   bytes: number;
   /** True if the scan passed the end of the last block (QEMU's complete_round). */
   wrapped: boolean;
@@ -111,14 +128,15 @@ export class RamSaver implements PageSender {
   }
 
   /**
-   * Sends dirty pages from the scan position until `budgetBytes` of main-stream bytes
-   * were written or the scan wraps. Clears each page's migration-bitmap bit BEFORE
-   * reading the page.
+   * Sends up to `maxPages` dirty pages from the scan position, or until the scan wraps.
+   * Clears each page's migration-bitmap bit BEFORE the page is read (here or, with multifd,
+   * by a channel thread later).
    */
-  savePages(w: ByteWriter & { readonly bytesWritten: number }, budgetBytes: number): ScanResult {
+  savePages(w: ByteWriter & { readonly bytesWritten: number }, maxPages: number): ScanResult {
     const start = w.bytesWritten;
     const blocks = this.ram.blocks;
-    while (w.bytesWritten - start < budgetBytes) {
+    let pages = 0;
+    while (pages < maxPages) {
       const bitmap = this.bitmaps[this.blockIdx]!;
       const page = bitmap.findNextSet(this.nextPage);
       if (page < 0) {
@@ -134,6 +152,7 @@ export class RamSaver implements PageSender {
       this.dirtyPages--;
       this.nextPage = page + 1;
       this.savePageChecked(w, this.blockIdx, page);
+      pages++;
     }
     this.stats.remainingPages = this.dirtyPages;
     return { bytes: w.bytesWritten - start, wrapped: false };

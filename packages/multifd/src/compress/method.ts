@@ -1,0 +1,24 @@
+/**
+ * A multifd compression method (QEMU's MultiFDMethods): per-channel sender and receiver
+ * state behind one interface. The pipeline never branches on a method's name.
+ */
+export interface MultifdSendCompressor {
+  /**
+   * Compresses the packet's normal pages (concatenated). Returns the payload and the flag
+   * to set, or undefined to send the pages raw (a nocomp packet).
+   */
+  compress(pages: Buffer): { payload: Buffer; flag: number } | undefined;
+}
+
+export interface MultifdRecvDecompressor {
+  /** Decompresses `payload` into exactly `out.length` bytes of `out`, or throws. */
+  decompress(payload: Buffer, out: Buffer): void;
+}
+
+export interface MultifdCompressionMethod {
+  readonly name: string;
+  /** The packet flag bits that mark this method's packets. */
+  readonly flag: number;
+  createSender(): MultifdSendCompressor;
+  createReceiver(): MultifdRecvDecompressor;
+}

@@ -1,0 +1,124 @@
+/**
+ * The destination's side of multifd (QEMU's multifd_recv_new_channel / multifd_recv_sync_main):
+ * accepts channels (checking MultiFDInit_t: magic, version, one migration's uuid, an expected
+ * and unused id), hands each socket to its own recv thread, and runs the barrier.
+ */
+import type net from 'node:net';
+import { Worker } from 'node:worker_threads';
+import { detachFd } from '@vmig/channel';
+import { type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
+import { ABORT, CONTROL_WORDS, MAX_CHANNELS, POSTED, RELEASED } from './recv-control.js';
+import type { RecvChannelConfig, RecvFromChannel, RecvToChannel } from './recv-protocol.js';
+import { decodeMultifdInit, MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
+
+export class MultifdReceiver {
+  readonly control = new SharedArrayBuffer(CONTROL_WORDS * 4);
+  private readonly ctl = new Int32Array(this.control);
+  private readonly workers: (Worker | undefined)[];
+  private readonly consumed: number[];
+  private readonly ended: boolean[];
+  private uuid: Uint8Array | undefined;
+  private ram: GuestRam | undefined;
+  private error: VmigError | undefined;
+  private readonly errorListeners: ((e: VmigError) => void)[] = [];
+  private readonly channelStats: { normal: number; zero: number; bytes: number }[];
+
+  constructor(readonly channels: number) {
+    if (channels < 1 || channels > MAX_CHANNELS) throw new RangeError(`multifd channels must be 1..${MAX_CHANNELS}`);
+    this.workers = new Array<Worker | undefined>(channels).fill(undefined);
+    this.consumed = new Array<number>(channels).fill(0);
+    this.ended = new Array<boolean>(channels).fill(false);
+    this.channelStats = Array.from({ length: channels }, () => ({ normal: 0, zero: 0, bytes: 0 }));
+  }
+
+  /** Called with the first failure of any channel. */
+  onError(cb: (e: VmigError) => void): void {
+    this.errorListeners.push(cb);
+    if (this.error) cb(this.error);
+  }
+
+  private fail(e: VmigError): void {
+    if (this.error) return;
+    this.error = e;
+    Atomics.store(this.ctl, ABORT, 1);
+    for (let ch = 0; ch < this.channels; ch++) Atomics.notify(this.ctl, RELEASED + ch);
+    for (const cb of this.errorListeners) cb(e);
+  }
+
+  /**
+   * A connection whose first bytes (`first`, at least the init) are a multifd channel's.
+   * Rejects a bad init with a clear error; the connection is then closed.
+   */
+  addChannel(sock: net.Socket, first: Buffer): void {
+    let init;
+    try {
+      init = decodeMultifdInit(first, this.channels, 'multifd');
+      if (this.workers[init.id]) throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: duplicate channel id ${init.id}`, { channel: `multifd/${init.id}` });
+      if (this.uuid && Buffer.compare(Buffer.from(this.uuid), Buffer.from(init.uuid)) !== 0) {
+        throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: channel ${init.id} belongs to another migration (uuid differs)`, { channel: `multifd/${init.id}` });
+      }
+    } catch (e) {
+      sock.destroy();
+      this.fail(e as VmigError);
+      return;
+    }
+    this.uuid ??= init.uuid;
+    const fd = detachFd(sock);
+    const cfg: RecvChannelConfig = { fd, leftover: first.subarray(MULTIFD_INIT_SIZE), id: init.id, control: this.control, ram: this.ram?.toShared() };
+    const w = new Worker(workerUrl(import.meta.url, 'recv-channel.worker.js'), { workerData: cfg });
+    const id = init.id;
+    this.workers[id] = w;
+    w.on('message', (m: RecvFromChannel) => {
+      if (m.t === 'error') this.fail(new VmigError(m.error.code as never, m.error.message));
+      else {
+        this.channelStats[id] = { normal: m.normal, zero: m.zero, bytes: m.bytes };
+        if (m.t === 'end') this.ended[id] = true;
+      }
+    });
+    w.on('error', (e) => this.fail(new VmigError('VMIG_ERR_WORKER', `multifd recv thread failed: ${e.message}`, { channel: `multifd/${id}` })));
+  }
+
+  get connected(): number {
+    return this.workers.filter(Boolean).length;
+  }
+
+  /** Guest RAM exists (possibly built from the stream's block list): tell every channel. */
+  setRam(ram: GuestRam): void {
+    this.ram = ram;
+    const msg: RecvToChannel = { t: 'ram', ram: ram.toShared() };
+    for (const w of this.workers) w?.postMessage(msg);
+  }
+
+  /**
+   * The load loop's half of the barrier, at RAM_SAVE_FLAG_MULTIFD_FLUSH (or EOS in the legacy
+   * dialect): wait for every channel's SYNC, then release them all.
+   */
+  async sync(): Promise<void> {
+    for (let ch = 0; ch < this.channels; ch++) {
+      for (;;) {
+        if (this.error) throw this.error;
+        const posted = Atomics.load(this.ctl, POSTED + ch);
+        if (posted > this.consumed[ch]!) break;
+        await Atomics.waitAsync(this.ctl, POSTED + ch, posted, 200).value;
+      }
+      this.consumed[ch]!++;
+    }
+    for (let ch = 0; ch < this.channels; ch++) {
+      Atomics.add(this.ctl, RELEASED + ch, 1);
+      Atomics.notify(this.ctl, RELEASED + ch);
+    }
+  }
+
+  totals(): { normal: number; zero: number; bytes: number } {
+    return this.channelStats.reduce((a, s) => ({ normal: a.normal + s.normal, zero: a.zero + s.zero, bytes: a.bytes + s.bytes }), { normal: 0, zero: 0, bytes: 0 });
+  }
+
+  /** Waits briefly for channels to see their sockets end, then ends every thread. */
+  async close(graceMs = 2000): Promise<void> {
+    const deadline = performance.now() + graceMs;
+    while (this.workers.some((w, i) => w && !this.ended[i]) && performance.now() < deadline && !this.error) await new Promise((r) => setTimeout(r, 10));
+    Atomics.store(this.ctl, ABORT, 1);
+    for (let ch = 0; ch < this.channels; ch++) Atomics.notify(this.ctl, RELEASED + ch);
+    await Promise.all(this.workers.map((w) => w?.terminate()));
+  }
+}

@@ -1,0 +1,233 @@
+/**
+ * The migration thread's side of multifd sending (QEMU's multifd_send / multifd_send_sync_main):
+ * batches dirty pages of one block into jobs of up to 128 pages, hands each job to a channel
+ * with room (packet_num from one counter), and runs the flush-and-sync barrier.
+ */
+import crypto from 'node:crypto';
+import { Worker } from 'node:worker_threads';
+import type { MigrationUri } from '@vmig/channel';
+import { type ByteWriter, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
+import type { CompressionName } from './compress/registry.js';
+import type { SendChannelConfig, SendFromChannel, SendToChannel } from './send-protocol.js';
+import { MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
+
+export interface MultifdSendOptions {
+  uri: MigrationUri;
+  channels: number;
+  compression: CompressionName;
+  zeroPageDetection: 'none' | 'legacy' | 'multifd';
+  /** QEMU 7.2's dialect: sync on every RAM section's EOS instead of RAM_SAVE_FLAG_MULTIFD_FLUSH. */
+  flushAfterEachSection: boolean;
+  uuid?: Uint8Array;
+  connectTimeoutMs?: number;
+}
+
+/** Jobs a channel may hold at once: one being written, one waiting (keeps the pipe full). */
+const MAX_INFLIGHT = 2;
+
+interface Job {
+  block: number;
+  pages: number[];
+}
+
+export class MultifdSender implements MultifdLink {
+  private readonly inflight: number[];
+  private readonly blockIndex = new Map<RamBlock, number>();
+  private batch: Job | undefined;
+  private readonly queue: Job[] = [];
+  private packetNum = 0;
+  private next = 0;
+  private error: VmigError | undefined;
+  private wake: (() => void) | undefined;
+  private syncPending = 0;
+  readonly flushAfterEachSection: boolean;
+
+  private constructor(
+    private readonly workers: Worker[],
+    private readonly stats: MigrationStats,
+    ram: GuestRam,
+    opts: MultifdSendOptions,
+  ) {
+    this.inflight = workers.map(() => 0);
+    ram.blocks.forEach((b, i) => this.blockIndex.set(b, i));
+    this.flushAfterEachSection = opts.flushAfterEachSection;
+    workers.forEach((w, id) => {
+      w.on('message', (m: SendFromChannel) => this.onMessage(id, m));
+      w.on('error', (e) => this.fail(new VmigError('VMIG_ERR_WORKER', `multifd send thread failed: ${e.message}`, { channel: `multifd/${id}` })));
+      w.on('exit', () => {
+        if (!this.closed) this.fail(new VmigError('VMIG_ERR_WORKER', 'multifd send thread exited', { channel: `multifd/${id}` }));
+      });
+    });
+  }
+
+  private closed = false;
+  private readyCount = 0;
+
+  /** Spawns the channel threads; resolves once every channel connected and sent its init. */
+  static async start(ram: GuestRam, stats: MigrationStats, opts: MultifdSendOptions): Promise<MultifdSender> {
+    const uuid = opts.uuid ?? new Uint8Array(crypto.randomBytes(16));
+    const workers = Array.from({ length: opts.channels }, (_, id) => {
+      const cfg: SendChannelConfig = { ram: ram.toShared(), uri: opts.uri, id, uuid, compression: opts.compression, zeroPageDetection: opts.zeroPageDetection };
+      return new Worker(workerUrl(import.meta.url, 'send-channel.worker.js'), { workerData: cfg });
+    });
+    const s = new MultifdSender(workers, stats, ram, opts);
+    const deadline = performance.now() + (opts.connectTimeoutMs ?? 10_000);
+    while (s.readyCount < workers.length) {
+      if (s.error) break;
+      if (performance.now() > deadline) s.fail(new VmigError('VMIG_ERR_CONNECT', 'multifd channels did not connect in time', { channel: 'multifd' }));
+      await s.waitEvent(100);
+    }
+    if (s.error) {
+      await s.destroy();
+      throw s.error;
+    }
+    return s;
+  }
+
+  get channels(): number {
+    return this.workers.length;
+  }
+
+  private onMessage(id: number, m: SendFromChannel): void {
+    switch (m.t) {
+      case 'ready':
+        this.readyCount++;
+        break;
+      case 'done':
+        this.inflight[id]!--;
+        this.stats.normalPages += m.normal;
+        this.stats.zeroPages += m.zero;
+        this.stats.multifdBytes += m.bytes;
+        this.dispatch();
+        break;
+      case 'synced':
+        this.syncPending--;
+        this.stats.multifdBytes += m.bytes;
+        break;
+      case 'error':
+        this.fail(new VmigError(m.error.code as never, m.error.message, {}));
+        break;
+    }
+    this.notify();
+  }
+
+  private readonly errorListeners: ((e: VmigError) => void)[] = [];
+
+  /** Called once with the first failure of any channel. */
+  onError(cb: (e: VmigError) => void): void {
+    this.errorListeners.push(cb);
+    if (this.error) cb(this.error);
+  }
+
+  private fail(e: VmigError): void {
+    if (this.error) return;
+    this.error = e;
+    for (const cb of this.errorListeners) cb(e);
+    this.notify();
+  }
+
+  private notify(): void {
+    const w = this.wake;
+    this.wake = undefined;
+    w?.();
+  }
+
+  private waitEvent(timeoutMs = 1000): Promise<void> {
+    return new Promise((resolve) => {
+      const t = setTimeout(resolve, timeoutMs);
+      this.wake = () => {
+        clearTimeout(t);
+        resolve();
+      };
+    });
+  }
+
+  /** PageSender: queue one page; `w` (the main stream) is not used. */
+  savePage(_w: ByteWriter, block: RamBlock, page: number): void {
+    const idx = this.blockIndex.get(block)!;
+    if (this.batch && this.batch.block !== idx) this.enqueueBatch();
+    this.batch ??= { block: idx, pages: [] };
+    this.batch.pages.push(page);
+    if (this.batch.pages.length === MULTIFD_PAGE_COUNT) this.enqueueBatch();
+  }
+
+  private enqueueBatch(): void {
+    if (this.batch && this.batch.pages.length > 0) this.queue.push(this.batch);
+    this.batch = undefined;
+    this.dispatch();
+  }
+
+  /** Hands queued jobs to channels with room, round robin from the last one used. */
+  private dispatch(): void {
+    while (this.queue.length > 0 && !this.error) {
+      let ch = -1;
+      for (let k = 0; k < this.workers.length; k++) {
+        const c = (this.next + k) % this.workers.length;
+        if (this.inflight[c]! < MAX_INFLIGHT) {
+          ch = c;
+          break;
+        }
+      }
+      if (ch < 0) return;
+      this.next = (ch + 1) % this.workers.length;
+      const job = this.queue.shift()!;
+      const pages = Uint32Array.from(job.pages);
+      this.inflight[ch]!++;
+      const msg: SendToChannel = { t: 'job', block: job.block, pages, packetNum: this.packetNum++ };
+      this.workers[ch]!.postMessage(msg, [pages.buffer]);
+    }
+  }
+
+  private throwIfFailed(): void {
+    if (this.error) throw this.error;
+  }
+
+  /** Backpressure: resolves once the queue in front of the channels is short. */
+  async ready(): Promise<void> {
+    this.throwIfFailed();
+    this.dispatch();
+    while (this.queue.length > this.workers.length) {
+      await this.waitEvent();
+      this.throwIfFailed();
+    }
+  }
+
+  /**
+   * multifd_ram_flush_and_sync: the partial batch goes out, every queued job is handed to a
+   * channel, then every channel writes a SYNC packet after the jobs it holds; resolves when
+   * all SYNC packets are written. The caller then puts the marker on the main stream.
+   */
+  async flushAndSync(): Promise<void> {
+    this.enqueueBatch();
+    while (this.queue.length > 0) {
+      await this.waitEvent();
+      this.throwIfFailed();
+      this.dispatch();
+    }
+    this.syncPending += this.workers.length;
+    for (const w of this.workers) {
+      const msg: SendToChannel = { t: 'sync', packetNum: this.packetNum++ };
+      w.postMessage(msg);
+    }
+    while (this.syncPending > 0) {
+      await this.waitEvent();
+      this.throwIfFailed();
+    }
+  }
+
+  /** Orderly end: every channel ends its socket and its thread exits. */
+  async close(): Promise<void> {
+    this.closed = true;
+    const exits = this.workers.map((w) => new Promise<void>((r) => w.once('exit', () => r())));
+    for (const w of this.workers) w.postMessage({ t: 'close' } satisfies SendToChannel);
+    const timeout = new Promise<void>((r) => setTimeout(r, 2000).unref());
+    await Promise.race([Promise.all(exits), timeout]);
+    await this.destroy();
+  }
+
+  /** Ends every channel thread now (their sockets close with them). */
+  async destroy(): Promise<void> {
+    this.closed = true;
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+}

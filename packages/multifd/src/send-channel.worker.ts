@@ -1,0 +1,117 @@
+/**
+ * One multifd send channel (QEMU's multifd_send_thread): a worker thread that owns its
+ * socket. It connects, sends MultiFDInit_t, then turns each job from the migration thread
+ * into one packet read straight out of guest RAM (SharedArrayBuffer).
+ *
+ * Ownership: a job's pages had their migration-bitmap bits cleared by the migration thread
+ * before the job was posted; this thread reads them afterwards, which the dirty-log rule
+ * allows (a write after the clear re-dirties the page and it is sent again later).
+ * Packets are written in the order jobs arrive, and a SYNC job is written after every job
+ * posted before it: that is the sender half of the barrier.
+ */
+import net from 'node:net';
+import { parentPort, workerData } from 'node:worker_threads';
+import { GuestRam, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
+import { compressionByName } from './compress/registry.js';
+import type { SendChannelConfig, SendToChannel } from './send-protocol.js';
+import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE } from './wire/multifd-wire.js';
+
+const cfg = workerData as SendChannelConfig;
+const port = parentPort!;
+const ram = GuestRam.fromShared(cfg.ram);
+const hosts = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
+const compressor = compressionByName(cfg.compression)?.createSender();
+const channel = `multifd/${cfg.id}`;
+const ZERO = Buffer.alloc(TARGET_PAGE_SIZE);
+const PACKET_MAX = MULTIFD_PACKET_HEADER_SIZE + MULTIFD_PACKET_SIZE;
+
+// Packet buffers are reused once the socket reports them written (fresh memory faults).
+const free: Buffer[] = [];
+const pagesScratch = Buffer.allocUnsafeSlow(MULTIFD_PACKET_SIZE);
+let failed = false;
+
+function fail(err: unknown): void {
+  if (failed) return;
+  failed = true;
+  const e = toVmigError(err, 'VMIG_ERR_CHANNEL', { channel });
+  port.postMessage({ t: 'error', error: e.toJSON() });
+}
+
+const sock = net.connect(cfg.uri.transport === 'tcp' ? { host: cfg.uri.host, port: cfg.uri.port } : { path: cfg.uri.path });
+sock.setNoDelay(true);
+sock.on('error', (e: NodeJS.ErrnoException) => fail(new VmigError('VMIG_ERR_PEER_CLOSED', `multifd channel: ${e.code ?? e.message}`, { channel })));
+sock.on('close', () => {
+  if (!closing) fail(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel closed by the peer', { channel }));
+});
+sock.on('data', () => {}); // nothing comes back on a multifd channel
+let closing = false;
+
+sock.once('connect', () => {
+  sock.write(encodeMultifdInit({ uuid: cfg.uuid, id: cfg.id }));
+  port.postMessage({ t: 'ready' });
+});
+
+function writePacket(buf: Buffer, len: number, after: () => void): void {
+  sock.write(buf.subarray(0, len), (err) => {
+    free.push(buf);
+    if (err) fail(err);
+    else after();
+  });
+}
+
+port.on('message', (m: SendToChannel) => {
+  if (failed) return;
+  try {
+    if (m.t === 'job') sendPages(m.block, m.pages, m.packetNum);
+    else if (m.t === 'sync') {
+      const buf = free.pop() ?? Buffer.allocUnsafeSlow(PACKET_MAX);
+      encodeMultifdPacketHeader(buf, 0, { flags: MULTIFD_FLAG_SYNC, normalPages: 0, zeroPages: 0, nextPacketSize: 0, packetNum: m.packetNum, ramblock: '', offsets: new Float64Array(0) });
+      writePacket(buf, MULTIFD_PACKET_HEADER_SIZE, () => port.postMessage({ t: 'synced', bytes: MULTIFD_PACKET_HEADER_SIZE }));
+    } else if (m.t === 'close') {
+      closing = true;
+      sock.end(() => port.close());
+    }
+  } catch (e) {
+    fail(e);
+  }
+});
+
+function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number): void {
+  const block = ram.blocks[blockIdx]!;
+  const host = hosts[blockIdx]!;
+  const normal: number[] = [];
+  const zero: number[] = [];
+  for (const p of pages) {
+    const off = p * TARGET_PAGE_SIZE;
+    // zero-page-detection=multifd: this thread finds zero pages and lists them, no payload.
+    if (cfg.zeroPageDetection === 'multifd' && ZERO.compare(host, off, off + TARGET_PAGE_SIZE) === 0) zero.push(off);
+    else normal.push(off);
+  }
+  const buf = free.pop() ?? Buffer.allocUnsafeSlow(PACKET_MAX);
+  let flags = 0;
+  let payloadLen = normal.length * TARGET_PAGE_SIZE;
+  if (compressor && normal.length > 0) {
+    for (let i = 0; i < normal.length; i++) host.copy(pagesScratch, i * TARGET_PAGE_SIZE, normal[i]!, normal[i]! + TARGET_PAGE_SIZE);
+    const out = compressor.compress(pagesScratch.subarray(0, payloadLen));
+    if (out && out.payload.length <= MULTIFD_PACKET_SIZE) {
+      flags = out.flag;
+      payloadLen = out.payload.length;
+      out.payload.copy(buf, MULTIFD_PACKET_HEADER_SIZE);
+    } else {
+      pagesScratch.copy(buf, MULTIFD_PACKET_HEADER_SIZE, 0, payloadLen);
+    }
+  } else {
+    for (let i = 0; i < normal.length; i++) host.copy(buf, MULTIFD_PACKET_HEADER_SIZE + i * TARGET_PAGE_SIZE, normal[i]!, normal[i]! + TARGET_PAGE_SIZE);
+  }
+  encodeMultifdPacketHeader(buf, 0, {
+    flags,
+    normalPages: normal.length,
+    zeroPages: zero.length,
+    nextPacketSize: payloadLen,
+    packetNum,
+    ramblock: block.idstr,
+    offsets: Float64Array.from([...normal, ...zero]),
+  });
+  const len = MULTIFD_PACKET_HEADER_SIZE + payloadLen;
+  writePacket(buf, len, () => port.postMessage({ t: 'done', bytes: len, normal: normal.length, zero: zero.length }));
+}
