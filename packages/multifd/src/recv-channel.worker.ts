@@ -79,7 +79,7 @@ async function run(): Promise<void> {
         await reader.ensure(h.nextPacketSize);
         const payload = Buffer.from(reader.buf.buffer, reader.buf.byteOffset + reader.pos, h.nextPacketSize);
         const out = scratch.subarray(0, h.normalPages * TARGET_PAGE_SIZE);
-        d.decompress(payload, out);
+        await d.decompress(payload, out);
         reader.pos += h.nextPacketSize;
         stats.bytes += h.nextPacketSize;
         for (let i = 0; i < h.normalPages; i++) out.copy(host, h.offsets[i]!, i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE);

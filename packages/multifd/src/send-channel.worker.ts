@@ -14,7 +14,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { GuestRam, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
 import { compressionByName } from './compress/registry.js';
 import type { SendChannelConfig, SendToChannel } from './send-protocol.js';
-import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE } from './wire/multifd-wire.js';
+import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_MAX_PAYLOAD, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE } from './wire/multifd-wire.js';
 
 const cfg = workerData as SendChannelConfig;
 const port = parentPort!;
@@ -23,7 +23,7 @@ const hosts = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
 const compressor = compressionByName(cfg.compression)?.createSender();
 const channel = `multifd/${cfg.id}`;
 const ZERO = Buffer.alloc(TARGET_PAGE_SIZE);
-const PACKET_MAX = MULTIFD_PACKET_HEADER_SIZE + MULTIFD_PACKET_SIZE;
+const PACKET_MAX = MULTIFD_PACKET_HEADER_SIZE + MULTIFD_MAX_PAYLOAD;
 
 // Packet buffers are reused once the socket reports them written (fresh memory faults).
 const free: Buffer[] = [];
@@ -59,24 +59,27 @@ function writePacket(buf: Buffer, len: number, after: () => void): void {
   });
 }
 
+// Jobs run one after another (compression is async): packets leave in the order jobs came.
+let chain: Promise<void> = Promise.resolve();
 port.on('message', (m: SendToChannel) => {
-  if (failed) return;
-  try {
-    if (m.t === 'job') sendPages(m.block, m.pages, m.packetNum);
-    else if (m.t === 'sync') {
-      const buf = free.pop() ?? Buffer.allocUnsafeSlow(PACKET_MAX);
-      encodeMultifdPacketHeader(buf, 0, { flags: MULTIFD_FLAG_SYNC, normalPages: 0, zeroPages: 0, nextPacketSize: 0, packetNum: m.packetNum, ramblock: '', offsets: new Float64Array(0) });
-      writePacket(buf, MULTIFD_PACKET_HEADER_SIZE, () => port.postMessage({ t: 'synced', bytes: MULTIFD_PACKET_HEADER_SIZE }));
-    } else if (m.t === 'close') {
-      closing = true;
-      sock.end(() => port.close());
-    }
-  } catch (e) {
-    fail(e);
-  }
+  chain = chain.then(() => handle(m)).catch(fail);
 });
 
-function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number): void {
+async function handle(m: SendToChannel): Promise<void> {
+  if (failed) return;
+  if (m.t === 'job') {
+    await sendPages(m.block, m.pages, m.packetNum);
+  } else if (m.t === 'sync') {
+    const buf = free.pop() ?? Buffer.allocUnsafeSlow(PACKET_MAX);
+    encodeMultifdPacketHeader(buf, 0, { flags: MULTIFD_FLAG_SYNC, normalPages: 0, zeroPages: 0, nextPacketSize: 0, packetNum: m.packetNum, ramblock: '', offsets: new Float64Array(0) });
+    writePacket(buf, MULTIFD_PACKET_HEADER_SIZE, () => port.postMessage({ t: 'synced', bytes: MULTIFD_PACKET_HEADER_SIZE }));
+  } else {
+    closing = true;
+    sock.end(() => port.close());
+  }
+}
+
+async function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number): Promise<void> {
   const block = ram.blocks[blockIdx]!;
   const host = hosts[blockIdx]!;
   const normal: number[] = [];
@@ -92,8 +95,11 @@ function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number): voi
   let payloadLen = normal.length * TARGET_PAGE_SIZE;
   if (compressor && normal.length > 0) {
     for (let i = 0; i < normal.length; i++) host.copy(pagesScratch, i * TARGET_PAGE_SIZE, normal[i]!, normal[i]! + TARGET_PAGE_SIZE);
-    const out = compressor.compress(pagesScratch.subarray(0, payloadLen));
-    if (out && out.payload.length <= MULTIFD_PACKET_SIZE) {
+    // Only the method may choose to send raw: a stateful stream (zlib) has consumed the
+    // pages, so its output must go out even when it grew (random data does).
+    const out = await compressor.compress(pagesScratch.subarray(0, payloadLen));
+    if (out && out.payload.length > MULTIFD_MAX_PAYLOAD) throw new VmigError('VMIG_ERR_MULTIFD_PACKET', `compressed packet of ${out.payload.length} bytes`, { channel });
+    if (out) {
       flags = out.flag;
       payloadLen = out.payload.length;
       out.payload.copy(buf, MULTIFD_PACKET_HEADER_SIZE);

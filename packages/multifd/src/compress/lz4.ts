@@ -14,7 +14,7 @@ export const lz4Method: MultifdCompressionMethod = {
   flag: MULTIFD_FLAG_VMIG_LZ4,
   createSender() {
     return {
-      compress(pages) {
+      async compress(pages) {
         const payload = compressSync(pages);
         return payload.length < pages.length ? { payload, flag: MULTIFD_FLAG_VMIG_LZ4 } : undefined;
       },
@@ -22,7 +22,7 @@ export const lz4Method: MultifdCompressionMethod = {
   },
   createReceiver() {
     return {
-      decompress(payload, out) {
+      async decompress(payload, out) {
         // Check the declared size before lz4-napi allocates it.
         if (payload.length < 4 || payload.readUInt32LE(0) !== out.length) {
           throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `lz4: payload declares ${payload.length < 4 ? '?' : payload.readUInt32LE(0)} bytes, expected ${out.length}`);

@@ -1,18 +1,19 @@
 /**
  * A multifd compression method (QEMU's MultiFDMethods): per-channel sender and receiver
- * state behind one interface. The pipeline never branches on a method's name.
+ * state behind one interface. The pipeline never branches on a method's name. Calls on one
+ * channel's compressor/decompressor are made one at a time, in packet order.
  */
 export interface MultifdSendCompressor {
   /**
-   * Compresses the packet's normal pages (concatenated). Returns the payload and the flag
-   * to set, or undefined to send the pages raw (a nocomp packet).
+   * Compresses the packet's normal pages (concatenated). Resolves with the payload and the
+   * flag to set, or undefined to send the pages raw (a nocomp packet).
    */
-  compress(pages: Buffer): { payload: Buffer; flag: number } | undefined;
+  compress(pages: Buffer): Promise<{ payload: Buffer; flag: number } | undefined>;
 }
 
 export interface MultifdRecvDecompressor {
-  /** Decompresses `payload` into exactly `out.length` bytes of `out`, or throws. */
-  decompress(payload: Buffer, out: Buffer): void;
+  /** Decompresses `payload` into exactly `out.length` bytes of `out`, or rejects. */
+  decompress(payload: Buffer, out: Buffer): Promise<void>;
 }
 
 export interface MultifdCompressionMethod {

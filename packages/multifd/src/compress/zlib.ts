@@ -1,42 +1,68 @@
 /**
  * zlib, QEMU-compatible (multifd-zlib.c): one deflate stream per channel for the whole
  * migration, Z_SYNC_FLUSH at the end of each packet; the receiver keeps one inflate stream
- * per channel. Node's zlib engine is driven synchronously through _processChunk, the call
- * zlib.deflateSync itself makes, so one packet is one synchronous step.
+ * per channel and expects exactly normal_pages x page_size bytes from each packet.
  */
 import zlib from 'node:zlib';
 import { StreamError } from '@vmig/core';
 import { MULTIFD_FLAG_ZLIB, MULTIFD_PACKET_SIZE } from '../wire/multifd-wire.js';
 import type { MultifdCompressionMethod } from './method.js';
 
-interface SyncEngine {
-  _processChunk(chunk: Buffer, flushFlag: number): Buffer;
+/** Feeds `input` and a sync flush through a persistent zlib stream; resolves with the output. */
+function syncFlush(engine: zlib.Deflate | zlib.Inflate, input: Buffer, limit: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const parts: Buffer[] = [];
+    let n = 0;
+    const onData = (c: Buffer): void => {
+      n += c.length;
+      if (n > limit) fail(new StreamError('VMIG_ERR_MULTIFD_PACKET', `zlib: packet inflates past ${limit} bytes`));
+      else parts.push(c);
+    };
+    const onError = (e: Error): void => fail(new StreamError('VMIG_ERR_MULTIFD_PACKET', `zlib: ${e.message}`));
+    const cleanup = (): void => {
+      engine.off('data', onData);
+      engine.off('error', onError);
+    };
+    const fail = (e: Error): void => {
+      cleanup();
+      reject(e);
+    };
+    engine.on('data', onData);
+    engine.once('error', onError);
+    engine.write(input);
+    engine.flush(zlib.constants.Z_SYNC_FLUSH, () => {
+      cleanup();
+      if (n <= limit) resolve(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+    });
+  });
 }
 
 export const zlibMethod: MultifdCompressionMethod = {
   name: 'zlib',
   flag: MULTIFD_FLAG_ZLIB,
   createSender() {
-    const engine = zlib.createDeflate({ level: 1 }) as unknown as SyncEngine;
+    const engine = zlib.createDeflate({ level: 1 });
     return {
-      compress(pages) {
-        return { payload: engine._processChunk(pages, zlib.constants.Z_SYNC_FLUSH), flag: MULTIFD_FLAG_ZLIB };
+      async compress(pages) {
+        return { payload: await syncFlush(engine, pages, Infinity), flag: MULTIFD_FLAG_ZLIB };
       },
     };
   },
   createReceiver() {
-    // maxOutputLength bounds what a hostile payload can make us allocate.
-    const engine = zlib.createInflate({ maxOutputLength: MULTIFD_PACKET_SIZE }) as unknown as SyncEngine;
+    const engine = zlib.createInflate();
+    let broken: Error | undefined;
     return {
-      decompress(payload, out) {
-        let data: Buffer;
+      async decompress(payload, out) {
+        if (broken) throw broken;
         try {
-          data = engine._processChunk(payload, zlib.constants.Z_SYNC_FLUSH);
+          const data = await syncFlush(engine, payload, Math.min(out.length, MULTIFD_PACKET_SIZE));
+          if (data.length !== out.length) throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `zlib: inflated ${data.length} bytes, expected ${out.length}`);
+          data.copy(out);
         } catch (e) {
-          throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `zlib: ${(e as Error).message}`);
+          // The stream's state is unknown now: every later packet fails too.
+          broken = e as Error;
+          throw e;
         }
-        if (data.length !== out.length) throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `zlib: inflated ${data.length} bytes, expected ${out.length}`);
-        data.copy(out);
       },
     };
   },
