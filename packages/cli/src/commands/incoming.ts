@@ -91,9 +91,14 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   if (ram) receiver?.setRam(ram);
   let firstError: VmigError | undefined;
   let mainSock: net.Socket | undefined;
+  let rejectFatal!: (e: VmigError) => void;
+  const fatalError = new Promise<never>((_, reject) => (rejectFatal = reject));
+  fatalError.catch(() => {});
   const fatal = (e: VmigError): void => {
     firstError ??= e;
-    // Unblock the load loop: it fails on its next read.
+    // Unblock whatever waits: the accept of the main channel, or the load loop (it fails on
+    // its next read).
+    rejectFatal(e);
     mainSock?.destroy();
   };
   receiver?.onError(fatal);
@@ -102,7 +107,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   let loadStart = start;
   let returnPath = false;
   try {
-    const main = await acceptChannels(listener, receiver, fatal);
+    const main = await Promise.race([acceptChannels(listener, receiver, fatal), fatalError]);
     mainSock = main.sock;
     if (firstError) throw firstError;
     loadStart = performance.now();
