@@ -76,6 +76,16 @@ describe('multifd between two vmig processes', () => {
     });
   }
 
+  it('--max-bandwidth holds for bytes on the multifd channels too', async () => {
+    const shared = ['--ram', '64M', '--multifd-channels', '2'];
+    const { source, destination } = await runMigrationPair(CLI_MAIN, shared, [...shared, '--max-bandwidth', '64M', '--downtime-limit', '20']);
+    expectVerified(source.report, destination.report);
+    const r = source.report!;
+    const iterateSecs = (r.totalTimeMs - r.downtimeMs - r.setupTimeMs) / 1000;
+    expect(r.ram.precopyBytes / iterateSecs).toBeLessThan(64 * 2 ** 20 * 1.25);
+    expect(r.ram.precopyBytes).toBeGreaterThan(32 << 20);
+  });
+
   it('legacy dialect (--multifd-flush-after-each-section) on both ends, with writers', async () => {
     const shared = ['--ram', '128M', '--multifd-channels', '2', '--multifd-flush-after-each-section'];
     const { source, destination } = await runMigrationPair(CLI_MAIN, shared, [...shared, '--writers', '2', '--dirty-rate', '30M']);

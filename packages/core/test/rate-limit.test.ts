@@ -16,6 +16,16 @@ describe('RateLimiter', () => {
     expect(r.allowance(10_000)).toBe(100);
   });
 
+  it('charges a running counter by its growth, whenever it grew', () => {
+    const r = new RateLimiter(1000, 100, 0);
+    r.account(5000); // the first call only sets the baseline
+    expect(r.allowance(0)).toBe(100);
+    r.account(5060);
+    expect(r.allowance(0)).toBe(40);
+    r.account(5200);
+    expect(r.allowance(0)).toBe(0);
+  });
+
   it('is unlimited at 0', () => {
     const r = new RateLimiter(0);
     expect(r.allowance()).toBe(Infinity);

@@ -18,13 +18,30 @@ interface Scenario {
 }
 
 function scenarios(ram: string): Scenario[] {
+  const mf = (n: number): string[] => ['--ram', ram, '--multifd-channels', String(n)];
   return [
-    { name: 'precopy-random-1ch', description: `${ram} random RAM, no writers, one channel`, shared: ['--ram', ram], source: ['--fill', 'random'] },
-    { name: 'precopy-zero-1ch', description: `${ram} zero RAM, no writers, one channel`, shared: ['--ram', ram], source: ['--fill', 'zero'] },
+    { name: 'precopy-random-1ch', description: `${ram} random RAM, no writers, main channel only`, shared: ['--ram', ram], source: ['--fill', 'random'] },
+    { name: 'precopy-zero-1ch', description: `${ram} zero RAM, no writers, main channel only`, shared: ['--ram', ram], source: ['--fill', 'zero'] },
+    { name: 'multifd-random-1ch', description: `${ram} random RAM, 1 multifd channel`, shared: mf(1), source: ['--fill', 'random'] },
+    { name: 'multifd-random-2ch', description: `${ram} random RAM, 2 multifd channels`, shared: mf(2), source: ['--fill', 'random'] },
+    { name: 'multifd-random-4ch', description: `${ram} random RAM, 4 multifd channels`, shared: mf(4), source: ['--fill', 'random'] },
+    { name: 'multifd-zero-2ch', description: `${ram} zero RAM, 2 multifd channels (zero pages found by the channels)`, shared: mf(2), source: ['--fill', 'zero'] },
     {
-      name: 'precopy-random-writers-1ch',
-      description: `${ram} random RAM, 2 writers at 50 MB/s, one channel`,
-      shared: ['--ram', ram],
+      name: 'multifd-text-none-200M',
+      description: `${ram} text RAM, 2 channels, no compression, --max-bandwidth 200M`,
+      shared: mf(2),
+      source: ['--fill', 'text', '--max-bandwidth', '200M'],
+    },
+    {
+      name: 'multifd-text-lz4-200M',
+      description: `${ram} text RAM, 2 channels, lz4, --max-bandwidth 200M`,
+      shared: [...mf(2), '--multifd-compression', 'lz4'],
+      source: ['--fill', 'text', '--max-bandwidth', '200M'],
+    },
+    {
+      name: 'multifd-random-writers-2ch',
+      description: `${ram} random RAM, 2 channels, 2 writers at 50 MB/s`,
+      shared: mf(2),
       source: ['--fill', 'random', '--writers', '2', '--dirty-rate', '50M'],
     },
   ];
@@ -71,6 +88,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
           setupTimeMs: src?.setupTimeMs,
           throughputMBps: src?.totalTimeMs ? Math.round(total / 1e6 / (src.totalTimeMs / 1000)) : null,
           transferredBytes: src?.ram?.transferred,
+          multifdBytes: src?.ram?.multifdBytes,
           dirtySyncCount: src?.ram?.dirtySyncCount,
           source: src?.resources,
           destination: dst?.resources,

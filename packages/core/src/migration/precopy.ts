@@ -214,6 +214,7 @@ export class PrecopyMigration {
     let periodPages = stats.normalPages + stats.zeroPages;
     let lastProgress = periodStart;
     const limiter = new RateLimiter(params.maxBandwidth, BANDWIDTH_PERIOD_MS, periodStart);
+    limiter.account(this.writtenBytes());
 
     for (;;) {
       if (this.error) throw this.error;
@@ -251,6 +252,7 @@ export class PrecopyMigration {
       }
       stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : stats.expectedDowntimeMs;
 
+      limiter.account(this.writtenBytes());
       if (limiter.allowance(now) <= 0) {
         // migration_rate_limit: over max-bandwidth, wait for credit.
         await this.guard(sleep(limiter.waitMs(now)));
@@ -263,14 +265,13 @@ export class PrecopyMigration {
       const sectionStart = performance.now();
       let wrapped = false;
       do {
-        const before = this.writtenBytes();
         const pagesBefore = saver.dirtyPages;
         const allowance = limiter.allowance();
         const r = saver.savePages(sink, Math.min(SLICE_PAGES, Math.max(1, Math.ceil(allowance / TARGET_PAGE_SIZE))));
         if (this.ctx.multifd && saver.dirtyPages !== pagesBefore) this.unsynced = true;
         wrapped = r.wrapped;
         await this.channelsReady();
-        limiter.consume(this.writtenBytes() - before);
+        limiter.account(this.writtenBytes());
       } while (!wrapped && saver.dirtyPages > 0 && performance.now() - sectionStart < SECTION_MS && limiter.allowance() > 0);
       await this.multifdSync(wrapped);
       saver.writeSectionEnd(sink, RAM_SECTION_ID);

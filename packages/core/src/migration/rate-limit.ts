@@ -43,4 +43,15 @@ export class RateLimiter {
   consume(bytes: number): void {
     if (!this.unlimited) this.tokens -= bytes;
   }
+
+  private accounted: number | undefined;
+
+  /**
+   * Charges whatever a running byte counter grew by since the last call. Bytes that other
+   * threads report asynchronously (multifd channels) are charged whenever they arrive.
+   */
+  account(totalBytes: number): void {
+    if (this.accounted !== undefined) this.consume(totalBytes - this.accounted);
+    this.accounted = totalBytes;
+  }
 }
