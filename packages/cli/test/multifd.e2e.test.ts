@@ -116,6 +116,41 @@ describe('multifd between two vmig processes', () => {
   });
 });
 
+describe('multifd: hostile channel handshakes', () => {
+  async function handshake(inits: { id: number; uuid: number }[]): Promise<Report | undefined> {
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--multifd-channels', '2']);
+    const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
+    const socks: net.Socket[] = [];
+    for (const i of inits) {
+      const s = await connectTo(uri);
+      s.on('error', () => {});
+      const b = Buffer.alloc(64);
+      b.writeUInt32BE(0x11223344, 0);
+      b.writeUInt32BE(1, 4);
+      b.fill(i.uuid, 8, 24);
+      b[24] = i.id;
+      s.write(b);
+      socks.push(s);
+    }
+    const run = await dst.done;
+    for (const s of socks) s.destroy();
+    expect(run.code).toBe(1);
+    return run.report?.error as Report | undefined;
+  }
+
+  it('a duplicate channel id is rejected', async () => {
+    const e = await handshake([{ id: 0, uuid: 7 }, { id: 0, uuid: 7 }]);
+    expect(e?.code).toBe('VMIG_ERR_MULTIFD_HANDSHAKE');
+    expect(e?.message).toMatch(/duplicate/);
+  });
+
+  it('a channel of another migration (uuid differs) is rejected', async () => {
+    const e = await handshake([{ id: 0, uuid: 7 }, { id: 1, uuid: 8 }]);
+    expect(e?.code).toBe('VMIG_ERR_MULTIFD_HANDSHAKE');
+    expect(e?.message).toMatch(/uuid/);
+  });
+});
+
 describe('multifd: a channel dying mid-migration', () => {
   it('both ends fail clearly and exit; nothing is left running', async () => {
     const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--ram', '256M', '--multifd-channels', '2']);

@@ -1,5 +1,8 @@
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { MemorySink, putFileHeader, putRamMemSize, putRamPage, putSectionFull, QEMU_VM_SECTION_START, TARGET_PAGE_SIZE } from '@vmig/core';
 import { runMigrationPair, spawnCli } from '@vmig/test-harness';
@@ -52,6 +55,15 @@ describe('precopy between two processes over loopback', () => {
     const r = source.report!;
     const iterateSecs = (r.totalTimeMs - r.downtimeMs - r.setupTimeMs) / 1000;
     expect(r.ram.precopyBytes / iterateSecs).toBeLessThan(64 * 2 ** 20 * 1.25);
+  });
+
+  it('over a unix socket, with multifd channels too', async () => {
+    const path = join(mkdtempSync(join(tmpdir(), 'vmig-unix-')), 'mig.sock');
+    const dst = spawnCli(CLI_MAIN, ['incoming', `unix:${path}`, '--json', '--multifd-channels', '2']);
+    await dst.waitFor((l) => l['event'] === 'listening');
+    const src = await spawnCli(CLI_MAIN, ['migrate', `unix:${path}`, '--json', '--ram', '32M', '--writers', '1', '--dirty-rate', '8M', '--multifd-channels', '2']).done;
+    const d = await dst.done;
+    expectVerified(src.report, d.report);
   });
 
   it('zero RAM travels as zero pages', async () => {
