@@ -140,9 +140,15 @@ export class BufferedWriter implements StreamSink {
     if (this.error) throw this.error;
     if (this.inFlight > 0) {
       await new Promise<void>((resolve) => {
-        this.onIdle = resolve;
-        // A destroyed socket never calls back: wake up and report.
-        this.out.once('close', () => resolve());
+        // A destroyed socket never calls back: wake up on close as well, and drop that
+        // listener once done (flush runs once per RAM section).
+        const done = (): void => {
+          this.out.off('close', done);
+          this.onIdle = undefined;
+          resolve();
+        };
+        this.onIdle = done;
+        this.out.once('close', done);
       });
     }
     if (this.error) throw this.error;

@@ -58,6 +58,20 @@ describe('BufferedWriter -> socket -> ByteReader', () => {
     await close();
   });
 
+  it('flush leaves no listener behind (it runs once per RAM section)', async () => {
+    const { client, server, close } = await pair();
+    server.resume();
+    const w = new BufferedWriter(client);
+    const before = client.listenerCount('close');
+    for (let i = 0; i < 50; i++) {
+      w.putBytes(new Uint8Array(256 * 1024));
+      await w.flush();
+    }
+    expect(client.listenerCount('close')).toBe(before);
+    client.destroy();
+    await close();
+  });
+
   it('refuses a read larger than its limit instead of allocating it', async () => {
     const { client, server, close } = await pair();
     const r = new ByteReader(server, { maxRead: 1024 });
