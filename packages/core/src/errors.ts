@@ -71,3 +71,29 @@ export function toVmigError(err: unknown, fallback: VmigErrorCode, ctx: VmigErro
   const message = err instanceof Error ? err.message : String(err);
   return new VmigError(fallback, message, ctx, { cause: err });
 }
+
+/**
+ * The first error of several threads or channels (on shutdown the first error wins):
+ * remembers it and tells every listener once, including listeners added later.
+ */
+export class FirstError {
+  private err: VmigError | undefined;
+  private readonly listeners: ((e: VmigError) => void)[] = [];
+
+  get error(): VmigError | undefined {
+    return this.err;
+  }
+
+  onError(cb: (e: VmigError) => void): void {
+    this.listeners.push(cb);
+    if (this.err) cb(this.err);
+  }
+
+  /** Records `e` if it is the first; returns whether it was. */
+  set(e: VmigError): boolean {
+    if (this.err) return false;
+    this.err = e;
+    for (const cb of this.listeners) cb(e);
+    return true;
+  }
+}

@@ -6,7 +6,7 @@
 import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
 import { detachFd } from '@vmig/channel';
-import { type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
+import { FirstError, type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
 import { ABORT, CONTROL_WORDS, MAX_CHANNELS, POSTED, RELEASED } from './recv-control.js';
 import type { RecvChannelConfig, RecvFromChannel, RecvToChannel } from './recv-protocol.js';
 import { decodeMultifdInit, MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
@@ -19,8 +19,7 @@ export class MultifdReceiver {
   private readonly ended: boolean[];
   private uuid: Uint8Array | undefined;
   private ram: GuestRam | undefined;
-  private error: VmigError | undefined;
-  private readonly errorListeners: ((e: VmigError) => void)[] = [];
+  private readonly failure = new FirstError();
   private readonly channelStats: { normal: number; zero: number; bytes: number }[];
 
   constructor(readonly channels: number) {
@@ -33,16 +32,18 @@ export class MultifdReceiver {
 
   /** Called with the first failure of any channel. */
   onError(cb: (e: VmigError) => void): void {
-    this.errorListeners.push(cb);
-    if (this.error) cb(this.error);
+    this.failure.onError(cb);
+  }
+
+  private get error(): VmigError | undefined {
+    return this.failure.error;
   }
 
   private fail(e: VmigError): void {
-    if (this.error) return;
-    this.error = e;
+    if (!this.failure.set(e)) return;
+    // Wake every channel parked at the barrier: they see ABORT and end.
     Atomics.store(this.ctl, ABORT, 1);
     for (let ch = 0; ch < this.channels; ch++) Atomics.notify(this.ctl, RELEASED + ch);
-    for (const cb of this.errorListeners) cb(e);
   }
 
   /**

@@ -6,7 +6,7 @@
 import crypto from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import type { MigrationUri } from '@vmig/channel';
-import { type ByteWriter, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
+import { type ByteWriter, FirstError, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
 import type { CompressionName } from './compress/registry.js';
 import type { SendChannelConfig, SendFromChannel, SendToChannel } from './send-protocol.js';
 import { MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
@@ -37,7 +37,7 @@ export class MultifdSender implements MultifdLink {
   private readonly queue: Job[] = [];
   private packetNum = 0;
   private next = 0;
-  private error: VmigError | undefined;
+  private readonly failure = new FirstError();
   private wake: (() => void) | undefined;
   private syncPending = 0;
   readonly flushAfterEachSection: boolean;
@@ -111,19 +111,17 @@ export class MultifdSender implements MultifdLink {
     this.notify();
   }
 
-  private readonly errorListeners: ((e: VmigError) => void)[] = [];
-
   /** Called once with the first failure of any channel. */
   onError(cb: (e: VmigError) => void): void {
-    this.errorListeners.push(cb);
-    if (this.error) cb(this.error);
+    this.failure.onError(cb);
+  }
+
+  private get error(): VmigError | undefined {
+    return this.failure.error;
   }
 
   private fail(e: VmigError): void {
-    if (this.error) return;
-    this.error = e;
-    for (const cb of this.errorListeners) cb(e);
-    this.notify();
+    if (this.failure.set(e)) this.notify();
   }
 
   private notify(): void {

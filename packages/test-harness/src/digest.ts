@@ -1,6 +1,6 @@
 /**
- * Per-page digests of guest RAM (xxh3-64) and one digest over them. Comparing the
- * per-page arrays names the pages that differ; the single digest is what reports carry.
+ * Per-page digests of guest RAM (xxh3-64) and one digest over them; the single digest is
+ * what reports carry, the per-page array locates a difference when debugging.
  */
 import { xxh3 } from '@node-rs/xxhash';
 import { type GuestRam, TARGET_PAGE_SIZE } from '@vmig/core';
@@ -26,12 +26,4 @@ export function digestRam(ram: GuestRam): RamDigest {
 
 export function hexDigest(pages: BigUint64Array): string {
   return xxh3.xxh64(Buffer.from(pages.buffer, pages.byteOffset, pages.byteLength)).toString(16).padStart(16, '0');
-}
-
-/** Indices of pages whose digests differ (at most `limit`). */
-export function diffPages(a: BigUint64Array, b: BigUint64Array, limit = 16): number[] {
-  const out: number[] = [];
-  const n = Math.max(a.length, b.length);
-  for (let i = 0; i < n && out.length < limit; i++) if (a[i] !== b[i]) out.push(i);
-  return out;
 }

@@ -75,7 +75,6 @@ export class PrecopyMigration {
   private readonly failure: Promise<never>;
   private rejectFailure!: (e: VmigError) => void;
   private shutStatus: Promise<number> | undefined;
-  private rounds = 0;
 
   constructor(private readonly ctx: PrecopyContext) {
     this.stats = ctx.stats ?? new MigrationStats();
@@ -185,7 +184,7 @@ export class PrecopyMigration {
   private async readReturnPath(rp: StreamSource): Promise<number> {
     try {
       for (;;) {
-        const msg = await rp.ensure(4).then(() => readRpMessage(rp));
+        const msg = await readRpMessage(rp);
         if (msg.type === MIG_RP_MSG_SHUT) {
           const status = msg.data.length >= 4 ? ((msg.data[0]! << 24) | (msg.data[1]! << 16) | (msg.data[2]! << 8) | msg.data[3]!) >>> 0 : 1;
           if (status !== 0) this.fail(new VmigError('VMIG_ERR_REMOTE', 'destination failed to load the migration stream', { channel: 'return-path' }));
@@ -240,7 +239,6 @@ export class PrecopyMigration {
         if (this.unsynced) await this.barrierSection();
         // The scan wrapped or little is left: look at what the vCPUs dirtied since.
         saver.bitmapSync();
-        this.rounds++;
         pending = saver.dirtyPages * TARGET_PAGE_SIZE;
         stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : 0;
         if (pending <= threshold) return;
@@ -332,10 +330,6 @@ export class PrecopyMigration {
       if (status !== 0) throw new VmigError('VMIG_ERR_REMOTE', `destination reported failure ${status}`, { channel: 'return-path' });
     }
     stats.downtimeMs = performance.now() - downtimeStart;
-  }
-
-  get dirtySyncRounds(): number {
-    return this.rounds;
   }
 }
 

@@ -55,8 +55,6 @@ export function isZeroPage(host: Buffer, offset: number): boolean {
 }
 
 export interface ScanResult {
-  /** Bytes written on the main stream by this call (multifd pages not included). */
-  bytes: number;
   /** True if the scan passed the end of the last block (QEMU's complete_round). */
   wrapped: boolean;
 }
@@ -132,8 +130,7 @@ export class RamSaver implements PageSender {
    * Clears each page's migration-bitmap bit BEFORE the page is read (here or, with multifd,
    * by a channel thread later).
    */
-  savePages(w: ByteWriter & { readonly bytesWritten: number }, maxPages: number): ScanResult {
-    const start = w.bytesWritten;
+  savePages(w: ByteWriter, maxPages: number): ScanResult {
     const blocks = this.ram.blocks;
     let pages = 0;
     while (pages < maxPages) {
@@ -144,7 +141,7 @@ export class RamSaver implements PageSender {
         this.nextPage = 0;
         if (this.blockIdx >= blocks.length) {
           this.blockIdx = 0;
-          return { bytes: w.bytesWritten - start, wrapped: true };
+          return { wrapped: true };
         }
         continue;
       }
@@ -155,7 +152,7 @@ export class RamSaver implements PageSender {
       pages++;
     }
     this.stats.remainingPages = this.dirtyPages;
-    return { bytes: w.bytesWritten - start, wrapped: false };
+    return { wrapped: false };
   }
 
   private savePageChecked(w: ByteWriter, blockIdx: number, page: number): void {

@@ -135,11 +135,6 @@ export function putRamMultifdFlush(w: ByteWriter): void {
   w.put64(RAM_SAVE_FLAG_MULTIFD_FLUSH);
 }
 
-/** Size of a page record as putRamPage writes it (for rate accounting). */
-export function ramPageRecordSize(idstrBytes: number, sameBlock: boolean): number {
-  return 8 + (sameBlock ? 0 : 1 + idstrBytes) + TARGET_PAGE_SIZE;
-}
-
 /* ------------------------------------------------------------------ decoders */
 /* Each get* assumes the caller made its bytes available with ensure(). */
 
