@@ -5,6 +5,8 @@
 import { DEFAULT_PARAMS, InvalidArgumentError, type MigrationParams, type ZeroPageDetection } from '@vmig/core';
 import { FILL_PATTERNS, type FillPattern, type WritePattern } from '@vmig/test-harness';
 import { COMPRESSION_NAMES, type CompressionName } from '@vmig/multifd';
+import { formatMigrationUri, parseMigrationUri } from '@vmig/channel';
+import { LOG_LEVELS, type LogLevel } from './log.js';
 import { parseChoice, parseIntFlag, parseRamSpecs, parseSize, type RamSpec } from './args.js';
 
 /** Flags both ends understand; demo passes these to `incoming`. */
@@ -15,6 +17,7 @@ export const SHARED_OPTIONS = {
   'multifd-compression': { type: 'string' },
   'multifd-flush-after-each-section': { type: 'boolean' },
   json: { type: 'boolean' },
+  'log-level': { type: 'string' },
 } as const;
 
 export const INCOMING_OPTIONS = {
@@ -34,6 +37,8 @@ export const MIGRATE_OPTIONS = {
   'downtime-limit': { type: 'string' },
   'zero-page-detection': { type: 'string' },
   postcopy: { type: 'boolean' },
+  'auto-converge': { type: 'boolean' },
+  control: { type: 'string' },
 } as const;
 
 export const MAX_MULTIFD_CHANNELS = 64;
@@ -45,6 +50,7 @@ export interface SharedSettings {
   compression: CompressionName;
   flushAfterEachSection: boolean;
   json: boolean;
+  logLevel: LogLevel;
 }
 
 type Values = Record<string, string | boolean | string[] | undefined>;
@@ -64,6 +70,7 @@ export function sharedSettings(v: Values): SharedSettings {
     compression,
     flushAfterEachSection: legacy,
     json: v['json'] === true,
+    logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };
 }
 
@@ -76,6 +83,8 @@ export interface MigrateSettings extends SharedSettings {
   pattern: WritePattern;
   hotPages: number;
   params: MigrationParams;
+  /** --control ADDRESS: the control socket, if any. */
+  control: string | undefined;
 }
 
 export function migrateSettings(v: Values): MigrateSettings {
@@ -92,6 +101,7 @@ export function migrateSettings(v: Values): MigrateSettings {
   if (zeroPageDetection === 'multifd' && shared.multifdChannels === 0) throw new InvalidArgumentError('--zero-page-detection multifd needs --multifd-channels N');
   const downtime = str(v, 'downtime-limit');
   const maxBw = str(v, 'max-bandwidth');
+  const control = str(v, 'control');
   return {
     ...shared,
     ram: shared.ram,
@@ -106,6 +116,8 @@ export function migrateSettings(v: Values): MigrateSettings {
       zeroPageDetection,
       downtimeLimitMs: downtime === undefined ? DEFAULT_PARAMS.downtimeLimitMs : parseIntFlag('downtime-limit', downtime, 1, 2_000_000),
       maxBandwidth: maxBw === undefined ? 0 : parseSize('max-bandwidth', maxBw),
+      autoConverge: v['auto-converge'] === true,
     },
+    control: control === undefined ? undefined : formatMigrationUri(parseMigrationUri(control)),
   };
 }

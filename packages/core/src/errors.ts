@@ -21,7 +21,10 @@ export type VmigErrorCode =
   | 'VMIG_ERR_MULTIFD_PACKET'
   | 'VMIG_ERR_CANCELLED'
   | 'VMIG_ERR_REMOTE'
-  | 'VMIG_ERR_WORKER';
+  | 'VMIG_ERR_WORKER'
+  | 'VMIG_ERR_NOTIFIER'
+  | 'VMIG_ERR_CONTROL'
+  | 'VMIG_ERR_SNAPSHOT_IO';
 
 export interface VmigErrorContext {
   /** 'main', 'return-path', 'multifd/3', ... */

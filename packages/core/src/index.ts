@@ -16,3 +16,8 @@ export * from './migration/loadvm.js';
 export * from './migration/rate-limit.js';
 export * from './migration/precopy.js';
 export * from './worker-url.js';
+export * from './log.js';
+export * from './devices/msgpack-device.js';
+export * from './lifecycle/notifiers.js';
+export * from './lifecycle/free-page-hint.js';
+export * from './migration/auto-converge.js';

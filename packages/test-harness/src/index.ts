@@ -4,3 +4,4 @@ export * from './vcpu-control.js';
 export * from './vcpu-pool.js';
 
 export * from './process-pair.js';
+export * from './guest-devices.js';

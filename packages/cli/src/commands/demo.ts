@@ -38,7 +38,10 @@ export async function demoCommand(argv: string[]): Promise<number> {
   const { source, destination } = await runMigrationPair(cliMain, toArgs(Object.keys(SHARED_OPTIONS)), toArgs(Object.keys(MIGRATE_OPTIONS)), { stderr: 'inherit' });
   const src = source.report ?? { status: 'failed', error: { message: `source exited ${source.code}` } };
   const dst = destination.report ?? { status: 'failed', error: { message: `destination exited ${destination.code}` } };
-  const verified = src['status'] === 'completed' && dst['status'] === 'completed' && typeof src['ramDigest'] === 'string' && src['ramDigest'] === dst['ramDigest'];
+  // The ITS-style device flushed its table into RAM after the stop: it must be there too.
+  const its = (dst['devices'] as Record<string, { tableInRam?: boolean } | null> | undefined)?.['vmig-its'];
+  const verified =
+    src['status'] === 'completed' && dst['status'] === 'completed' && typeof src['ramDigest'] === 'string' && src['ramDigest'] === dst['ramDigest'] && its?.tableInRam === true;
   const ram = src['ram'] as { total: number; transferred: number; dirtySyncCount: number } | undefined;
   out.report(
     { role: 'demo', verified, status: verified ? 'completed' : 'failed', source: src, destination: dst },

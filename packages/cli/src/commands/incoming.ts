@@ -24,7 +24,8 @@ import {
   VmigError,
 } from '@vmig/core';
 import { MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultifdReceiver } from '@vmig/multifd';
-import { digestRam } from '@vmig/test-harness';
+import { digestRam, ItsTableDevice, VcpuStateDevice } from '@vmig/test-harness';
+import { createLogger } from '../log.js';
 import { INCOMING_OPTIONS, sharedSettings } from '../options.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
@@ -81,6 +82,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   const uri = parseMigrationUri(positionals[0]!);
   const settings = sharedSettings(values);
   const out = new Output(settings.json);
+  const log = createLogger(settings.logLevel, 'destination');
 
   // Pre-fault RAM before anyone connects, so that touching fresh memory is not migration time.
   let ram = settings.ram ? GuestRam.create(settings.ram) : undefined;
@@ -113,14 +115,19 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     loadStart = performance.now();
     const conn = main.sock;
     const reader = new ByteReader(conn, { channel: 'main', initial: main.first });
-    const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice());
+    const vcpuState = new VcpuStateDevice(() => ({ writers: 0, writes: 0, pattern: '' }));
+    const its = new ItsTableDevice(() => ram);
+    const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its);
     const noMultifd = async (): Promise<void> => {
       throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'stream uses multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH) but this side was started without --multifd-channels', { channel: 'main' });
     };
     const result = await qemuLoadVmState(reader, {
       ram,
       createRam: (blocks) => GuestRam.create(blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength }))),
-      onRamReady: (r) => receiver?.setRam(r),
+      onRamReady: (r) => {
+        ram = r;
+        receiver?.setRam(r);
+      },
       onMultifdFlush: receiver && !settings.flushAfterEachSection ? () => receiver.sync() : noMultifd,
       ...(receiver && settings.flushAfterEachSection ? { onEos: () => receiver.sync() } : {}),
       devices,
@@ -161,6 +168,10 @@ export async function incomingCommand(argv: string[]): Promise<number> {
           blocks: ram.blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })),
         },
         multifdChannels: settings.multifdChannels,
+        devices: {
+          'vmig-vcpus': vcpuState.loaded ?? null,
+          'vmig-its': its.flushed ? { ...its.flushed, tableInRam: its.tableInRam } : null,
+        },
         ramDigest: digest.digest,
         resources: resourceUsage(),
       },
@@ -168,7 +179,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     );
     return 0;
   } catch (e) {
-    const err =
+    const err: VmigError =
       firstError ??
       (e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'source closed the migration stream early', { channel: 'main', phase: 'load' }) : toVmigError(e, 'VMIG_ERR_CHANNEL'));
     if (mainSock && returnPath && !mainSock.destroyed) mainSock.write(encodeRpShut(1));
@@ -176,6 +187,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     mainSock?.destroy();
     await listener.close().catch(() => {});
     await receiver?.close(0);
+    log.error({ err: err.toJSON() }, 'incoming migration failed');
     out.report(
       { role: 'destination', status: 'failed', totalTimeMs: round(performance.now() - start), error: err.toJSON() },
       `vmig: incoming migration failed: ${err.message} [${err.code}]`,

@@ -1,6 +1,6 @@
 /**
- * `vmig migrate URI --ram SIZE ...`: the source. Builds a test guest (RAM + vCPU writers),
- * migrates it to a destination while the writers run, reports.
+ * `vmig migrate URI --ram SIZE ...`: the source. Builds a test guest (RAM + vCPU writers and
+ * its devices), migrates it to a destination while the writers run, reports.
  */
 import { BufferedWriter, ByteReader, connect, parseMigrationUri } from '@vmig/channel';
 import {
@@ -8,18 +8,26 @@ import {
   GlobalStateDevice,
   GuestRam,
   InvalidArgumentError,
+  MigrationNotifiers,
   MigrationStats,
   PrecopyMigration,
   TimerDevice,
   toVmigError,
   type MigrationInfo,
+  type RuntimeParams,
 } from '@vmig/core';
 import { MultifdSender } from '@vmig/multifd';
-import { digestRam, fillRam, VcpuPool } from '@vmig/test-harness';
+import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
+import { ControlServer } from '../control.js';
+import { createLogger } from '../log.js';
 import { MIGRATE_OPTIONS, migrateSettings } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
+import { ProgressLine } from '../progress.js';
 import { resourceUsage } from '../resources.js';
+
+/** How long the source watches its writers after a failed or cancelled migration. */
+const RESUME_CHECK_MS = 200;
 
 export async function migrateCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('migrate', argv, MIGRATE_OPTIONS);
@@ -27,28 +35,67 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   const uri = parseMigrationUri(positionals[0]!);
   const s = migrateSettings(values);
   const out = new Output(s.json);
+  const log = createLogger(s.logLevel, 'source');
+
+  // Everything a control client can ask for; `mig` exists once the main channel is up.
+  const abort = new AbortController();
+  let mig: PrecopyMigration | undefined;
+  const stats = new MigrationStats();
+  const control = s.control
+    ? await ControlServer.listen(
+        s.control,
+        {
+          'query-migrate': () => (mig ? mig.stats.info() : { status: 'none' }),
+          'migrate-cancel': () => {
+            abort.abort();
+            return {};
+          },
+          'migrate-set-parameters': (args) => {
+            const p = runtimeParams(args);
+            if (mig) mig.setParameters(p);
+            else Object.assign(s.params, p);
+            return {};
+          },
+          'query-migrate-parameters': () => {
+            const p = mig?.parameters ?? s.params;
+            return { 'max-bandwidth': p.maxBandwidth, 'downtime-limit': p.downtimeLimitMs, 'auto-converge': p.autoConverge };
+          },
+        },
+        log,
+      )
+    : undefined;
+  if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
 
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
   const vcpus = await VcpuPool.start(ram, { writers: s.writers, dirtyRate: s.dirtyRate, pattern: s.pattern, hotPages: s.hotPages, seed: Number(s.seed) || 1 });
   out.event({ event: 'guest', ram: ram.totalBytes, writers: s.writers, dirtyRate: s.dirtyRate, fill: s.fill }, `vmig: guest of ${fmtBytes(ram.totalBytes)} (${s.fill}), ${s.writers} writer(s)`);
 
-  const abort = new AbortController();
   const onSignal = (): void => abort.abort();
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
+  const finish = async (code: number): Promise<number> => {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    await control?.close();
+    return code;
+  };
 
-  let info: MigrationInfo;
+  const failEarly = async (e: unknown): Promise<number> => {
+    const err = toVmigError(e, 'VMIG_ERR_CONNECT');
+    log.error({ err: err.toJSON() }, 'migration could not start');
+    await vcpus.terminate();
+    control?.event('MIGRATION', { status: 'failed' });
+    out.report({ role: 'source', status: 'failed', error: err.toJSON() }, `vmig: migration failed: ${err.message} [${err.code}]`);
+    return finish(1);
+  };
+
   let sock;
   try {
     sock = await connect(uri, { channel: 'main' });
   } catch (e) {
-    const err = toVmigError(e, 'VMIG_ERR_CONNECT');
-    await vcpus.terminate();
-    out.report({ role: 'source', status: 'failed', error: err.toJSON() }, `vmig: migration failed: ${err.message} [${err.code}]`);
-    return 1;
+    return failEarly(e);
   }
-  const stats = new MigrationStats();
   let multifd: MultifdSender | undefined;
   if (s.multifdChannels > 0) {
     try {
@@ -60,17 +107,24 @@ export async function migrateCommand(argv: string[]): Promise<number> {
         flushAfterEachSection: s.flushAfterEachSection,
       });
     } catch (e) {
-      const err = toVmigError(e, 'VMIG_ERR_CONNECT');
       sock.destroy();
-      await vcpus.terminate();
-      out.report({ role: 'source', status: 'failed', error: err.toJSON() }, `vmig: migration failed: ${err.message} [${err.code}]`);
-      return 1;
+      return failEarly(e);
     }
   }
   const sink = new BufferedWriter(sock, { channel: 'main' });
   const returnPath = new ByteReader(sock, { channel: 'return-path' });
-  const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
-  const mig = new PrecopyMigration({
+  const its = new ItsTableDevice(() => ram);
+  const devices = new DeviceRegistry()
+    .register(new TimerDevice())
+    .register(new GlobalStateDevice('running'))
+    .register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern })))
+    .register(its);
+  const notifiers = new MigrationNotifiers();
+  notifiers.precopy.add((e) => {
+    if (e.reason === 'AFTER_BITMAP_SYNC') control?.event('MIGRATION_PASS', { pass: stats.dirtySyncCount });
+  });
+  const progress = !s.json && process.stderr.isTTY ? new ProgressLine(ram.totalBytes) : undefined;
+  mig = new PrecopyMigration({
     ram,
     sink,
     stats,
@@ -80,32 +134,73 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     params: s.params,
     returnPath,
     signal: abort.signal,
-    onStatus: (i) => out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, `vmig: status ${i.status}`),
-    onProgress: (i) =>
-      out.event(
-        { event: 'progress', ...i },
-        `vmig: ${fmtBytes(i.ram.transferred)} sent, ${fmtBytes(i.ram.remaining)} dirty, ${i.ram.mbps.toFixed(0)} Mbit/s, round ${i.ram.dirtySyncCount}, expected downtime ${i.expectedDowntimeMs.toFixed(0)} ms`,
-      ),
+    notifiers,
+    log,
+    onStatus: (i) => {
+      if (i.status !== 'active') progress?.stop();
+      control?.event('MIGRATION', { status: i.status });
+      log.info({ status: i.status }, 'migration status');
+      out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, progress ? undefined : `vmig: status ${i.status}`);
+    },
+    onProgress: (i) => {
+      if (progress) progress.update(i);
+      else
+        out.event(
+          { event: 'progress', ...i },
+          `vmig: ${fmtBytes(i.ram.transferred)} sent, ${fmtBytes(i.ram.remaining)} dirty, ${i.ram.mbps.toFixed(0)} Mbit/s, round ${i.ram.dirtySyncCount}, throttle ${i.cpuThrottlePercentage}%, expected downtime ${i.expectedDowntimeMs.toFixed(0)} ms`,
+        );
+    },
   });
-  sock.on('error', (e) => mig.fail(e));
-  multifd?.onError((e) => mig.fail(e));
-  info = await mig.run();
-  process.off('SIGINT', onSignal);
-  process.off('SIGTERM', onSignal);
+  sock.on('error', (e) => mig?.fail(e));
+  multifd?.onError((e) => mig?.fail(e));
+  const info: MigrationInfo = await mig.run();
+  progress?.stop();
 
-  // After success the vCPUs stay stopped: RAM is exactly what was migrated.
+  // After success the vCPUs stay stopped: RAM is exactly what was migrated. After a failure
+  // or cancel they run again: check that they really do.
   const digest = info.status === 'completed' ? digestRam(ram).digest : undefined;
   sock.destroy();
   if (info.status === 'completed') await multifd?.close();
   else await multifd?.destroy();
+  let writersResumed: boolean | undefined;
+  if (info.status !== 'completed' && vcpus.count > 0 && s.dirtyRate > 0) {
+    const before = vcpus.writes;
+    await new Promise((r) => setTimeout(r, RESUME_CHECK_MS));
+    writersResumed = vcpus.writes !== before;
+  }
   const writes = vcpus.writes;
   await vcpus.terminate();
-  const report = { role: 'source', ...info, writes, resources: resourceUsage(), ...(digest ? { ramDigest: digest } : {}) };
+  const report = {
+    role: 'source',
+    ...info,
+    writes,
+    ...(writersResumed !== undefined ? { writersResumed } : {}),
+    devices: { 'vmig-its': its.flushed ?? null },
+    resources: resourceUsage(),
+    ...(digest ? { ramDigest: digest } : {}),
+  };
   out.report(
     report,
     info.status === 'completed'
       ? `vmig: migration completed: ${fmtBytes(info.ram.total)} in ${info.totalTimeMs.toFixed(0)} ms, downtime ${info.downtimeMs?.toFixed(1)} ms, ${info.ram.dirtySyncCount} sync(s), ${fmtBytes(info.ram.transferred)} sent, digest ${digest}`
-      : `vmig: migration ${info.status}: ${info.error?.message} [${info.error?.code}]`,
+      : `vmig: migration ${info.status}: ${info.error?.message} [${info.error?.code}]${writersResumed ? '; the guest keeps running here' : ''}`,
   );
-  return info.status === 'completed' ? 0 : 1;
+  return finish(info.status === 'completed' ? 0 : 1);
+}
+
+/** migrate-set-parameters arguments (QMP names), validated. */
+function runtimeParams(args: Record<string, unknown>): RuntimeParams {
+  const p: RuntimeParams = {};
+  for (const [k, v] of Object.entries(args)) {
+    if (k === 'max-bandwidth') {
+      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError('max-bandwidth must be an integer >= 0 (bytes per second)');
+      p.maxBandwidth = v;
+    } else if (k === 'downtime-limit') {
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 2_000_000) throw new InvalidArgumentError('downtime-limit must be an integer 1..2000000 (ms)');
+      p.downtimeLimitMs = v;
+    } else {
+      throw new InvalidArgumentError(`parameter '${k}' cannot be set (max-bandwidth, downtime-limit)`);
+    }
+  }
+  return p;
 }

@@ -14,6 +14,12 @@ export interface VmStateDevice {
   /** The oldest version this side can load. */
   readonly minimumVersionId: number;
   save(w: ByteWriter): void;
+  /**
+   * The completion hook (seed 002): called once the vCPUs are stopped and before the final
+   * bitmap sync, so a device can write its cached state into guest RAM (through
+   * RamBlock.writeGuest, which dirties the pages) and have it travel in the final pass.
+   */
+  flushToRam?(): void;
   load(s: StreamSource, versionId: number): Promise<void>;
 }
 

@@ -12,9 +12,12 @@ import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { MIG_CMD_OPEN_RETURN_PATH, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT, QEMU_VM_SECTION_FULL } from '../wire/constants.js';
 import { putCommand, putEof, putFileHeader, putRamMultifdFlush, putSectionFooter, putSectionFull, putVmDescription } from '../wire/main-stream.js';
 import { readRpMessage } from '../wire/return-path.js';
+import { MigrationNotifiers, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
+import { silentLogger, type Logger } from '../log.js';
+import { AutoConverge } from './auto-converge.js';
 import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
 import { RateLimiter } from './rate-limit.js';
-import type { MigrationStatus } from './state.js';
+import { isTerminal, type MigrationStatus } from './state.js';
 import { MigrationStats, type MigrationInfo } from './stats.js';
 
 /** vm_stop / vm_start as the migration thread sees them. */
@@ -23,6 +26,8 @@ export interface VmRunControl {
   stop(): Promise<void>;
   /** Lets the vCPUs run again (after a failed or cancelled migration). */
   resume(): void;
+  /** Auto-converge: the share of time (0..99 %) the vCPUs must sleep. */
+  setThrottle?(pct: number): void;
 }
 
 export interface MigrationParams {
@@ -33,6 +38,14 @@ export interface MigrationParams {
   zeroPageDetection: ZeroPageDetection;
   /** Name sent in the configuration section. */
   machineName: string;
+  /** The auto-converge capability. */
+  autoConverge: boolean;
+}
+
+/** What migrate-set-parameters may change while a migration runs. */
+export interface RuntimeParams {
+  maxBandwidth?: number;
+  downtimeLimitMs?: number;
 }
 
 export const DEFAULT_PARAMS: MigrationParams = {
@@ -40,6 +53,7 @@ export const DEFAULT_PARAMS: MigrationParams = {
   maxBandwidth: 0,
   zeroPageDetection: 'legacy',
   machineName: 'none',
+  autoConverge: false,
 };
 
 export interface PrecopyContext {
@@ -58,6 +72,9 @@ export interface PrecopyContext {
   /** About once a second while iterating. */
   onProgress?: (info: MigrationInfo) => void;
   signal?: AbortSignal | undefined;
+  /** Notifier chains; a fresh, empty set if omitted. */
+  notifiers?: MigrationNotifiers | undefined;
+  log?: Logger | undefined;
 }
 
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
@@ -75,9 +92,17 @@ export class PrecopyMigration {
   private readonly failure: Promise<never>;
   private rejectFailure!: (e: VmigError) => void;
   private shutStatus: Promise<number> | undefined;
+  readonly notifiers: MigrationNotifiers;
+  private readonly log: Logger;
+  private readonly params: MigrationParams;
+  private limiter: RateLimiter | undefined;
+  private autoConverge: AutoConverge | undefined;
 
   constructor(private readonly ctx: PrecopyContext) {
     this.stats = ctx.stats ?? new MigrationStats();
+    this.notifiers = ctx.notifiers ?? new MigrationNotifiers();
+    this.log = ctx.log ?? silentLogger;
+    this.params = { ...ctx.params };
     this.saver = new RamSaver(ctx.ram, this.stats, ctx.params.zeroPageDetection);
     if (ctx.multifd) this.saver.pageSender = ctx.multifd;
     this.stats.totalBytes = ctx.ram.totalBytes;
@@ -101,38 +126,112 @@ export class PrecopyMigration {
   private setStatus(s: MigrationStatus): void {
     this.stats.status = s;
     this.ctx.onStatus?.(this.stats.info());
+    this.notifyState({ type: 'status', status: s });
+  }
+
+  private notifyState(e: { type: 'setup' | 'status' | 'done' | 'failed'; status: string; error?: { code: string; message: string } }): void {
+    // A state notifier cannot change the migration's course; its errors are only logged.
+    for (const err of this.notifiers.state.notifyAll(e)) this.log.warn({ err: err.toJSON(), event: e.type }, 'migration state notifier failed');
+  }
+
+  /** migration_cancel: cancelling now, cancelled once everything is cleaned up. */
+  cancel(): void {
+    if (isTerminal(this.stats.status) || this.stats.status === 'cancelling' || this.stats.status === 'none') {
+      if (this.stats.status === 'none') this.cancelBeforeStart = true;
+      return;
+    }
+    this.setStatus('cancelling');
+    this.fail(new VmigError('VMIG_ERR_CANCELLED', 'migration cancelled'));
+  }
+  private cancelBeforeStart = false;
+
+  /** migrate-set-parameters while running. */
+  setParameters(p: RuntimeParams): void {
+    if (p.downtimeLimitMs !== undefined) this.params.downtimeLimitMs = p.downtimeLimitMs;
+    if (p.maxBandwidth !== undefined) {
+      this.params.maxBandwidth = p.maxBandwidth;
+      this.limiter?.setRate(p.maxBandwidth);
+    }
+  }
+
+  get parameters(): Readonly<MigrationParams> {
+    return this.params;
   }
 
   async run(): Promise<MigrationInfo> {
     const { ctx, stats } = this;
-    const onAbort = (): void => this.fail(new VmigError('VMIG_ERR_CANCELLED', 'migration cancelled'));
+    const onAbort = (): void => this.cancel();
     ctx.signal?.addEventListener('abort', onAbort, { once: true });
     stats.startTime = performance.now();
     this.setStatus('setup');
+    this.notifyState({ type: 'setup', status: 'setup' });
+    let outcome: 'completed' | 'failed' | 'cancelled' = 'completed';
     try {
-      if (ctx.signal?.aborted) onAbort();
+      if (ctx.signal?.aborted || this.cancelBeforeStart) this.cancel();
+      if (this.error) throw this.error;
       await this.setup();
       this.setStatus('active');
       await this.iterate();
       await this.complete();
       stats.endTime = performance.now();
-      this.setStatus('completed');
     } catch (e) {
       this.fail(e);
       stats.endTime = performance.now();
       stats.error = this.error!.toJSON();
+      outcome = this.error!.code === 'VMIG_ERR_CANCELLED' ? 'cancelled' : 'failed';
       // The source keeps running: its RAM was only read, never written.
+      ctx.vm.setThrottle?.(0);
       ctx.vm.resume();
-      this.setStatus(this.error!.code === 'VMIG_ERR_CANCELLED' ? 'cancelled' : 'failed');
     } finally {
       ctx.signal?.removeEventListener('abort', onAbort);
     }
+    // migration_cleanup: CLEANUP exactly once, on every path, before the final status.
+    this.stats.cpuThrottlePercentage = 0;
+    ctx.vm.setThrottle?.(0);
+    for (const err of this.notifiers.precopy.notifyAll({ reason: 'CLEANUP', status: outcome })) {
+      this.log.warn({ err: err.toJSON() }, 'precopy CLEANUP notifier failed');
+    }
+    this.setStatus(outcome);
+    this.notifyState(outcome === 'completed' ? { type: 'done', status: outcome } : { type: 'failed', status: outcome, error: stats.error });
     return stats.info();
   }
 
+  /** precopy_notify for the reasons whose errors are reported but do not stop anything. */
+  private notifyPrecopy(reason: PrecopyNotifyReason): void {
+    const err = this.notifiers.precopy.notify({ reason });
+    if (err) this.log.warn({ err: err.toJSON(), reason }, 'precopy notifier failed');
+  }
+
+  /**
+   * migration_bitmap_sync_precopy: the notifiers around a precopy sync (never the postcopy
+   * discard sync, which calls the saver directly), and auto-converge's check.
+   */
+  private bitmapSyncPrecopy(): number {
+    this.notifyPrecopy('BEFORE_BITMAP_SYNC');
+    const newly = this.saver.bitmapSync();
+    this.notifyPrecopy('AFTER_BITMAP_SYNC');
+    const ac = this.autoConverge;
+    if (ac) {
+      const pct = ac.onBitmapSync(newly, TARGET_PAGE_SIZE, this.writtenBytes(), performance.now());
+      if (pct !== undefined) {
+        this.stats.cpuThrottlePercentage = pct;
+        this.ctx.vm.setThrottle?.(pct);
+        this.log.info({ cpuThrottlePercentage: pct }, 'auto-converge: throttling vCPUs');
+      }
+    }
+    return newly;
+  }
+
   private async setup(): Promise<void> {
-    const { sink, returnPath, params } = this.ctx;
+    const { sink, returnPath } = this.ctx;
+    const params = this.params;
+    // qemu_savevm_state_setup: an error from a SETUP notifier fails the migration.
+    const vetoed = this.notifiers.precopy.notify({ reason: 'SETUP' });
+    if (vetoed) throw vetoed;
     this.saver.setup();
+    // ram_init_bitmaps: the first sync, right after logging started.
+    this.bitmapSyncPrecopy();
+    if (params.autoConverge) this.autoConverge = new AutoConverge(performance.now(), 0);
     putFileHeader(sink, params.machineName);
     if (returnPath) {
       putCommand(sink, MIG_CMD_OPEN_RETURN_PATH);
@@ -205,14 +304,15 @@ export class PrecopyMigration {
   }
 
   private async iterate(): Promise<void> {
-    const { sink, params } = this.ctx;
-    const { stats, saver } = this;
+    const { sink } = this.ctx;
+    const { stats, saver, params } = this;
     let periodStart = performance.now();
     // Bandwidth counts what the transports took, not what is queued in front of them.
     let periodBytes = this.flushedBytes();
     let periodPages = stats.normalPages + stats.zeroPages;
     let lastProgress = periodStart;
     const limiter = new RateLimiter(params.maxBandwidth, BANDWIDTH_PERIOD_MS, periodStart);
+    this.limiter = limiter;
     limiter.account(this.writtenBytes());
 
     for (;;) {
@@ -238,7 +338,7 @@ export class PrecopyMigration {
         // next (a page re-sent on another channel must not be overtaken by its old copy).
         if (this.unsynced) await this.barrierSection();
         // The scan wrapped or little is left: look at what the vCPUs dirtied since.
-        saver.bitmapSync();
+        this.bitmapSyncPrecopy();
         pending = saver.dirtyPages * TARGET_PAGE_SIZE;
         stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : 0;
         if (pending <= threshold) return;
@@ -298,8 +398,11 @@ export class PrecopyMigration {
     const bytesBefore = this.writtenBytes();
     await this.guard(vm.stop());
     if (this.error) throw this.error;
+    this.notifyPrecopy('COMPLETE');
+    // The completion hook: devices flush cached state into RAM now, before the final sync.
+    for (const d of devices.list()) d.flushToRam?.();
 
-    saver.bitmapSync();
+    this.bitmapSyncPrecopy();
     saver.writePartHeader(sink, RAM_SECTION_ID, true);
     while (saver.dirtyPages > 0) {
       saver.savePages(sink, SLICE_PAGES);

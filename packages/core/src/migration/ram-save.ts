@@ -108,6 +108,25 @@ export class RamSaver implements PageSender {
     return newly;
   }
 
+  /**
+   * Drops pages from the migration bitmap (free page hints; see lifecycle/free-page-hint.ts
+   * for why the dirty log is left alone). Returns how many were set. Migration thread only.
+   */
+  discardFreePages(idstr: string, startPage: number, npages: number): number {
+    const idx = this.ram.blocks.findIndex((b) => b.idstr === idstr);
+    const block = this.ram.blocks[idx];
+    if (!block) throw new RangeError(`free page hint for unknown block '${idstr}'`);
+    if (!Number.isInteger(startPage) || !Number.isInteger(npages) || startPage < 0 || npages < 0 || startPage + npages > block.pages) {
+      throw new RangeError(`free page hint [${startPage}, +${npages}) outside block '${idstr}' (${block.pages} pages)`);
+    }
+    const bitmap = this.bitmaps[idx]!;
+    let n = 0;
+    for (let p = startPage; p < startPage + npages; p++) if (bitmap.testAndClear(p)) n++;
+    this.dirtyPages -= n;
+    this.stats.remainingPages = this.dirtyPages;
+    return n;
+  }
+
   writeSetupSection(w: ByteWriter, sectionId: number): void {
     putSectionFull(w, QEMU_VM_SECTION_START, { sectionId, idstr: RAM_SECTION_IDSTR, instanceId: 0, versionId: RAM_SECTION_VERSION });
     putRamMemSize(w, this.ram.blocks);

@@ -8,12 +8,20 @@ export class RateLimiter {
   private last: number;
 
   constructor(
-    private readonly bytesPerSecond: number,
+    private bytesPerSecond: number,
     private readonly periodMs = 100,
     now = performance.now(),
   ) {
     this.tokens = (bytesPerSecond * periodMs) / 1000;
     this.last = now;
+  }
+
+  /** migrate-set-parameters max-bandwidth, while running: takes effect from now. */
+  setRate(bytesPerSecond: number, now = performance.now()): void {
+    this.refill(now);
+    this.bytesPerSecond = bytesPerSecond;
+    const cap = (bytesPerSecond * this.periodMs) / 1000;
+    this.tokens = Math.min(cap, this.tokens);
   }
 
   get unlimited(): boolean {

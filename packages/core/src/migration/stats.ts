@@ -27,6 +27,8 @@ export interface MigrationInfo {
   setupTimeMs: number;
   downtimeMs?: number;
   expectedDowntimeMs: number;
+  /** cpu-throttle-percentage (auto-converge). */
+  cpuThrottlePercentage: number;
   ram: RamStats;
   error?: { code: string; message: string };
 }
@@ -53,6 +55,7 @@ export class MigrationStats {
   precopyBytes = 0;
   downtimeBytes = 0;
   multifdBytes = 0;
+  cpuThrottlePercentage = 0;
   error: { code: string; message: string } | undefined;
 
   info(now = performance.now()): MigrationInfo {
@@ -62,6 +65,7 @@ export class MigrationStats {
       totalTimeMs: round(this.startTime ? end - this.startTime : 0),
       setupTimeMs: round(this.setupTimeMs),
       expectedDowntimeMs: round(this.expectedDowntimeMs),
+      cpuThrottlePercentage: this.cpuThrottlePercentage,
       ram: {
         transferred: this.transferred,
         remaining: this.remainingPages * TARGET_PAGE_SIZE,

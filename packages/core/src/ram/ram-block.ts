@@ -79,6 +79,21 @@ export class RamBlock {
     return { idstr: this.idstr, usedLength: this.usedLength, host: this.hostSab, dirtyLog: this.dirtyLog.sab };
   }
 
+  /**
+   * A write from the migration thread on the guest's behalf (a device flushing cached state
+   * into RAM). Same order as a vCPU write (dirty-sync.ts): the data first, then the dirty-log
+   * bit of every page it touched, so the next bitmap sync resends them.
+   */
+  writeGuest(offset: number, data: Uint8Array): void {
+    if (!Number.isInteger(offset) || offset < 0 || offset + data.length > this.usedLength) {
+      throw new RangeError(`write of ${data.length} bytes at ${offset} outside block '${this.idstr}' (${this.usedLength} bytes)`);
+    }
+    if (data.length === 0) return;
+    this.host.set(data, offset);
+    const last = Math.floor((offset + data.length - 1) / TARGET_PAGE_SIZE);
+    for (let p = Math.floor(offset / TARGET_PAGE_SIZE); p <= last; p++) this.dirtyLog.set(p);
+  }
+
   /** A view of page `page` (no copy). */
   page(page: number): Uint8Array {
     const off = page * TARGET_PAGE_SIZE;

@@ -1,0 +1,114 @@
+/**
+ * The test guest's own devices, carried in FULL sections as msgpack (core's MsgpackDevice):
+ *
+ * - `vmig-vcpus`: what the writers were doing (count, writes, pattern), so the destination
+ *   can report the guest it received.
+ * - `vmig-its`: a device in the style of seed 002's ARM ITS: it keeps a translation table
+ *   cached outside guest RAM and flushes it into guest RAM in the completion hook (vCPUs
+ *   stopped, final bitmap sync not yet done). Its section says where the table is and which
+ *   generation was flushed; the destination checks that exactly that table is in its RAM,
+ *   which proves the hook's writes travelled in the final pass.
+ */
+import { createHash } from 'node:crypto';
+import { type GuestRam, MsgpackDevice, TARGET_PAGE_SIZE } from '@vmig/core';
+
+export interface VcpuState {
+  writers: number;
+  writes: number;
+  pattern: string;
+}
+
+export class VcpuStateDevice extends MsgpackDevice<VcpuState> {
+  readonly idstr = 'vmig-vcpus';
+  readonly instanceId = 0;
+  readonly minimumVersionId = 1;
+  loaded: VcpuState | undefined;
+
+  constructor(
+    private readonly current: () => VcpuState,
+    readonly versionId = 1,
+  ) {
+    super();
+  }
+
+  protected saveState(): VcpuState {
+    return this.current();
+  }
+
+  protected loadState(s: unknown): void {
+    const v = s as Partial<VcpuState> | null;
+    if (!v || typeof v.writers !== 'number' || typeof v.writes !== 'number' || typeof v.pattern !== 'string') throw new Error('malformed vCPU state');
+    this.loaded = { writers: v.writers, writes: v.writes, pattern: v.pattern };
+  }
+}
+
+const ITS_MAGIC = Buffer.from('VMIG-ITS');
+const ITS_TABLE_BYTES = 1024;
+
+export interface ItsState {
+  block: string;
+  offset: number;
+  generation: number;
+  /** sha256 of the table bytes, hex. */
+  tableHash: string;
+}
+
+/** The table a generation produces: magic, generation, then entries derived from it. */
+function itsTable(generation: number): Buffer {
+  const t = Buffer.alloc(ITS_TABLE_BYTES);
+  ITS_MAGIC.copy(t, 0);
+  t.writeUInt32BE(generation >>> 0, 8);
+  for (let i = 16; i < ITS_TABLE_BYTES; i += 4) t.writeUInt32BE(Math.imul(generation ^ i, 2654435761) >>> 0, i);
+  return t;
+}
+
+export class ItsTableDevice extends MsgpackDevice<ItsState> {
+  readonly idstr = 'vmig-its';
+  readonly instanceId = 0;
+  readonly versionId = 1;
+  readonly minimumVersionId = 1;
+  /** Source: the last flush. Destination: whether RAM holds the table the section names. */
+  flushed: ItsState | undefined;
+  tableInRam: boolean | undefined;
+
+  /** `ram` is a getter: the destination may create its RAM from the stream. */
+  constructor(private readonly ram: () => GuestRam | undefined) {
+    super();
+  }
+
+  /** Where the table lives: the last page of the last block. */
+  private location(): { block: string; offset: number } {
+    const ram = this.ram()!;
+    const b = ram.blocks[ram.blocks.length - 1]!;
+    return { block: b.idstr, offset: b.usedLength - TARGET_PAGE_SIZE };
+  }
+
+  flushToRam(): void {
+    // A generation nobody could have written before the stop.
+    const generation = (Date.now() ^ (process.pid << 8)) >>> 0;
+    const table = itsTable(generation);
+    const { block, offset } = this.location();
+    this.ram()!.find(block)!.writeGuest(offset, table);
+    this.flushed = { block, offset, generation, tableHash: createHash('sha256').update(table).digest('hex') };
+  }
+
+  protected saveState(): ItsState {
+    // Without a flush (no completion yet) there is no table to describe.
+    return this.flushed ?? { block: '', offset: 0, generation: 0, tableHash: '' };
+  }
+
+  protected loadState(s: unknown): void {
+    const v = s as Partial<ItsState> | null;
+    if (!v || typeof v.block !== 'string' || typeof v.offset !== 'number' || typeof v.generation !== 'number' || typeof v.tableHash !== 'string') {
+      throw new Error('malformed ITS state');
+    }
+    this.flushed = { block: v.block, offset: v.offset, generation: v.generation, tableHash: v.tableHash };
+    const b = this.ram()?.find(v.block);
+    if (!b || !Number.isInteger(v.offset) || v.offset < 0 || v.offset + ITS_TABLE_BYTES > b.usedLength) {
+      this.tableInRam = false;
+      return;
+    }
+    const inRam = b.host.subarray(v.offset, v.offset + ITS_TABLE_BYTES);
+    this.tableInRam = createHash('sha256').update(inRam).digest('hex') === v.tableHash && Buffer.compare(Buffer.from(inRam), itsTable(v.generation)) === 0;
+  }
+}
