@@ -110,6 +110,14 @@ export class VcpuPool implements VmRunControl {
     return n;
   }
 
+  /**
+   * Writes writer `i` has completed. Its writes are numbered from 0 in their stamps, so a
+   * write stamped `seq >= writesOf(i) + 1` began after this call returned.
+   */
+  writesOf(i: number): number {
+    return Atomics.load(this.ctl, WRITES_BASE + i) >>> 0;
+  }
+
   /** Ends every writer and waits for the threads to exit. */
   async terminate(): Promise<void> {
     Atomics.store(this.ctl, RUN_STATE, STATE_EXIT);

@@ -185,8 +185,8 @@ export class PrecopyMigration {
     } finally {
       ctx.signal?.removeEventListener('abort', onAbort);
     }
-    // migration_cleanup: CLEANUP exactly once, on every path, before the final status.
-    this.stats.cpuThrottlePercentage = 0;
+    // migration_cleanup: CLEANUP exactly once, on every path, before the final status. The
+    // vCPUs run unthrottled again; the stats keep the throttle the migration ended with.
     ctx.vm.setThrottle?.(0);
     for (const err of this.notifiers.precopy.notifyAll({ reason: 'CLEANUP', status: outcome })) {
       this.log.warn({ err: err.toJSON() }, 'precopy CLEANUP notifier failed');
