@@ -115,7 +115,7 @@ export class ControlServer {
       this.reply(sock, { return: cmd(args as Record<string, unknown>) ?? {}, ...id });
     } catch (e) {
       const desc = e instanceof Error ? e.message : String(e);
-      if (!(e instanceof InvalidArgumentError)) this.log.warn({ err: desc, command: r.execute }, 'control command failed');
+      if (!(e instanceof InvalidArgumentError)) this.log.warn({ error: desc, command: r.execute }, 'control command failed');
       this.reply(sock, { error: { class: 'GenericError', desc }, ...id });
     }
   }

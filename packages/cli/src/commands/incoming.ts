@@ -187,7 +187,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     mainSock?.destroy();
     await listener.close().catch(() => {});
     await receiver?.close(0);
-    log.error({ err: err.toJSON() }, 'incoming migration failed');
+    log.error({ error: err.toJSON() }, 'incoming migration failed');
     out.report(
       { role: 'destination', status: 'failed', totalTimeMs: round(performance.now() - start), error: err.toJSON() },
       `vmig: incoming migration failed: ${err.message} [${err.code}]`,

@@ -83,7 +83,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
 
   const failEarly = async (e: unknown): Promise<number> => {
     const err = toVmigError(e, 'VMIG_ERR_CONNECT');
-    log.error({ err: err.toJSON() }, 'migration could not start');
+    log.error({ error: err.toJSON() }, 'migration could not start');
     await vcpus.terminate();
     control?.event('MIGRATION', { status: 'failed' });
     out.report({ role: 'source', status: 'failed', error: err.toJSON() }, `vmig: migration failed: ${err.message} [${err.code}]`);

@@ -131,7 +131,7 @@ export class PrecopyMigration {
 
   private notifyState(e: { type: 'setup' | 'status' | 'done' | 'failed'; status: string; error?: { code: string; message: string } }): void {
     // A state notifier cannot change the migration's course; its errors are only logged.
-    for (const err of this.notifiers.state.notifyAll(e)) this.log.warn({ err: err.toJSON(), event: e.type }, 'migration state notifier failed');
+    for (const err of this.notifiers.state.notifyAll(e)) this.log.warn({ error: err.toJSON(), event: e.type }, 'migration state notifier failed');
   }
 
   /** migration_cancel: cancelling now, cancelled once everything is cleaned up. */
@@ -189,7 +189,7 @@ export class PrecopyMigration {
     // vCPUs run unthrottled again; the stats keep the throttle the migration ended with.
     ctx.vm.setThrottle?.(0);
     for (const err of this.notifiers.precopy.notifyAll({ reason: 'CLEANUP', status: outcome })) {
-      this.log.warn({ err: err.toJSON() }, 'precopy CLEANUP notifier failed');
+      this.log.warn({ error: err.toJSON() }, 'precopy CLEANUP notifier failed');
     }
     this.setStatus(outcome);
     this.notifyState(outcome === 'completed' ? { type: 'done', status: outcome } : { type: 'failed', status: outcome, error: stats.error });
@@ -199,7 +199,7 @@ export class PrecopyMigration {
   /** precopy_notify for the reasons whose errors are reported but do not stop anything. */
   private notifyPrecopy(reason: PrecopyNotifyReason): void {
     const err = this.notifiers.precopy.notify({ reason });
-    if (err) this.log.warn({ err: err.toJSON(), reason }, 'precopy notifier failed');
+    if (err) this.log.warn({ error: err.toJSON(), reason }, 'precopy notifier failed');
   }
 
   /**

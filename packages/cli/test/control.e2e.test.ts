@@ -1,0 +1,174 @@
+/**
+ * Lifecycle through the real CLI: auto-converge, the control socket, cancel and a peer kill
+ * leaving the source running, structured logs.
+ */
+import { mkdtempSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { runMigrationPair, spawnCli } from '@vmig/test-harness';
+import { CLI_MAIN } from './cli.js';
+
+type Json = Record<string, any>;
+
+/** A line-oriented JSON client for the control socket. */
+class ControlClient {
+  private readonly lines: Json[] = [];
+  private waiters: { pred: (l: Json) => boolean; resolve: (l: Json) => void }[] = [];
+  private nextId = 1;
+  private constructor(private readonly sock: net.Socket) {
+    let partial = '';
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      partial += d;
+      let nl: number;
+      while ((nl = partial.indexOf('\n')) >= 0) {
+        const line = JSON.parse(partial.slice(0, nl)) as Json;
+        partial = partial.slice(nl + 1);
+        this.lines.push(line);
+        this.waiters = this.waiters.filter((w) => (w.pred(line) ? (w.resolve(line), false) : true));
+      }
+    });
+  }
+
+  static async connect(path: string): Promise<ControlClient> {
+    const sock = net.connect(path);
+    await new Promise<void>((r, j) => sock.once('connect', r).once('error', j));
+    return new ControlClient(sock);
+  }
+
+  waitFor(pred: (l: Json) => boolean, ms = 60_000): Promise<Json> {
+    const seen = this.lines.find(pred);
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`control: timed out; got ${JSON.stringify(this.lines.slice(-5))}`)), ms);
+      this.waiters.push({ pred, resolve: (l) => (clearTimeout(t), resolve(l)) });
+    });
+  }
+
+  raw(text: string): void {
+    this.sock.write(text + '\n');
+  }
+
+  async execute(name: string, args?: Json): Promise<Json> {
+    const id = this.nextId++;
+    this.raw(JSON.stringify({ execute: name, ...(args ? { arguments: args } : {}), id }));
+    return this.waitFor((l) => l['id'] === id);
+  }
+
+  events(name: string): Json[] {
+    return this.lines.filter((l) => l['event'] === name);
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+describe('convergence and control', () => {
+  it('a workload that cannot converge converges with --auto-converge; digests equal', async () => {
+    const { source, destination } = await runMigrationPair(
+      CLI_MAIN,
+      ['--ram', '32M'],
+      ['--ram', '32M', '--writers', '2', '--dirty-rate', '12M', '--max-bandwidth', '8M', '--downtime-limit', '100', '--auto-converge'],
+    );
+    expect(source.report?.['status'], JSON.stringify(source.report?.['error'])).toBe('completed');
+    expect(destination.report?.['status']).toBe('completed');
+    expect(destination.report?.['ramDigest']).toBe(source.report?.['ramDigest']);
+    // It took throttling to get there.
+    expect(source.report?.['cpuThrottlePercentage']).toBeGreaterThanOrEqual(20);
+    const progress = source.lines.filter((l) => l['event'] === 'progress').map((l) => l['cpuThrottlePercentage'] as number);
+    expect(progress.some((p) => p >= 20)).toBe(true);
+  });
+
+  it('control socket: greeting, query-migrate, set parameters, errors, pass events, cancel; the source keeps running', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vmig-ctl-'));
+    const path = join(dir, 'ctl.sock');
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--ram', '64M']);
+    const listening = await dst.waitFor((l) => l['event'] === 'listening');
+    const src = spawnCli(CLI_MAIN, [
+      'migrate', String(listening['uri']), '--json', '--ram', '64M', '--writers', '2', '--dirty-rate', '64M',
+      '--max-bandwidth', '8M', '--downtime-limit', '50', '--control', `unix:${path}`, '--log-level', 'info',
+    ]);
+    await src.waitFor((l) => l['event'] === 'control');
+    const c = await ControlClient.connect(path);
+    const greeting = await c.waitFor((l) => 'QMP' in l);
+    expect(greeting['QMP']).toBeDefined();
+    expect((await c.execute('qmp_capabilities'))['return']).toEqual({});
+    await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'active');
+
+    const q = await c.execute('query-migrate');
+    expect(q['return'].status).toBe('active');
+    expect(q['return'].ram.total).toBe(64 << 20);
+
+    expect((await c.execute('migrate-set-parameters', { 'max-bandwidth': 16 << 20, 'downtime-limit': 20 }))['return']).toEqual({});
+    expect((await c.execute('query-migrate-parameters'))['return']).toMatchObject({ 'max-bandwidth': 16 << 20, 'downtime-limit': 20 });
+    expect((await c.execute('migrate-set-parameters', { 'downtime-limit': -5 }))['error'].class).toBe('GenericError');
+    expect((await c.execute('migrate-set-parameters', { 'multifd-channels': 4 }))['error'].desc).toContain('cannot be set');
+    expect((await c.execute('teleport'))['error'].class).toBe('CommandNotFound');
+    c.raw('{not json');
+    await c.waitFor((l) => l['error']?.desc === 'request is not valid JSON');
+
+    await c.waitFor((l) => l['event'] === 'MIGRATION_PASS' && l['data'].pass >= 2);
+    expect((await c.execute('migrate-cancel'))['return']).toEqual({});
+    await c.waitFor((l) => l['event'] === 'MIGRATION' && l['data'].status === 'cancelled');
+    const statuses = c.events('MIGRATION').map((e) => e['data'].status);
+    expect(statuses.slice(-2)).toEqual(['cancelling', 'cancelled']);
+    c.close();
+
+    const run = await src.done;
+    expect(run.code).toBe(1);
+    expect(run.report?.['status']).toBe('cancelled');
+    expect((run.report?.['error'] as Json).code).toBe('VMIG_ERR_CANCELLED');
+    // The guest runs on at the source after the cancel.
+    expect(run.report?.['writersResumed']).toBe(true);
+    // Logs are structured (pino JSON on stderr).
+    const logs = run.stderr.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Json);
+    expect(logs.some((l) => l['msg'] === 'migration status' && l['status'] === 'cancelled' && l['role'] === 'source')).toBe(true);
+    const d = await dst.done;
+    expect(d.code).toBe(1);
+    expect(d.report?.['status']).toBe('failed');
+  });
+
+  it('SIGTERM cancels: status events cancelling then cancelled, writers resume', async () => {
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--ram', '64M']);
+    const listening = await dst.waitFor((l) => l['event'] === 'listening');
+    const src = spawnCli(CLI_MAIN, ['migrate', String(listening['uri']), '--json', '--ram', '64M', '--writers', '2', '--max-bandwidth', '8M']);
+    await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'active');
+    src.child.kill('SIGTERM');
+    const run = await src.done;
+    expect(run.code).toBe(1);
+    const statuses = run.lines.filter((l) => l['event'] === 'status').map((l) => l['status']);
+    expect(statuses.slice(-2)).toEqual(['cancelling', 'cancelled']);
+    expect(run.report?.['writersResumed']).toBe(true);
+    expect((await dst.done).code).toBe(1);
+  });
+
+  it('the destination killed: the source fails, its writers keep running, it exits promptly', async () => {
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--ram', '64M', '--multifd-channels', '2']);
+    const listening = await dst.waitFor((l) => l['event'] === 'listening');
+    const src = spawnCli(CLI_MAIN, ['migrate', String(listening['uri']), '--json', '--ram', '64M', '--writers', '2', '--max-bandwidth', '8M', '--multifd-channels', '2']);
+    await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'active');
+    dst.child.kill('SIGKILL');
+    const killedAt = performance.now();
+    const run = await src.done;
+    expect(run.code).toBe(1);
+    expect(run.report?.['status']).toBe('failed');
+    expect(run.report?.['writersResumed']).toBe(true);
+    // Exits on its own (no leaked worker or socket keeps it alive); generous bound for CI.
+    expect(performance.now() - killedAt).toBeLessThan(20_000);
+  });
+
+  it('a control address already in use is a clear error', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vmig-ctl-'));
+    const path = join(dir, 'busy.sock');
+    const busy = net.createServer().listen(path);
+    await new Promise((r) => busy.once('listening', r));
+    const src = spawnCli(CLI_MAIN, ['migrate', 'tcp:127.0.0.1:1', '--ram', '1M', '--control', `unix:${path}`]);
+    const run = await src.done;
+    busy.close();
+    expect(run.code).toBe(1);
+    expect(run.stderr).toContain('VMIG_ERR_CONTROL');
+  });
+});
