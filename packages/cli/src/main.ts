@@ -7,6 +7,8 @@ import { benchCommand } from './commands/bench.js';
 import { demoCommand } from './commands/demo.js';
 import { incomingCommand } from './commands/incoming.js';
 import { migrateCommand } from './commands/migrate.js';
+import { restoreCommand } from './commands/restore.js';
+import { snapshotCommand } from './commands/snapshot.js';
 
 const USAGE = `usage: vmig <command> [flags]
 
@@ -14,6 +16,8 @@ commands:
   incoming URI        be the destination: listen on URI, load one migration
   migrate URI         be the source: build a guest (RAM + writers), migrate it to URI
   demo                both ends as two processes on loopback, verified by RAM digest
+  snapshot FILE       background snapshot of a running guest into FILE (QEMU stream format)
+  restore FILE        load a snapshot file into fresh RAM, report its digest
   bench               benchmark scenarios (JSON lines); --list, --scenario NAME, --ram SIZE
   help                this text
 
@@ -25,6 +29,8 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<number>> = {
   migrate: migrateCommand,
   demo: demoCommand,
   bench: benchCommand,
+  snapshot: snapshotCommand,
+  restore: restoreCommand,
 };
 
 async function main(argv: string[]): Promise<number> {

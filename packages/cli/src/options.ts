@@ -121,3 +121,95 @@ export function migrateSettings(v: Values): MigrateSettings {
     control: control === undefined ? undefined : formatMigrationUri(parseMigrationUri(control)),
   };
 }
+
+/** `vmig snapshot FILE`: the guest flags of `migrate`, the snapshot's own, and flags it refuses. */
+export const SNAPSHOT_OPTIONS = {
+  ram: { type: 'string' },
+  'ram-block': { type: 'string', multiple: true },
+  fill: { type: 'string' },
+  seed: { type: 'string' },
+  writers: { type: 'string' },
+  'dirty-rate': { type: 'string' },
+  pattern: { type: 'string' },
+  'hot-pages': { type: 'string' },
+  'zero-page-detection': { type: 'string' },
+  'snapshot-cow-buffer': { type: 'string' },
+  verify: { type: 'boolean' },
+  json: { type: 'boolean' },
+  'log-level': { type: 'string' },
+  // Known so that they are refused with a reason rather than as unknown flags.
+  postcopy: { type: 'boolean' },
+  'auto-converge': { type: 'boolean' },
+  'multifd-channels': { type: 'string' },
+  'multifd-compression': { type: 'string' },
+} as const;
+
+export const RESTORE_OPTIONS = {
+  'dump-ram': { type: 'string' },
+  json: { type: 'boolean' },
+  'log-level': { type: 'string' },
+} as const;
+
+export interface SnapshotSettings {
+  file: string;
+  ram: RamSpec[];
+  fill: FillPattern;
+  seed: string;
+  writers: number;
+  dirtyRate: number;
+  pattern: WritePattern;
+  hotPages: number;
+  zeroPages: boolean;
+  /** Copy-on-write buffer in pages; 0 = blocking write faults only. */
+  cowBufferPages: number;
+  verify: boolean;
+  json: boolean;
+  logLevel: LogLevel;
+}
+
+/** Where a snapshot goes: `file:PATH` or a plain path; never a migration URI. */
+export function parseSnapshotFile(arg: string): string {
+  if (arg.startsWith('file:')) {
+    if (arg.length === 5) throw new InvalidArgumentError("snapshot: empty path in 'file:'");
+    return arg.slice(5);
+  }
+  const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(arg);
+  if (scheme && ['tcp', 'unix', 'exec', 'fd', 'rdma', 'vsock'].includes(scheme[1]!.toLowerCase())) {
+    throw new InvalidArgumentError(`snapshot: '${arg}' is a migration URI; a snapshot is written to a file (PATH or file:PATH)`);
+  }
+  if (!arg) throw new InvalidArgumentError('snapshot: empty file name');
+  return arg;
+}
+
+export function snapshotSettings(file: string, v: Values): SnapshotSettings {
+  if (v['postcopy']) throw new InvalidArgumentError('--postcopy makes no sense with a background snapshot (there is no destination to run)');
+  if (v['auto-converge']) throw new InvalidArgumentError('--auto-converge makes no sense with a background snapshot (one pass, no dirty tracking)');
+  if (v['multifd-channels'] !== undefined || v['multifd-compression'] !== undefined) {
+    throw new InvalidArgumentError('--multifd-channels/--multifd-compression: a background snapshot is written to one file, not over multifd channels');
+  }
+  const ram = parseRamSpecs(str(v, 'ram'), v['ram-block'] as string[] | undefined);
+  if (!ram) throw new InvalidArgumentError('snapshot: --ram SIZE (or --ram-block NAME=SIZE) is required');
+  const writers = str(v, 'writers') === undefined ? 0 : parseIntFlag('writers', str(v, 'writers')!, 0, 64);
+  const dirtyRate = str(v, 'dirty-rate') === undefined ? (writers > 0 ? 16 << 20 : 0) : parseSize('dirty-rate', str(v, 'dirty-rate')!);
+  if (dirtyRate > 0 && writers === 0) throw new InvalidArgumentError('--dirty-rate needs --writers N (N >= 1)');
+  const zpd = parseChoice('zero-page-detection', str(v, 'zero-page-detection') ?? 'legacy', ['none', 'legacy'] as const);
+  const cow = str(v, 'snapshot-cow-buffer');
+  const cowBytes = cow === undefined ? 0 : parseSize('snapshot-cow-buffer', cow);
+  if (cowBytes % 4096 !== 0) throw new InvalidArgumentError('--snapshot-cow-buffer must be a multiple of 4K');
+  if (cowBytes > 4 * 2 ** 30) throw new InvalidArgumentError('--snapshot-cow-buffer: at most 4G');
+  return {
+    file: parseSnapshotFile(file),
+    ram,
+    fill: str(v, 'fill') === undefined ? 'random' : parseChoice('fill', str(v, 'fill')!, FILL_PATTERNS),
+    seed: str(v, 'seed') ?? '1',
+    writers,
+    dirtyRate,
+    pattern: str(v, 'pattern') === undefined ? 'uniform' : parseChoice('pattern', str(v, 'pattern')!, ['uniform', 'hot'] as const),
+    hotPages: str(v, 'hot-pages') === undefined ? 64 : parseIntFlag('hot-pages', str(v, 'hot-pages')!, 1, 1 << 30),
+    zeroPages: zpd === 'legacy',
+    cowBufferPages: cowBytes / 4096,
+    verify: v['verify'] === true,
+    json: v['json'] === true,
+    logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
+  };
+}

@@ -21,3 +21,6 @@ export * from './devices/msgpack-device.js';
 export * from './lifecycle/notifiers.js';
 export * from './lifecycle/free-page-hint.js';
 export * from './migration/auto-converge.js';
+export * from './migration/device-sections.js';
+export * from './snapshot/write-protect.js';
+export * from './snapshot/background-snapshot.js';

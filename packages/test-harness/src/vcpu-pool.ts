@@ -3,7 +3,7 @@
  * protocol in vcpu-control.ts. Implements core's VmRunControl (vm_stop / vm_start).
  */
 import { Worker } from 'node:worker_threads';
-import { type GuestRam, InvalidArgumentError, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl } from '@vmig/core';
+import { type GuestRam, InvalidArgumentError, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl, type WriteProtectShared } from '@vmig/core';
 import { controlBytes, PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 
 
@@ -17,6 +17,8 @@ export interface WriterOptions {
   /** Size of the hot set, in pages. */
   hotPages?: number;
   seed?: number;
+  /** Background snapshot: writers check this write-protect map before each write. */
+  writeProtect?: WriteProtectShared;
 }
 
 /** What each writer worker receives (SABs are shared, not copied). */
@@ -28,6 +30,7 @@ export interface WriterConfig {
   pattern: WritePattern;
   hotPages: number;
   seed: number;
+  writeProtect?: WriteProtectShared | undefined;
 }
 
 export class VcpuPool implements VmRunControl {
@@ -56,6 +59,7 @@ export class VcpuPool implements VmRunControl {
         pattern: opts.pattern ?? 'uniform',
         hotPages: opts.hotPages ?? 64,
         seed: opts.seed ?? 1,
+        writeProtect: opts.writeProtect,
       };
       workers.push(new Worker(workerUrl(import.meta.url, 'vcpu-writer.worker.js'), { workerData: cfg }));
     }

@@ -8,7 +8,7 @@
  * (see core/migration/dirty-sync.ts for the other half of this pairing).
  */
 import { workerData } from 'node:worker_threads';
-import { GuestRam, TARGET_PAGE_SIZE } from '@vmig/core';
+import { GuestRam, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core';
 import { xorshift } from './fill.js';
 import { PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 import type { WriterConfig } from './vcpu-pool.js';
@@ -24,6 +24,8 @@ const hotPages = Math.max(1, Math.min(cfg.hotPages, totalPages));
 const hotStride = Math.max(1, Math.floor(totalPages / hotPages));
 const SLOT_WORDS = 16; // 64 bytes
 const SLOTS = TARGET_PAGE_SIZE / 64;
+// Background snapshot: every write first asks the write-protect map (core/snapshot/write-protect.ts).
+const writeProtect = cfg.writeProtect ? new WriteProtectVcpu(cfg.writeProtect, cfg.index) : undefined;
 
 function locate(globalPage: number): [number, number] {
   let p = globalPage;
@@ -41,7 +43,9 @@ function pickPage(): number {
 
 let seq = 0;
 function writeOnce(): void {
-  const [b, page] = locate(pickPage());
+  const globalPage = pickPage();
+  const [b, page] = locate(globalPage);
+  writeProtect?.beforeWrite(globalPage, blocks[b]!.page(page));
   const slot = seq % SLOTS;
   const base = ((page * TARGET_PAGE_SIZE) >>> 2) + slot * SLOT_WORDS;
   const w = words[b]!;

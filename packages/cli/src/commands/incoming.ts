@@ -4,7 +4,6 @@
  * migration stream into guest RAM, replies on the return path, reports the loaded RAM's
  * digest, exits.
  */
-import { open } from 'node:fs/promises';
 import type net from 'node:net';
 import { ByteReader, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, type Listener } from '@vmig/channel';
 import {
@@ -26,6 +25,7 @@ import {
 import { MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultifdReceiver } from '@vmig/multifd';
 import { digestRam, ItsTableDevice, VcpuStateDevice } from '@vmig/test-harness';
 import { createLogger } from '../log.js';
+import { dumpRam } from '../dump-ram.js';
 import { INCOMING_OPTIONS, sharedSettings } from '../options.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
@@ -193,16 +193,6 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       `vmig: incoming migration failed: ${err.message} [${err.code}]`,
     );
     return 1;
-  }
-}
-
-/** --dump-ram FILE: the received RAM, blocks in stream order. */
-async function dumpRam(ram: GuestRam, file: string): Promise<void> {
-  const fh = await open(file, 'w');
-  try {
-    for (const b of ram.blocks) await fh.write(b.host);
-  } finally {
-    await fh.close();
   }
 }
 

@@ -9,8 +9,9 @@ import { VmigError, toVmigError } from '../errors.js';
 import { EndOfStream, type StreamSink, type StreamSource } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
-import { MIG_CMD_OPEN_RETURN_PATH, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT, QEMU_VM_SECTION_FULL } from '../wire/constants.js';
-import { putCommand, putEof, putFileHeader, putRamMultifdFlush, putSectionFooter, putSectionFull, putVmDescription } from '../wire/main-stream.js';
+import { MIG_CMD_OPEN_RETURN_PATH, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT } from '../wire/constants.js';
+import { putCommand, putFileHeader, putRamMultifdFlush } from '../wire/main-stream.js';
+import { putDeviceSectionsAndEof } from './device-sections.js';
 import { readRpMessage } from '../wire/return-path.js';
 import { MigrationNotifiers, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -412,17 +413,7 @@ export class PrecopyMigration {
     await this.multifdSync(true);
     saver.writeSectionEnd(sink, RAM_SECTION_ID);
 
-    const descs: unknown[] = [];
-    let sectionId = RAM_SECTION_ID + 1;
-    for (const d of devices.list()) {
-      putSectionFull(sink, QEMU_VM_SECTION_FULL, { sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId });
-      d.save(sink);
-      putSectionFooter(sink, sectionId);
-      descs.push({ name: d.idstr, instance_id: d.instanceId, vmsd_name: d.idstr, version: d.versionId });
-      sectionId++;
-    }
-    putEof(sink);
-    putVmDescription(sink, JSON.stringify({ page_size: TARGET_PAGE_SIZE, devices: descs }));
+    putDeviceSectionsAndEof(sink, devices, RAM_SECTION_ID + 1);
     await this.guard(sink.flush());
     stats.transferred = this.writtenBytes();
     stats.downtimeBytes = this.writtenBytes() - bytesBefore;

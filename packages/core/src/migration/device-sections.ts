@@ -1,0 +1,24 @@
+/**
+ * The non-iterable part of a savevm stream (qemu_savevm_state_complete_precopy_non_iterable):
+ * one FULL section per device, then EOF and the JSON description QEMU appends.
+ */
+import type { DeviceRegistry } from '../devices/device.js';
+import type { ByteWriter } from '../io.js';
+import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
+import { QEMU_VM_SECTION_FULL } from '../wire/constants.js';
+import { putEof, putSectionFooter, putSectionFull, putVmDescription } from '../wire/main-stream.js';
+
+/** Writes every device's FULL section, numbering from `firstSectionId`; then EOF and vmdesc. */
+export function putDeviceSectionsAndEof(w: ByteWriter, devices: DeviceRegistry, firstSectionId: number): void {
+  const descs: unknown[] = [];
+  let sectionId = firstSectionId;
+  for (const d of devices.list()) {
+    putSectionFull(w, QEMU_VM_SECTION_FULL, { sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId });
+    d.save(w);
+    putSectionFooter(w, sectionId);
+    descs.push({ name: d.idstr, instance_id: d.instanceId, vmsd_name: d.idstr, version: d.versionId });
+    sectionId++;
+  }
+  putEof(w);
+  putVmDescription(w, JSON.stringify({ page_size: TARGET_PAGE_SIZE, devices: descs }));
+}
