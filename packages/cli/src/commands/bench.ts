@@ -3,9 +3,12 @@
  * loopback. Prints one JSON object per scenario, then a summary line. Timings are measured
  * here, never asserted in tests.
  */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { InvalidArgumentError } from '@vmig/core';
-import { runMigrationPair } from '@vmig/test-harness';
+import { runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 
 interface Scenario {
@@ -15,6 +18,8 @@ interface Scenario {
   shared: string[];
   /** Flags for the source only. */
   source: string[];
+  /** A background snapshot to a temporary file instead of a migration. */
+  snapshot?: boolean;
 }
 
 function scenarios(ram: string): Scenario[] {
@@ -44,6 +49,20 @@ function scenarios(ram: string): Scenario[] {
       shared: mf(2),
       source: ['--fill', 'random', '--writers', '2', '--dirty-rate', '50M'],
     },
+    {
+      name: 'snapshot-writers-100M',
+      description: `background snapshot of ${ram} random RAM, 2 writers at 100 MB/s, blocking write faults`,
+      shared: ['--ram', ram],
+      source: ['--fill', 'random', '--writers', '2', '--dirty-rate', '100M'],
+      snapshot: true,
+    },
+    {
+      name: 'snapshot-writers-100M-cow',
+      description: `background snapshot of ${ram} random RAM, 2 writers at 100 MB/s, 64 MiB copy-on-write buffer`,
+      shared: ['--ram', ram],
+      source: ['--fill', 'random', '--writers', '2', '--dirty-rate', '100M', '--snapshot-cow-buffer', '64M'],
+      snapshot: true,
+    },
   ];
 }
 
@@ -71,6 +90,10 @@ export async function benchCommand(argv: string[]): Promise<number> {
   let failures = 0;
   for (const s of all.filter((x) => wanted.includes(x.name))) {
     for (let i = 0; i < repeat; i++) {
+      if (s.snapshot) {
+        if (!(await benchSnapshot(cliMain, s, i + 1))) failures++;
+        continue;
+      }
       const { source, destination } = await runMigrationPair(cliMain, s.shared, [...s.shared, ...s.source]);
       const src = source.report as Record<string, any> | undefined;
       const dst = destination.report as Record<string, any> | undefined;
@@ -98,4 +121,34 @@ export async function benchCommand(argv: string[]): Promise<number> {
     }
   }
   return failures ? 1 : 0;
+}
+
+/** One snapshot run: the file goes to a temporary directory, removed afterwards. */
+async function benchSnapshot(cliMain: string, s: Scenario, run: number): Promise<boolean> {
+  const dir = mkdtempSync(join(tmpdir(), 'vmig-bench-'));
+  try {
+    const r = (await spawnCli(cliMain, ['snapshot', join(dir, 'bench.snap'), '--json', ...s.shared, ...s.source]).done).report as Record<string, any> | undefined;
+    const ok = r?.status === 'completed';
+    process.stdout.write(
+      JSON.stringify({
+        scenario: s.name,
+        description: s.description,
+        run,
+        verified: ok,
+        totalTimeMs: r?.totalTimeMs,
+        downtimeMs: r?.downtimeMs,
+        throughputMBps: r?.totalTimeMs ? Math.round((r?.ram?.total ?? 0) / 1e6 / (r.totalTimeMs / 1000)) : null,
+        writtenBytes: r?.ram?.transferred,
+        pagesByScan: r?.ram?.pagesByScan,
+        pagesByFault: r?.ram?.pagesByFault,
+        pagesByCow: r?.ram?.pagesByCow,
+        writeProtect: r?.writeProtect,
+        snapshot: r?.resources,
+        error: r?.error,
+      }) + '\n',
+    );
+    return ok;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
