@@ -25,14 +25,42 @@ export const INCOMING_OPTIONS = {
   'dump-ram': { type: 'string' },
 } as const;
 
-export const MIGRATE_OPTIONS = {
-  ...SHARED_OPTIONS,
+/** The test guest a source (or a snapshot) builds: its RAM contents and its writers. */
+const GUEST_OPTIONS = {
   fill: { type: 'string' },
   seed: { type: 'string' },
   writers: { type: 'string' },
   'dirty-rate': { type: 'string' },
   pattern: { type: 'string' },
   'hot-pages': { type: 'string' },
+} as const;
+
+export interface GuestSettings {
+  fill: FillPattern;
+  seed: string;
+  writers: number;
+  dirtyRate: number;
+  pattern: WritePattern;
+  hotPages: number;
+}
+
+function guestSettings(v: Values): GuestSettings {
+  const writers = str(v, 'writers') === undefined ? 0 : parseIntFlag('writers', str(v, 'writers')!, 0, 64);
+  const dirtyRate = str(v, 'dirty-rate') === undefined ? (writers > 0 ? 16 << 20 : 0) : parseSize('dirty-rate', str(v, 'dirty-rate')!);
+  if (dirtyRate > 0 && writers === 0) throw new InvalidArgumentError('--dirty-rate needs --writers N (N >= 1)');
+  return {
+    fill: str(v, 'fill') === undefined ? 'random' : parseChoice('fill', str(v, 'fill')!, FILL_PATTERNS),
+    seed: str(v, 'seed') ?? '1',
+    writers,
+    dirtyRate,
+    pattern: str(v, 'pattern') === undefined ? 'uniform' : parseChoice('pattern', str(v, 'pattern')!, ['uniform', 'hot'] as const),
+    hotPages: str(v, 'hot-pages') === undefined ? 64 : parseIntFlag('hot-pages', str(v, 'hot-pages')!, 1, 1 << 30),
+  };
+}
+
+export const MIGRATE_OPTIONS = {
+  ...SHARED_OPTIONS,
+  ...GUEST_OPTIONS,
   'max-bandwidth': { type: 'string' },
   'downtime-limit': { type: 'string' },
   'zero-page-detection': { type: 'string' },
@@ -74,14 +102,8 @@ export function sharedSettings(v: Values): SharedSettings {
   };
 }
 
-export interface MigrateSettings extends SharedSettings {
+export interface MigrateSettings extends SharedSettings, GuestSettings {
   ram: RamSpec[];
-  fill: FillPattern;
-  seed: string;
-  writers: number;
-  dirtyRate: number;
-  pattern: WritePattern;
-  hotPages: number;
   params: MigrationParams;
   /** --control ADDRESS: the control socket, if any. */
   control: string | undefined;
@@ -91,9 +113,7 @@ export function migrateSettings(v: Values): MigrateSettings {
   const shared = sharedSettings(v);
   if (!shared.ram) throw new InvalidArgumentError('migrate: --ram SIZE (or --ram-block NAME=SIZE) is required');
   if (v['postcopy']) throw new InvalidArgumentError('--postcopy: postcopy is not available in this build yet');
-  const writers = str(v, 'writers') === undefined ? 0 : parseIntFlag('writers', str(v, 'writers')!, 0, 64);
-  const dirtyRate = str(v, 'dirty-rate') === undefined ? (writers > 0 ? 16 << 20 : 0) : parseSize('dirty-rate', str(v, 'dirty-rate')!);
-  if (dirtyRate > 0 && writers === 0) throw new InvalidArgumentError('--dirty-rate needs --writers N (N >= 1)');
+  const guest = guestSettings(v);
   const zpd = str(v, 'zero-page-detection');
   // QEMU >= 9.0 defaults to multifd detection when multifd is on; legacy otherwise.
   const zeroPageDetection: ZeroPageDetection =
@@ -105,12 +125,7 @@ export function migrateSettings(v: Values): MigrateSettings {
   return {
     ...shared,
     ram: shared.ram,
-    fill: str(v, 'fill') === undefined ? 'random' : parseChoice('fill', str(v, 'fill')!, FILL_PATTERNS),
-    seed: str(v, 'seed') ?? '1',
-    writers,
-    dirtyRate,
-    pattern: str(v, 'pattern') === undefined ? 'uniform' : parseChoice('pattern', str(v, 'pattern')!, ['uniform', 'hot'] as const),
-    hotPages: str(v, 'hot-pages') === undefined ? 64 : parseIntFlag('hot-pages', str(v, 'hot-pages')!, 1, 1 << 30),
+    ...guest,
     params: {
       ...DEFAULT_PARAMS,
       zeroPageDetection,
@@ -126,12 +141,7 @@ export function migrateSettings(v: Values): MigrateSettings {
 export const SNAPSHOT_OPTIONS = {
   ram: { type: 'string' },
   'ram-block': { type: 'string', multiple: true },
-  fill: { type: 'string' },
-  seed: { type: 'string' },
-  writers: { type: 'string' },
-  'dirty-rate': { type: 'string' },
-  pattern: { type: 'string' },
-  'hot-pages': { type: 'string' },
+  ...GUEST_OPTIONS,
   'zero-page-detection': { type: 'string' },
   'snapshot-cow-buffer': { type: 'string' },
   verify: { type: 'boolean' },
@@ -150,15 +160,9 @@ export const RESTORE_OPTIONS = {
   'log-level': { type: 'string' },
 } as const;
 
-export interface SnapshotSettings {
+export interface SnapshotSettings extends GuestSettings {
   file: string;
   ram: RamSpec[];
-  fill: FillPattern;
-  seed: string;
-  writers: number;
-  dirtyRate: number;
-  pattern: WritePattern;
-  hotPages: number;
   zeroPages: boolean;
   /** Copy-on-write buffer in pages; 0 = blocking write faults only. */
   cowBufferPages: number;
@@ -189,9 +193,7 @@ export function snapshotSettings(file: string, v: Values): SnapshotSettings {
   }
   const ram = parseRamSpecs(str(v, 'ram'), v['ram-block'] as string[] | undefined);
   if (!ram) throw new InvalidArgumentError('snapshot: --ram SIZE (or --ram-block NAME=SIZE) is required');
-  const writers = str(v, 'writers') === undefined ? 0 : parseIntFlag('writers', str(v, 'writers')!, 0, 64);
-  const dirtyRate = str(v, 'dirty-rate') === undefined ? (writers > 0 ? 16 << 20 : 0) : parseSize('dirty-rate', str(v, 'dirty-rate')!);
-  if (dirtyRate > 0 && writers === 0) throw new InvalidArgumentError('--dirty-rate needs --writers N (N >= 1)');
+  const guest = guestSettings(v);
   const zpd = parseChoice('zero-page-detection', str(v, 'zero-page-detection') ?? 'legacy', ['none', 'legacy'] as const);
   const cow = str(v, 'snapshot-cow-buffer');
   const cowBytes = cow === undefined ? 0 : parseSize('snapshot-cow-buffer', cow);
@@ -200,12 +202,7 @@ export function snapshotSettings(file: string, v: Values): SnapshotSettings {
   return {
     file: parseSnapshotFile(file),
     ram,
-    fill: str(v, 'fill') === undefined ? 'random' : parseChoice('fill', str(v, 'fill')!, FILL_PATTERNS),
-    seed: str(v, 'seed') ?? '1',
-    writers,
-    dirtyRate,
-    pattern: str(v, 'pattern') === undefined ? 'uniform' : parseChoice('pattern', str(v, 'pattern')!, ['uniform', 'hot'] as const),
-    hotPages: str(v, 'hot-pages') === undefined ? 64 : parseIntFlag('hot-pages', str(v, 'hot-pages')!, 1, 1 << 30),
+    ...guest,
     zeroPages: zpd === 'legacy',
     cowBufferPages: cowBytes / 4096,
     verify: v['verify'] === true,
