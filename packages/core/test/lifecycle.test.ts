@@ -5,6 +5,7 @@ import {
   CPU_THROTTLE_MAX,
   FreePageHinting,
   GuestRam,
+  MigrationNotifiers,
   MigrationStats,
   NotifierWithReturnList,
   RamSaver,
@@ -49,6 +50,19 @@ describe('NotifierWithReturnList', () => {
     chain.notify(0);
     expect(seen).toEqual(['once', 'always', 'always']);
     expect(chain.size).toBe(1);
+  });
+});
+
+describe('postcopy notifier chain (destination)', () => {
+  it('hears PROBE, INBOUND_ADVISE, INBOUND_LISTEN, INBOUND_END in order; an error is a veto', () => {
+    const n = new MigrationNotifiers();
+    const heard: string[] = [];
+    n.postcopy.add((e) => void heard.push(e.reason));
+    for (const reason of ['PROBE', 'INBOUND_ADVISE', 'INBOUND_LISTEN', 'INBOUND_END'] as const) expect(n.postcopy.notify({ reason })).toBeUndefined();
+    expect(heard).toEqual(['PROBE', 'INBOUND_ADVISE', 'INBOUND_LISTEN', 'INBOUND_END']);
+    n.postcopy.add((e) => (e.reason === 'PROBE' ? new Error('this device cannot do postcopy') : undefined));
+    expect(n.postcopy.notify({ reason: 'PROBE' })?.message).toBe('this device cannot do postcopy');
+    expect(n.postcopy.notify({ reason: 'INBOUND_ADVISE' })).toBeUndefined();
   });
 });
 
