@@ -94,12 +94,7 @@ export async function migrateInProcess(o: InProcessOptions): Promise<InProcessRe
   sock.destroy();
   const dstError = await destination;
   server.close();
-  let writersRunningAfter = false;
-  if (vcpus.count > 0) {
-    const before = vcpus.writes;
-    await new Promise((r) => setTimeout(r, 100));
-    writersRunningAfter = vcpus.writes !== before;
-  }
+  const writersRunningAfter = vcpus.count > 0 && (await vcpus.keepsWriting(100));
   await vcpus.terminate();
   if (dstError) dstRam = undefined;
   return { info, srcRam, dstRam, dstError, writersRunningAfter };

@@ -6,10 +6,9 @@
  * - `vmig-its`: a device in the style of seed 002's ARM ITS: it keeps a translation table
  *   cached outside guest RAM and flushes it into guest RAM in the completion hook (vCPUs
  *   stopped, final bitmap sync not yet done). Its section says where the table is and which
- *   generation was flushed; the destination checks that exactly that table is in its RAM,
+ *   generation was flushed (the table is derived from it); the destination checks that exactly that table is in its RAM,
  *   which proves the hook's writes travelled in the final pass.
  */
-import { createHash } from 'node:crypto';
 import { type GuestRam, MsgpackDevice, TARGET_PAGE_SIZE } from '@vmig/core';
 
 export interface VcpuState {
@@ -48,9 +47,8 @@ const ITS_TABLE_BYTES = 1024;
 export interface ItsState {
   block: string;
   offset: number;
+  /** The table is a function of its generation (itsTable). */
   generation: number;
-  /** sha256 of the table bytes, hex. */
-  tableHash: string;
 }
 
 /** The table a generation produces: magic, generation, then entries derived from it. */
@@ -89,26 +87,23 @@ export class ItsTableDevice extends MsgpackDevice<ItsState> {
     const table = itsTable(generation);
     const { block, offset } = this.location();
     this.ram()!.find(block)!.writeGuest(offset, table);
-    this.flushed = { block, offset, generation, tableHash: createHash('sha256').update(table).digest('hex') };
+    this.flushed = { block, offset, generation };
   }
 
   protected saveState(): ItsState {
     // Without a flush (no completion yet) there is no table to describe.
-    return this.flushed ?? { block: '', offset: 0, generation: 0, tableHash: '' };
+    return this.flushed ?? { block: '', offset: 0, generation: 0 };
   }
 
   protected loadState(s: unknown): void {
     const v = s as Partial<ItsState> | null;
-    if (!v || typeof v.block !== 'string' || typeof v.offset !== 'number' || typeof v.generation !== 'number' || typeof v.tableHash !== 'string') {
-      throw new Error('malformed ITS state');
-    }
-    this.flushed = { block: v.block, offset: v.offset, generation: v.generation, tableHash: v.tableHash };
+    if (!v || typeof v.block !== 'string' || typeof v.offset !== 'number' || typeof v.generation !== 'number') throw new Error('malformed ITS state');
+    this.flushed = { block: v.block, offset: v.offset, generation: v.generation };
     const b = this.ram()?.find(v.block);
     if (!b || !Number.isInteger(v.offset) || v.offset < 0 || v.offset + ITS_TABLE_BYTES > b.usedLength) {
       this.tableInRam = false;
       return;
     }
-    const inRam = b.host.subarray(v.offset, v.offset + ITS_TABLE_BYTES);
-    this.tableInRam = createHash('sha256').update(inRam).digest('hex') === v.tableHash && Buffer.compare(Buffer.from(inRam), itsTable(v.generation)) === 0;
+    this.tableInRam = Buffer.compare(b.host.subarray(v.offset, v.offset + ITS_TABLE_BYTES), itsTable(v.generation)) === 0;
   }
 }

@@ -122,6 +122,16 @@ export class VcpuPool implements VmRunControl {
     return Atomics.load(this.ctl, WRITES_BASE + i) >>> 0;
   }
 
+  /**
+   * Whether the writers are writing: the write count moves within `ms`. How a source checks
+   * that its guest runs on after a failed or cancelled migration or snapshot.
+   */
+  async keepsWriting(ms: number): Promise<boolean> {
+    const before = this.writes;
+    await new Promise((r) => setTimeout(r, ms));
+    return this.writes !== before;
+  }
+
   /** Ends every writer and waits for the threads to exit. */
   async terminate(): Promise<void> {
     Atomics.store(this.ctl, RUN_STATE, STATE_EXIT);

@@ -27,16 +27,6 @@ const SLOTS = TARGET_PAGE_SIZE / 64;
 // Background snapshot: every write first asks the write-protect map (core/snapshot/write-protect.ts).
 const writeProtect = cfg.writeProtect ? new WriteProtectVcpu(cfg.writeProtect, cfg.index) : undefined;
 
-function locate(globalPage: number): [number, number] {
-  let p = globalPage;
-  for (let b = 0; b < blocks.length; b++) {
-    const n = blocks[b]!.pages;
-    if (p < n) return [b, p];
-    p -= n;
-  }
-  return [0, 0];
-}
-
 function pickPage(): number {
   return cfg.pattern === 'hot' ? (rng() % hotPages) * hotStride : rng() % totalPages;
 }
@@ -44,7 +34,7 @@ function pickPage(): number {
 let seq = 0;
 function writeOnce(): void {
   const globalPage = pickPage();
-  const [b, page] = locate(globalPage);
+  const [b, page] = ram.locate(globalPage);
   writeProtect?.beforeWrite(globalPage, blocks[b]!.page(page));
   const slot = seq % SLOTS;
   const base = ((page * TARGET_PAGE_SIZE) >>> 2) + slot * SLOT_WORDS;

@@ -164,9 +164,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   else await multifd?.destroy();
   let writersResumed: boolean | undefined;
   if (info.status !== 'completed' && vcpus.count > 0 && s.dirtyRate > 0) {
-    const before = vcpus.writes;
-    await new Promise((r) => setTimeout(r, RESUME_CHECK_MS));
-    writersResumed = vcpus.writes !== before;
+    writersResumed = await vcpus.keepsWriting(RESUME_CHECK_MS);
   }
   const writes = vcpus.writes;
   await vcpus.terminate();

@@ -92,9 +92,7 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
   let writersResumed: boolean | undefined;
   if (vcpus.count > 0 && s.dirtyRate > 0) {
     // Writers never stay blocked: after the snapshot (done or failed) they keep writing.
-    const before = vcpus.writes;
-    await new Promise((r) => setTimeout(r, RESUME_CHECK_MS));
-    writersResumed = vcpus.writes !== before;
+    writersResumed = await vcpus.keepsWriting(RESUME_CHECK_MS);
   }
   const writes = vcpus.writes;
   await vcpus.terminate();

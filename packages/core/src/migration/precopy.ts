@@ -13,7 +13,7 @@ import { MIG_CMD_OPEN_RETURN_PATH, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT } from '../w
 import { putCommand, putFileHeader, putRamMultifdFlush } from '../wire/main-stream.js';
 import { putDeviceSectionsAndEof } from './device-sections.js';
 import { readRpMessage } from '../wire/return-path.js';
-import { MigrationNotifiers, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
+import { MigrationNotifiers, type MigrationStateEvent, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
 import { silentLogger, type Logger } from '../log.js';
 import { AutoConverge } from './auto-converge.js';
 import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
@@ -130,21 +130,21 @@ export class PrecopyMigration {
     this.notifyState({ type: 'status', status: s });
   }
 
-  private notifyState(e: { type: 'setup' | 'status' | 'done' | 'failed'; status: string; error?: { code: string; message: string } }): void {
+  private notifyState(e: MigrationStateEvent): void {
     // A state notifier cannot change the migration's course; its errors are only logged.
     for (const err of this.notifiers.state.notifyAll(e)) this.log.warn({ error: err.toJSON(), event: e.type }, 'migration state notifier failed');
   }
 
-  /** migration_cancel: cancelling now, cancelled once everything is cleaned up. */
+  /**
+   * migration_cancel: cancelling now, cancelled once everything is cleaned up. Before run()
+   * it only records the cancel, which run() finds at once.
+   */
   cancel(): void {
-    if (isTerminal(this.stats.status) || this.stats.status === 'cancelling' || this.stats.status === 'none') {
-      if (this.stats.status === 'none') this.cancelBeforeStart = true;
-      return;
-    }
-    this.setStatus('cancelling');
+    const st = this.stats.status;
+    if (isTerminal(st) || st === 'cancelling') return;
+    if (st !== 'none') this.setStatus('cancelling');
     this.fail(new VmigError('VMIG_ERR_CANCELLED', 'migration cancelled'));
   }
-  private cancelBeforeStart = false;
 
   /** migrate-set-parameters while running. */
   setParameters(p: RuntimeParams): void {
@@ -168,7 +168,7 @@ export class PrecopyMigration {
     this.notifyState({ type: 'setup', status: 'setup' });
     let outcome: 'completed' | 'failed' | 'cancelled' = 'completed';
     try {
-      if (ctx.signal?.aborted || this.cancelBeforeStart) this.cancel();
+      if (ctx.signal?.aborted) this.cancel();
       if (this.error) throw this.error;
       await this.setup();
       this.setStatus('active');

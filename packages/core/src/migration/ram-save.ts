@@ -50,7 +50,7 @@ export interface MultifdLink extends PageSender {
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 
-export function isZeroPage(host: Buffer, offset: number): boolean {
+export function isZeroPage(host: Uint8Array, offset: number): boolean {
   return ZERO_PAGE.compare(host, offset, offset + TARGET_PAGE_SIZE) === 0;
 }
 
@@ -177,18 +177,36 @@ export class RamSaver implements PageSender {
   private savePageChecked(w: ByteWriter, blockIdx: number, page: number): void {
     const block = this.ram.blocks[blockIdx]!;
     if (this.zeroPageDetection === 'legacy' && isZeroPage(this.hostBuffers[blockIdx]!, page * TARGET_PAGE_SIZE)) {
-      putRamZeroPage(w, page * TARGET_PAGE_SIZE, block.idstr, this.lastSentBlock === block);
-      this.lastSentBlock = block;
-      this.stats.zeroPages++;
+      this.putZeroPageRecord(w, block, page);
       return;
     }
     this.pageSender.savePage(w, block, page);
   }
 
-  /** The default PageSender: a RAM_SAVE_FLAG_PAGE record on the main stream. */
-  savePage(w: ByteWriter, block: RamBlock, page: number): void {
-    putRamPage(w, page * TARGET_PAGE_SIZE, block.idstr, this.lastSentBlock === block, block.page(page));
+  private putZeroPageRecord(w: ByteWriter, block: RamBlock, page: number): void {
+    putRamZeroPage(w, page * TARGET_PAGE_SIZE, block.idstr, this.lastSentBlock === block);
+    this.lastSentBlock = block;
+    this.stats.zeroPages++;
+  }
+
+  private putPageRecord(w: ByteWriter, block: RamBlock, page: number, data: Uint8Array): void {
+    putRamPage(w, page * TARGET_PAGE_SIZE, block.idstr, this.lastSentBlock === block, data);
     this.lastSentBlock = block;
     this.stats.normalPages++;
+  }
+
+  /** The default PageSender: a RAM_SAVE_FLAG_PAGE record on the main stream. */
+  savePage(w: ByteWriter, block: RamBlock, page: number): void {
+    this.putPageRecord(w, block, page, block.page(page));
+  }
+
+  /**
+   * The record of one page from the bytes given (the page in RAM, or a copy of it taken
+   * earlier), on the main stream, bypassing the scan and the bitmap (background snapshot).
+   */
+  savePageFrom(w: ByteWriter, blockIdx: number, page: number, data: Uint8Array): void {
+    const block = this.ram.blocks[blockIdx]!;
+    if (this.zeroPageDetection === 'legacy' && isZeroPage(data, 0)) this.putZeroPageRecord(w, block, page);
+    else this.putPageRecord(w, block, page, data);
   }
 }

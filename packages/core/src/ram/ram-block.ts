@@ -138,6 +138,20 @@ export class GuestRam {
     return this.blocks.map((b) => b.toShared());
   }
 
+  /**
+   * A global page index (pages of all blocks, in block order) as [block index, page in
+   * block]. Throws past the end.
+   */
+  locate(globalPage: number): [number, number] {
+    let p = globalPage;
+    for (let b = 0; b < this.blocks.length; b++) {
+      const n = this.blocks[b]!.pages;
+      if (p < n) return [b, p];
+      p -= n;
+    }
+    throw new RangeError(`page ${globalPage} is past the end of guest RAM (${this.totalPages} pages)`);
+  }
+
   find(idstr: string): RamBlock | undefined {
     return this.byName.get(idstr);
   }

@@ -10,12 +10,11 @@ import type { DeviceRegistry } from '../devices/device.js';
 import { toVmigError, VmigError } from '../errors.js';
 import { MemorySink, type StreamSink } from '../io.js';
 import { silentLogger, type Logger } from '../log.js';
-import { type GuestRam, TARGET_PAGE_SIZE } from '../ram/ram-block.js';
-import { putFileHeader, putRamEos, putRamPage, putRamZeroPage, putSectionFooter, putSectionPart } from '../wire/main-stream.js';
-import { QEMU_VM_SECTION_PART } from '../wire/constants.js';
+import type { GuestRam } from '../ram/ram-block.js';
+import { putFileHeader } from '../wire/main-stream.js';
 import { putDeviceSectionsAndEof } from '../migration/device-sections.js';
 import type { VmRunControl } from '../migration/precopy.js';
-import { isZeroPage, RamSaver } from '../migration/ram-save.js';
+import { RamSaver } from '../migration/ram-save.js';
 import type { MigrationStatus } from '../migration/state.js';
 import { MigrationStats } from '../migration/stats.js';
 import type { WriteProtectSaver, WriteProtectStats } from './write-protect.js';
@@ -67,10 +66,6 @@ export class BackgroundSnapshot {
   private readonly stats = new MigrationStats();
   private readonly saver: RamSaver;
   private readonly log: Logger;
-  private readonly hosts: Buffer[];
-  /** Global page index of each block's first page. */
-  private readonly blockBase: number[] = [];
-  private lastBlock = -1;
   private pagesByScan = 0;
   private pagesByFault = 0;
   private pagesByCow = 0;
@@ -78,14 +73,10 @@ export class BackgroundSnapshot {
   private stopped = false;
 
   constructor(private readonly ctx: SnapshotContext) {
-    this.saver = new RamSaver(ctx.ram, this.stats, 'legacy');
+    // The saver writes the RAM section and page records; its bitmap and scan are not used
+    // (one pass, no dirty tracking).
+    this.saver = new RamSaver(ctx.ram, this.stats, ctx.zeroPages ? 'legacy' : 'none');
     this.log = ctx.log ?? silentLogger;
-    this.hosts = ctx.ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
-    let base = 0;
-    for (const b of ctx.ram.blocks) {
-      this.blockBase.push(base);
-      base += b.pages;
-    }
     this.stats.totalBytes = ctx.ram.totalBytes;
   }
 
@@ -170,26 +161,13 @@ export class BackgroundSnapshot {
 
   /** Saves one page from RAM (the caller holds its claim; the page is still protected). */
   private readonly saveGlobalPage = (page: number): void => {
-    let b = this.lastBlock >= 0 && page >= this.blockBase[this.lastBlock]! && page - this.blockBase[this.lastBlock]! < this.ctx.ram.blocks[this.lastBlock]!.pages ? this.lastBlock : -1;
-    if (b < 0) {
-      b = 0;
-      while (b + 1 < this.blockBase.length && this.blockBase[b + 1]! <= page) b++;
-    }
-    const local = page - this.blockBase[b]!;
-    this.writePage(b, local, this.hosts[b]!.subarray(local * TARGET_PAGE_SIZE, (local + 1) * TARGET_PAGE_SIZE));
+    this.savePageCopy(page, undefined);
   };
 
-  private writePage(blockIdx: number, page: number, data: Uint8Array): void {
-    const block = this.ctx.ram.blocks[blockIdx]!;
-    const same = this.lastBlock === blockIdx;
-    this.lastBlock = blockIdx;
-    if (this.ctx.zeroPages && isZeroPage(Buffer.from(data.buffer, data.byteOffset, data.length), 0)) {
-      putRamZeroPage(this.ctx.sink, page * TARGET_PAGE_SIZE, block.idstr, same);
-      this.stats.zeroPages++;
-    } else {
-      putRamPage(this.ctx.sink, page * TARGET_PAGE_SIZE, block.idstr, same, data);
-      this.stats.normalPages++;
-    }
+  /** A page record from RAM, or from a copy of the page taken at its fault. */
+  private savePageCopy(page: number, copy: Uint8Array | undefined): void {
+    const [b, local] = this.ctx.ram.locate(page);
+    this.saver.savePageFrom(this.ctx.sink, b, local, copy ?? this.ctx.ram.blocks[b]!.page(local));
   }
 
   /** Faulted pages first: blocking faults from RAM, copies from the copy-on-write ring. */
@@ -198,11 +176,7 @@ export class BackgroundSnapshot {
     this.faults.length = 0;
     wp.takeFaults(this.faults);
     for (const p of this.faults) if (wp.saveFromRam(p, this.saveGlobalPage)) this.pagesByFault++;
-    this.pagesByCow += wp.drainCow((p, data) => {
-      let b = 0;
-      while (b + 1 < this.blockBase.length && this.blockBase[b + 1]! <= p) b++;
-      this.writePage(b, p - this.blockBase[b]!, data);
-    });
+    this.pagesByCow += wp.drainCow((p, data) => this.savePageCopy(p, data));
   }
 
   /** Backpressure on the file, while still serving faults (they must not wait for the disk). */
@@ -223,14 +197,8 @@ export class BackgroundSnapshot {
     const { ctx } = this;
     let inSection = 0;
     let lastProgress = performance.now();
-    const sectionStart = (): void => {
-      putSectionPart(ctx.sink, QEMU_VM_SECTION_PART, RAM_SECTION_ID);
-      this.lastBlock = -1;
-    };
-    const sectionEnd = (): void => {
-      putRamEos(ctx.sink);
-      putSectionFooter(ctx.sink, RAM_SECTION_ID);
-    };
+    const sectionStart = (): void => this.saver.writePartHeader(ctx.sink, RAM_SECTION_ID, false);
+    const sectionEnd = (): void => this.saver.writeSectionEnd(ctx.sink, RAM_SECTION_ID);
     sectionStart();
     const total = ctx.ram.totalPages;
     for (let page = 0; page < total; page++) {
