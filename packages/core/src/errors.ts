@@ -24,7 +24,8 @@ export type VmigErrorCode =
   | 'VMIG_ERR_WORKER'
   | 'VMIG_ERR_NOTIFIER'
   | 'VMIG_ERR_CONTROL'
-  | 'VMIG_ERR_SNAPSHOT_IO';
+  | 'VMIG_ERR_SNAPSHOT_IO'
+  | 'VMIG_ERR_POSTCOPY';
 
 export interface VmigErrorContext {
   /** 'main', 'return-path', 'multifd/3', ... */

@@ -15,6 +15,10 @@ export interface VcpuState {
   writers: number;
   writes: number;
   pattern: string;
+  /** How they write, so that a postcopy destination can run the same vCPUs. */
+  dirtyRate?: number;
+  hotPages?: number;
+  seed?: number;
 }
 
 export class VcpuStateDevice extends MsgpackDevice<VcpuState> {
@@ -37,7 +41,8 @@ export class VcpuStateDevice extends MsgpackDevice<VcpuState> {
   protected loadState(s: unknown): void {
     const v = s as Partial<VcpuState> | null;
     if (!v || typeof v.writers !== 'number' || typeof v.writes !== 'number' || typeof v.pattern !== 'string') throw new Error('malformed vCPU state');
-    this.loaded = { writers: v.writers, writes: v.writes, pattern: v.pattern };
+    const num = (x: unknown): number | undefined => (typeof x === 'number' && Number.isFinite(x) && x >= 0 ? x : undefined);
+    this.loaded = { writers: v.writers, writes: v.writes, pattern: v.pattern, dirtyRate: num(v.dirtyRate), hotPages: num(v.hotPages), seed: num(v.seed) };
   }
 }
 
@@ -99,11 +104,21 @@ export class ItsTableDevice extends MsgpackDevice<ItsState> {
     const v = s as Partial<ItsState> | null;
     if (!v || typeof v.block !== 'string' || typeof v.offset !== 'number' || typeof v.generation !== 'number') throw new Error('malformed ITS state');
     this.flushed = { block: v.block, offset: v.offset, generation: v.generation };
-    const b = this.ram()?.find(v.block);
-    if (!b || !Number.isInteger(v.offset) || v.offset < 0 || v.offset + ITS_TABLE_BYTES > b.usedLength) {
+    this.checkTableInRam();
+  }
+
+  /**
+   * Whether RAM holds the table the loaded section names. Precopy: right at load (RAM came
+   * first). Postcopy: the section arrives before the table's page, so check again at the end.
+   */
+  checkTableInRam(): boolean {
+    const v = this.flushed;
+    const b = v && this.ram()?.find(v.block);
+    if (!v || !b || !Number.isInteger(v.offset) || v.offset < 0 || v.offset + ITS_TABLE_BYTES > b.usedLength) {
       this.tableInRam = false;
-      return;
+    } else {
+      this.tableInRam = Buffer.compare(b.host.subarray(v.offset, v.offset + ITS_TABLE_BYTES), itsTable(v.generation)) === 0;
     }
-    this.tableInRam = Buffer.compare(b.host.subarray(v.offset, v.offset + ITS_TABLE_BYTES), itsTable(v.generation)) === 0;
+    return this.tableInRam;
   }
 }

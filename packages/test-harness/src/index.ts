@@ -5,3 +5,5 @@ export * from './vcpu-pool.js';
 
 export * from './process-pair.js';
 export * from './guest-devices.js';
+export * from './stamp.js';
+export * from './postcopy-verify.js';

@@ -3,7 +3,7 @@
  * protocol in vcpu-control.ts. Implements core's VmRunControl (vm_stop / vm_start).
  */
 import { Worker } from 'node:worker_threads';
-import { type GuestRam, InvalidArgumentError, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl, type WriteProtectShared } from '@vmig/core';
+import { type GuestRam, InvalidArgumentError, type MissingPagesShared, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl, type WriteProtectShared } from '@vmig/core';
 import { controlBytes, PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 
 
@@ -19,6 +19,21 @@ export interface WriterOptions {
   seed?: number;
   /** Background snapshot: writers check this write-protect map before each write. */
   writeProtect?: WriteProtectShared;
+  /** Postcopy destination: writers check this received map before each write. */
+  missing?: MissingPagesShared;
+  /** Writers remember what they overwrote (postcopy verification); terminate() returns it. */
+  track?: boolean;
+  /** Writers start parked (vm_start comes later, with resume()). */
+  startStopped?: boolean;
+}
+
+/** What a tracking writer overwrote: per page (global index), its slot's bytes before the first write and its last seq. */
+export interface WriterTrack {
+  writer: number;
+  pages: Int32Array;
+  last: Int32Array;
+  /** 64 bytes per page, in `pages` order. */
+  orig: Uint8Array;
 }
 
 /** What each writer worker receives (SABs are shared, not copied). */
@@ -26,20 +41,25 @@ export interface WriterConfig {
   ram: RamBlockShared[];
   control: SharedArrayBuffer;
   index: number;
+  writers: number;
   pagesPerSecond: number;
   pattern: WritePattern;
   hotPages: number;
   seed: number;
   writeProtect?: WriteProtectShared | undefined;
+  missing?: MissingPagesShared | undefined;
+  track?: boolean | undefined;
 }
 
 export class VcpuPool implements VmRunControl {
   private readonly ctl: Int32Array;
+  private readonly tracks: WriterTrack[] = [];
   private constructor(
     private readonly workers: Worker[],
     control: SharedArrayBuffer,
   ) {
     this.ctl = new Int32Array(control);
+    for (const w of workers) w.on('message', (m: WriterTrack) => this.tracks.push(m));
   }
 
   static async start(ram: GuestRam, opts: WriterOptions): Promise<VcpuPool> {
@@ -48,6 +68,7 @@ export class VcpuPool implements VmRunControl {
     }
     const control = new SharedArrayBuffer(controlBytes(opts.writers));
     const ctl = new Int32Array(control);
+    if (opts.startStopped) Atomics.store(ctl, RUN_STATE, STATE_STOP);
     const pagesPerSecond = opts.dirtyRate / TARGET_PAGE_SIZE / Math.max(1, opts.writers);
     const workers: Worker[] = [];
     for (let i = 0; i < opts.writers; i++) {
@@ -55,11 +76,14 @@ export class VcpuPool implements VmRunControl {
         ram: ram.toShared(),
         control,
         index: i,
+        writers: opts.writers,
         pagesPerSecond,
         pattern: opts.pattern ?? 'uniform',
         hotPages: opts.hotPages ?? 64,
         seed: opts.seed ?? 1,
         writeProtect: opts.writeProtect,
+        missing: opts.missing,
+        track: opts.track,
       };
       workers.push(new Worker(workerUrl(import.meta.url, 'vcpu-writer.worker.js'), { workerData: cfg }));
     }
@@ -132,8 +156,8 @@ export class VcpuPool implements VmRunControl {
     return this.writes !== before;
   }
 
-  /** Ends every writer and waits for the threads to exit. */
-  async terminate(): Promise<void> {
+  /** Ends every writer and waits for the threads to exit; returns what tracking writers overwrote. */
+  async terminate(): Promise<WriterTrack[]> {
     Atomics.store(this.ctl, RUN_STATE, STATE_EXIT);
     Atomics.notify(this.ctl, RUN_STATE);
     await Promise.all(
@@ -148,5 +172,6 @@ export class VcpuPool implements VmRunControl {
           }),
       ),
     );
+    return this.tracks;
   }
 }

@@ -1,17 +1,23 @@
 /**
  * A vCPU: a worker thread that keeps writing guest RAM at a given rate.
  *
- * Each write stores a 64-byte stamp (writer, sequence, page) into one 64-byte slot of a
- * page with plain stores, THEN sets the page's dirty-log bit with Atomics.or. The
+ * Each write stores a 64-byte stamp (writer, sequence, page) into this writer's slot of a
+ * page (stamp.ts) with plain stores, THEN sets the page's dirty-log bit with Atomics.or. The
  * Atomics.or publishes the stamp: a migration thread that takes the bit with
  * Atomics.exchange and then reads the page sees the stamp or something newer
  * (see core/migration/dirty-sync.ts for the other half of this pairing).
+ *
+ * On a postcopy destination each write first asks the received map (core's
+ * postcopy/missing-pages.ts) and, with `track`, remembers for each page it wrote the slot's
+ * bytes before its first write and its last sequence number there, posted to the parent at
+ * exit so the destination can check every write survived (postcopy-verify.ts).
  */
-import { workerData } from 'node:worker_threads';
-import { GuestRam, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core';
+import { parentPort, workerData } from 'node:worker_threads';
+import { GuestRam, MissingPagesVcpu, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core';
 import { xorshift } from './fill.js';
+import { SLOT_BYTES, SLOT_WORDS, stampSlot, writeStamp } from './stamp.js';
 import { PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
-import type { WriterConfig } from './vcpu-pool.js';
+import type { WriterConfig, WriterTrack } from './vcpu-pool.js';
 
 const cfg = workerData as WriterConfig;
 const ram = GuestRam.fromShared(cfg.ram);
@@ -19,32 +25,44 @@ const ctl = new Int32Array(cfg.control);
 const rng = xorshift(cfg.seed * 7919 + cfg.index + 1);
 const blocks = ram.blocks;
 const words = blocks.map((b) => new Int32Array(b.hostSab, 0, b.usedLength >>> 2));
-const totalPages = ram.totalPages;
-const hotPages = Math.max(1, Math.min(cfg.hotPages, totalPages));
-const hotStride = Math.max(1, Math.floor(totalPages / hotPages));
-const SLOT_WORDS = 16; // 64 bytes
-const SLOTS = TARGET_PAGE_SIZE / 64;
+// The last page of guest RAM belongs to a device (the test guest's ITS table): vCPUs leave it alone.
+const writablePages = Math.max(1, ram.totalPages - 1);
+const hotPages = Math.max(1, Math.min(cfg.hotPages, writablePages));
+const hotStride = Math.max(1, Math.floor(writablePages / hotPages));
 // Background snapshot: every write first asks the write-protect map (core/snapshot/write-protect.ts).
 const writeProtect = cfg.writeProtect ? new WriteProtectVcpu(cfg.writeProtect, cfg.index) : undefined;
+// Postcopy destination: every write first asks the received map.
+const missing = cfg.missing ? new MissingPagesVcpu(cfg.missing, cfg.index) : undefined;
 
 function pickPage(): number {
-  return cfg.pattern === 'hot' ? (rng() % hotPages) * hotStride : rng() % totalPages;
+  return cfg.pattern === 'hot' ? (rng() % hotPages) * hotStride : rng() % writablePages;
 }
+
+/** With `track`: per page written, the slot's bytes before the first write and the last seq. */
+const track = cfg.track ? { index: new Map<number, number>(), pages: [] as number[], last: [] as number[], orig: [] as Uint8Array[] } : undefined;
 
 let seq = 0;
 function writeOnce(): void {
   const globalPage = pickPage();
   const [b, page] = ram.locate(globalPage);
   writeProtect?.beforeWrite(globalPage, blocks[b]!.page(page));
-  const slot = seq % SLOTS;
+  // A failed postcopy: the page will never come, and nothing may be written.
+  if (missing && !missing.beforeWrite(globalPage)) return;
+  const slot = stampSlot(cfg.index, cfg.writers, page);
   const base = ((page * TARGET_PAGE_SIZE) >>> 2) + slot * SLOT_WORDS;
   const w = words[b]!;
-  // The stamp: plain stores, torn by design if the page is read meanwhile.
-  w[base] = 0x56434155; // "VCAU"
-  w[base + 1] = cfg.index;
-  w[base + 2] = seq;
-  w[base + 3] = page;
-  for (let i = 4; i < SLOT_WORDS; i++) w[base + i] = (seq * 2654435761 + i) | 0;
+  if (track) {
+    let i = track.index.get(globalPage);
+    if (i === undefined) {
+      i = track.pages.length;
+      track.index.set(globalPage, i);
+      track.pages.push(globalPage);
+      track.last.push(0);
+      track.orig.push(new Uint8Array(w.buffer, base * 4, SLOT_BYTES).slice());
+    }
+    track.last[i] = seq;
+  }
+  writeStamp(w, base, cfg.index, seq, page);
   // Publish: the dirty bit after the data (release through Atomics.or).
   blocks[b]!.dirtyLog.set(page);
   seq++;
@@ -89,4 +107,11 @@ for (;;) {
   done += burst;
   // Unlimited rate with a throttle: sleep the throttled share of a 1 ms period.
   if (!Number.isFinite(target) && throttle > 0) Atomics.wait(ctl, RUN_STATE, STATE_RUN, throttle / 100);
+}
+
+if (track) {
+  const orig = new Uint8Array(track.orig.length * SLOT_BYTES);
+  track.orig.forEach((o, i) => orig.set(o, i * SLOT_BYTES));
+  const msg: WriterTrack = { writer: cfg.index, pages: Int32Array.from(track.pages), last: Int32Array.from(track.last), orig };
+  parentPort!.postMessage(msg);
 }

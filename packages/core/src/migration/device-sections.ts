@@ -10,6 +10,13 @@ import { putEof, putSectionFooter, putSectionFull, putVmDescription } from '../w
 
 /** Writes every device's FULL section, numbering from `firstSectionId`; then EOF and vmdesc. */
 export function putDeviceSectionsAndEof(w: ByteWriter, devices: DeviceRegistry, firstSectionId: number): void {
+  const descs = putDeviceSections(w, devices, firstSectionId);
+  putEof(w);
+  putVmDescription(w, JSON.stringify({ page_size: TARGET_PAGE_SIZE, devices: descs }));
+}
+
+/** Every device's FULL section (postcopy's package carries them without EOF); returns their descriptions. */
+export function putDeviceSections(w: ByteWriter, devices: DeviceRegistry, firstSectionId: number): unknown[] {
   const descs: unknown[] = [];
   let sectionId = firstSectionId;
   for (const d of devices.list()) {
@@ -19,6 +26,5 @@ export function putDeviceSectionsAndEof(w: ByteWriter, devices: DeviceRegistry, 
     descs.push({ name: d.idstr, instance_id: d.instanceId, vmsd_name: d.idstr, version: d.versionId });
     sectionId++;
   }
-  putEof(w);
-  putVmDescription(w, JSON.stringify({ page_size: TARGET_PAGE_SIZE, devices: descs }));
+  return descs;
 }

@@ -1,14 +1,23 @@
 /**
- * Destination main loop (QEMU's qemu_loadvm_state): header, sections, commands, EOF.
+ * Destination main loop (QEMU's qemu_loadvm_state / qemu_loadvm_state_main): header,
+ * sections, commands, EOF. With postcopy the loop also runs the packaged blob (LISTEN,
+ * device state, RUN) and keeps loading RAM after RUN while the vCPUs run.
  */
 import { DeviceRegistry, checkDeviceVersion } from '../devices/device.js';
-import { StreamError, type VmigErrorCode } from '../errors.js';
-import type { StreamSource } from '../io.js';
+import { StreamError, type VmigError, type VmigErrorCode } from '../errors.js';
+import { MemorySource, type StreamSource } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
+import type { PostcopyIncoming } from '../postcopy/postcopy-incoming.js';
 import {
+  MAX_VM_CMD_PACKAGED_SIZE,
   MAX_VMDESC_LEN,
   MIG_CMD_OPEN_RETURN_PATH,
+  MIG_CMD_PACKAGED,
   MIG_CMD_PING,
+  MIG_CMD_POSTCOPY_ADVISE,
+  MIG_CMD_POSTCOPY_LISTEN,
+  MIG_CMD_POSTCOPY_RAM_DISCARD,
+  MIG_CMD_POSTCOPY_RUN,
   QEMU_VM_COMMAND,
   QEMU_VM_EOF,
   QEMU_VM_SECTION_END,
@@ -28,6 +37,8 @@ export interface LoadVmOptions extends RamLoadOptions {
   onOpenReturnPath?: () => void;
   /** MIG_CMD_PING: reply with PONG on the return path. */
   onPing?: (value: number) => void;
+  /** The first failure elsewhere (multifd, preempt channel): waiting for pages stops on it. */
+  failed?: () => VmigError | undefined;
 }
 
 export interface LoadVmResult {
@@ -38,66 +49,141 @@ export interface LoadVmResult {
   returnPathOpened: boolean;
 }
 
-export async function qemuLoadVmState(s: StreamSource, opts: LoadVmOptions): Promise<LoadVmResult> {
-  const channel = opts.channel ?? 'main';
-  const header = await readFileHeader(s, channel);
-  const ramLoad = new RamLoadState(opts);
-  let ramSectionId: number | undefined;
-  let returnPathOpened = false;
-  const fail: (msg: string, code?: VmigErrorCode) => never = (msg, code = 'VMIG_ERR_STREAM_FORMAT') => {
-    throw new StreamError(code, msg, { channel, phase: 'load' });
-  };
+/** How the section loop ended: EOF, RUN inside a package (LOADVM_QUIT), or the package's end. */
+type LoopEnd = 'eof' | 'quit' | 'end';
 
-  for (;;) {
-    const h = await readSectionHeader(s, channel);
-    switch (h.type) {
-      case QEMU_VM_SECTION_START:
-      case QEMU_VM_SECTION_FULL: {
-        if (h.idstr === RAM_SECTION_IDSTR && h.instanceId === 0) {
-          if (h.type !== QEMU_VM_SECTION_START || ramSectionId !== undefined) fail('unexpected second RAM section start');
-          if (h.versionId !== RAM_SECTION_VERSION) fail(`RAM section version ${h.versionId}, expected ${RAM_SECTION_VERSION}`, 'VMIG_ERR_DEVICE_VERSION');
-          ramSectionId = h.sectionId;
-          await ramLoad.loadSectionBody(s);
-        } else {
-          const dev = opts.devices.find(h.idstr, h.instanceId);
-          if (!dev) fail(`unknown section '${h.idstr}' instance ${h.instanceId}`, 'VMIG_ERR_UNKNOWN_SECTION');
-          checkDeviceVersion(dev, h.versionId);
-          await dev.load(s, h.versionId);
+class LoadVm {
+  readonly ramLoad: RamLoadState;
+  ramSectionId: number | undefined;
+  returnPathOpened = false;
+
+  constructor(private readonly opts: LoadVmOptions) {
+    this.ramLoad = new RamLoadState({
+      ...opts,
+      onRamReady: (ram) => {
+        opts.postcopy?.attachRam(ram);
+        opts.onRamReady?.(ram);
+      },
+    });
+    if (opts.ram) opts.postcopy?.attachRam(opts.ram);
+  }
+
+  private fail(msg: string, code: VmigErrorCode = 'VMIG_ERR_STREAM_FORMAT', channel = 'main'): never {
+    throw new StreamError(code, msg, { channel, phase: 'load' });
+  }
+
+  private postcopy(cmd: string): PostcopyIncoming {
+    if (!this.opts.postcopy) this.fail(`${cmd}: the source uses postcopy but this side was started without --postcopy`, 'VMIG_ERR_POSTCOPY');
+    return this.opts.postcopy;
+  }
+
+  /**
+   * qemu_loadvm_state_main over `s`. `packagedLen`: `s` is a MIG_CMD_PACKAGED blob of that
+   * many bytes, which ends without EOF.
+   */
+  async loop(s: StreamSource, packagedLen?: number): Promise<LoopEnd> {
+    const { opts } = this;
+    const packaged = packagedLen !== undefined;
+    const channel = packaged ? 'main/packaged' : (opts.channel ?? 'main');
+    for (;;) {
+      if (packaged && s.bytesRead === packagedLen) return 'end';
+      const h = await readSectionHeader(s, channel);
+      switch (h.type) {
+        case QEMU_VM_SECTION_START:
+        case QEMU_VM_SECTION_FULL: {
+          if (h.idstr === RAM_SECTION_IDSTR && h.instanceId === 0) {
+            if (h.type !== QEMU_VM_SECTION_START || this.ramSectionId !== undefined) this.fail('unexpected second RAM section start');
+            if (h.versionId !== RAM_SECTION_VERSION) this.fail(`RAM section version ${h.versionId}, expected ${RAM_SECTION_VERSION}`, 'VMIG_ERR_DEVICE_VERSION');
+            this.ramSectionId = h.sectionId;
+            await this.ramLoad.loadSectionBody(s);
+          } else {
+            const dev = opts.devices.find(h.idstr, h.instanceId);
+            if (!dev) this.fail(`unknown section '${h.idstr}' instance ${h.instanceId}`, 'VMIG_ERR_UNKNOWN_SECTION');
+            checkDeviceVersion(dev, h.versionId);
+            await dev.load(s, h.versionId);
+          }
+          await readSectionFooter(s, h.sectionId, channel);
+          break;
         }
-        await readSectionFooter(s, h.sectionId, channel);
-        break;
-      }
-      case QEMU_VM_SECTION_PART:
-      case QEMU_VM_SECTION_END: {
-        if (h.sectionId !== ramSectionId) fail(`section ${h.sectionId} continued but never started`, 'VMIG_ERR_UNKNOWN_SECTION');
-        await ramLoad.loadSectionBody(s);
-        await readSectionFooter(s, h.sectionId, channel);
-        break;
-      }
-      case QEMU_VM_COMMAND: {
-        if (h.cmd === MIG_CMD_OPEN_RETURN_PATH) {
-          returnPathOpened = true;
-          opts.onOpenReturnPath?.();
-        } else if (h.cmd === MIG_CMD_PING) {
-          if (h.data.length !== 4) fail('PING with a payload that is not 4 bytes');
-          opts.onPing?.(((h.data[0]! << 24) | (h.data[1]! << 16) | (h.data[2]! << 8) | h.data[3]!) >>> 0);
-        } else {
-          fail(`unsupported command ${h.cmd}`);
+        case QEMU_VM_SECTION_PART:
+        case QEMU_VM_SECTION_END: {
+          if (h.sectionId !== this.ramSectionId) this.fail(`section ${h.sectionId} continued but never started`, 'VMIG_ERR_UNKNOWN_SECTION');
+          await this.ramLoad.loadSectionBody(s);
+          await readSectionFooter(s, h.sectionId, channel);
+          break;
         }
-        break;
-      }
-      case QEMU_VM_EOF: {
-        if (ramSectionId === undefined || !ramLoad.ram) fail('stream ended without a RAM section');
-        return {
-          machine: header.machine,
-          ram: ramLoad.ram,
-          normalPages: ramLoad.normalPages,
-          zeroPages: ramLoad.zeroPages,
-          returnPathOpened,
-        };
+        case QEMU_VM_COMMAND: {
+          const end = await this.command(s, h.cmd, h.data, packaged);
+          if (end) return end;
+          break;
+        }
+        case QEMU_VM_EOF:
+          if (packaged) this.fail('EOF inside a packaged command');
+          return 'eof';
       }
     }
   }
+
+  private async command(s: StreamSource, cmd: number, data: Uint8Array, packaged: boolean): Promise<LoopEnd | undefined> {
+    const { opts } = this;
+    switch (cmd) {
+      case MIG_CMD_OPEN_RETURN_PATH:
+        this.returnPathOpened = true;
+        opts.onOpenReturnPath?.();
+        return undefined;
+      case MIG_CMD_PING:
+        if (data.length !== 4) this.fail('PING with a payload that is not 4 bytes');
+        opts.onPing?.(((data[0]! << 24) | (data[1]! << 16) | (data[2]! << 8) | data[3]!) >>> 0);
+        return undefined;
+      case MIG_CMD_POSTCOPY_ADVISE:
+        this.postcopy('POSTCOPY_ADVISE').onAdvise(data);
+        return undefined;
+      case MIG_CMD_POSTCOPY_RAM_DISCARD:
+        this.postcopy('POSTCOPY_RAM_DISCARD').onDiscard(data);
+        return undefined;
+      case MIG_CMD_POSTCOPY_LISTEN:
+        if (!packaged) this.fail('POSTCOPY_LISTEN outside a packaged command', 'VMIG_ERR_POSTCOPY');
+        this.postcopy('POSTCOPY_LISTEN').onListen();
+        return undefined;
+      case MIG_CMD_POSTCOPY_RUN:
+        if (!packaged) this.fail('POSTCOPY_RUN outside a packaged command', 'VMIG_ERR_POSTCOPY');
+        this.postcopy('POSTCOPY_RUN').onRun();
+        return 'quit';
+      case MIG_CMD_PACKAGED: {
+        // loadvm_handle_cmd_packaged: the blob is read whole, then loaded like a stream.
+        if (packaged) this.fail('a packaged command inside a packaged command');
+        this.postcopy('PACKAGED');
+        if (data.length !== 4) this.fail('PACKAGED without its 4-byte length');
+        const len = ((data[0]! << 24) | (data[1]! << 16) | (data[2]! << 8) | data[3]!) >>> 0;
+        if (len > MAX_VM_CMD_PACKAGED_SIZE) this.fail(`PACKAGED blob of ${len} bytes (limit ${MAX_VM_CMD_PACKAGED_SIZE})`);
+        await s.ensure(len);
+        const blob = s.buf.slice(s.pos, s.pos + len);
+        s.pos += len;
+        const end = await this.loop(new MemorySource([blob]), len);
+        if (end !== 'quit') this.fail('PACKAGED blob ended without POSTCOPY_RUN', 'VMIG_ERR_POSTCOPY');
+        return undefined;
+      }
+      default:
+        this.fail(`unsupported command ${cmd}`);
+    }
+  }
+}
+
+export async function qemuLoadVmState(s: StreamSource, opts: LoadVmOptions): Promise<LoadVmResult> {
+  const header = await readFileHeader(s, opts.channel ?? 'main');
+  const lv = new LoadVm(opts);
+  await lv.loop(s);
+  const { ramLoad } = lv;
+  if (lv.ramSectionId === undefined || !ramLoad.ram) throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'stream ended without a RAM section', { channel: 'main', phase: 'load' });
+  // Postcopy: the main stream is done, but requested pages may still be on the preempt channel.
+  await opts.postcopy?.finish(opts.failed ?? (() => undefined));
+  return {
+    machine: header.machine,
+    ram: ramLoad.ram,
+    normalPages: ramLoad.normalPages,
+    zeroPages: ramLoad.zeroPages,
+    returnPathOpened: lv.returnPathOpened,
+  };
 }
 
 /** Reads the optional JSON description QEMU appends after EOF. */

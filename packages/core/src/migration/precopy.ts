@@ -6,12 +6,24 @@
  */
 import type { DeviceRegistry } from '../devices/device.js';
 import { VmigError, toVmigError } from '../errors.js';
-import { EndOfStream, type StreamSink, type StreamSource } from '../io.js';
+import { EndOfStream, MemorySink, type StreamSink, type StreamSource } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
-import { MIG_CMD_OPEN_RETURN_PATH, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT } from '../wire/constants.js';
-import { putCommand, putFileHeader, putRamMultifdFlush } from '../wire/main-stream.js';
-import { putDeviceSectionsAndEof } from './device-sections.js';
+import {
+  MIG_CMD_OPEN_RETURN_PATH,
+  MIG_CMD_PACKAGED,
+  MIG_CMD_POSTCOPY_ADVISE,
+  MIG_CMD_POSTCOPY_LISTEN,
+  MIG_CMD_POSTCOPY_RAM_DISCARD,
+  MIG_CMD_POSTCOPY_RUN,
+  MIG_RP_MSG_PONG,
+  MIG_RP_MSG_REQ_PAGES,
+  MIG_RP_MSG_REQ_PAGES_ID,
+  MIG_RP_MSG_SHUT,
+} from '../wire/constants.js';
+import { putCommand, putEof, putFileHeader, putRamEos, putRamMultifdFlush } from '../wire/main-stream.js';
+import { decodeRpReqPages, discardCommands, encodePackagedLength, encodePostcopyAdvise } from '../wire/postcopy.js';
+import { putDeviceSections, putDeviceSectionsAndEof } from './device-sections.js';
 import { readRpMessage } from '../wire/return-path.js';
 import { MigrationNotifiers, type MigrationStateEvent, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -41,6 +53,10 @@ export interface MigrationParams {
   machineName: string;
   /** The auto-converge capability. */
   autoConverge: boolean;
+  /** The postcopy-ram capability: ADVISE at setup; the switch on command or automatically. */
+  postcopy: boolean;
+  /** Switch to postcopy after this many complete rounds (0: not by count). */
+  postcopyAfterRounds: number;
 }
 
 /** What migrate-set-parameters may change while a migration runs. */
@@ -55,7 +71,14 @@ export const DEFAULT_PARAMS: MigrationParams = {
   zeroPageDetection: 'legacy',
   machineName: 'none',
   autoConverge: false,
+  postcopy: false,
+  postcopyAfterRounds: 0,
 };
+
+/** Postcopy's automatic switch: rounds in a row in which what is dirty did not shrink. */
+const POSTCOPY_STALLED_ROUNDS = 3;
+/** Background pages per postcopy section: requests wait behind at most this many (no preempt). */
+const POSTCOPY_SLICE_PAGES = 32;
 
 export interface PrecopyContext {
   ram: GuestRam;
@@ -76,6 +99,8 @@ export interface PrecopyContext {
   /** Notifier chains; a fresh, empty set if omitted. */
   notifiers?: MigrationNotifiers | undefined;
   log?: Logger | undefined;
+  /** --postcopy-preempt: opens the channel that carries requested pages after the switch. */
+  openPreempt?: (() => Promise<StreamSink>) | undefined;
 }
 
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
@@ -98,6 +123,20 @@ export class PrecopyMigration {
   private readonly params: MigrationParams;
   private limiter: RateLimiter | undefined;
   private autoConverge: AutoConverge | undefined;
+  /** migrate-start-postcopy was asked for. */
+  private postcopyRequested = false;
+  /** The package (LISTEN, devices, RUN) is written: page requests are served from here on. */
+  private postcopyListening = false;
+  /**
+   * The destination may have run the guest: from here a failure cannot give the guest back
+   * to the source (its state is split between the two sides).
+   */
+  private guestSplit = false;
+  private preempt: StreamSink | undefined;
+  /** Requested pages waiting for the main stream (no preempt channel). */
+  private readonly requests: [number, number][] = [];
+  /** The block of the last REQ_PAGES_ID, for REQ_PAGES. */
+  private lastRequestBlock = -1;
 
   constructor(private readonly ctx: PrecopyContext) {
     this.stats = ctx.stats ?? new MigrationStats();
@@ -155,6 +194,14 @@ export class PrecopyMigration {
     }
   }
 
+  /** migrate-start-postcopy: switch at the next chance. */
+  startPostcopy(): void {
+    if (!this.params.postcopy) throw new VmigError('VMIG_ERR_POSTCOPY', 'postcopy was not enabled for this migration (--postcopy)');
+    const st = this.stats.status;
+    if (st !== 'setup' && st !== 'active') throw new VmigError('VMIG_ERR_POSTCOPY', `cannot start postcopy in state ${st}`);
+    this.postcopyRequested = true;
+  }
+
   get parameters(): Readonly<MigrationParams> {
     return this.params;
   }
@@ -172,17 +219,27 @@ export class PrecopyMigration {
       if (this.error) throw this.error;
       await this.setup();
       this.setStatus('active');
-      await this.iterate();
-      await this.complete();
+      if ((await this.iterate()) === 'postcopy') await this.postcopy();
+      else await this.complete();
       stats.endTime = performance.now();
     } catch (e) {
       this.fail(e);
       stats.endTime = performance.now();
-      stats.error = this.error!.toJSON();
-      outcome = this.error!.code === 'VMIG_ERR_CANCELLED' ? 'cancelled' : 'failed';
-      // The source keeps running: its RAM was only read, never written.
-      ctx.vm.setThrottle?.(0);
-      ctx.vm.resume();
+      if (this.guestSplit) {
+        // postcopy_pause's situation without recovery: neither side has the whole guest.
+        stats.error = new VmigError(
+          'VMIG_ERR_POSTCOPY',
+          `postcopy failed after the switch (${this.error!.message}); the guest's state is split between source and destination and neither can run it`,
+          { channel: this.error!.channel, phase: 'postcopy' },
+        ).toJSON();
+        outcome = 'failed';
+      } else {
+        stats.error = this.error!.toJSON();
+        outcome = this.error!.code === 'VMIG_ERR_CANCELLED' ? 'cancelled' : 'failed';
+        // The source keeps running: its RAM was only read, never written.
+        ctx.vm.setThrottle?.(0);
+        ctx.vm.resume();
+      }
     } finally {
       ctx.signal?.removeEventListener('abort', onAbort);
     }
@@ -239,6 +296,10 @@ export class PrecopyMigration {
       this.shutStatus = this.readReturnPath(returnPath);
       this.shutStatus.catch(() => {});
     }
+    if (params.postcopy) {
+      if (!returnPath) throw new VmigError('VMIG_ERR_POSTCOPY', 'postcopy needs the return path');
+      putCommand(sink, MIG_CMD_POSTCOPY_ADVISE, encodePostcopyAdvise());
+    }
     this.saver.writeSetupSection(sink, RAM_SECTION_ID);
     // The setup barrier: every channel synced once before any page travels.
     await this.multifdSync(true);
@@ -268,7 +329,8 @@ export class PrecopyMigration {
    */
   private async multifdSync(always: boolean): Promise<void> {
     const mf = this.ctx.multifd;
-    if (!mf) return;
+    // After the postcopy switch multifd carries nothing and syncs nothing.
+    if (!mf || this.postcopyListening) return;
     if (!mf.flushAfterEachSection && !always) return;
     await this.guard(mf.flushAndSync());
     this.unsynced = false;
@@ -290,6 +352,10 @@ export class PrecopyMigration {
           if (status !== 0) this.fail(new VmigError('VMIG_ERR_REMOTE', 'destination failed to load the migration stream', { channel: 'return-path' }));
           return status;
         }
+        if ((msg.type === MIG_RP_MSG_REQ_PAGES || msg.type === MIG_RP_MSG_REQ_PAGES_ID) && this.postcopyListening) {
+          this.queuePages(msg.type, msg.data);
+          continue;
+        }
         if (msg.type !== MIG_RP_MSG_PONG) {
           throw new VmigError('VMIG_ERR_STREAM_FORMAT', `unexpected return-path message ${msg.type}`, { channel: 'return-path' });
         }
@@ -304,7 +370,7 @@ export class PrecopyMigration {
     }
   }
 
-  private async iterate(): Promise<void> {
+  private async iterate(): Promise<'complete' | 'postcopy'> {
     const { sink } = this.ctx;
     const { stats, saver, params } = this;
     let periodStart = performance.now();
@@ -315,9 +381,13 @@ export class PrecopyMigration {
     const limiter = new RateLimiter(params.maxBandwidth, BANDWIDTH_PERIOD_MS, periodStart);
     this.limiter = limiter;
     limiter.account(this.writtenBytes());
+    let rounds = 0;
+    let stalled = 0;
+    let lastPending = Infinity;
 
     for (;;) {
       if (this.error) throw this.error;
+      if (this.postcopyRequested) return 'postcopy';
       const now = performance.now();
       if (now - periodStart >= BANDWIDTH_PERIOD_MS) {
         const secs = (now - periodStart) / 1000;
@@ -342,7 +412,17 @@ export class PrecopyMigration {
         this.bitmapSyncPrecopy();
         pending = saver.dirtyPages * TARGET_PAGE_SIZE;
         stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : 0;
-        if (pending <= threshold) return;
+        if (pending <= threshold) return 'complete';
+        rounds++;
+        if (params.postcopy) {
+          // The automatic switch: after N rounds, or once rounds stop making progress.
+          stalled = pending >= lastPending ? stalled + 1 : 0;
+          lastPending = pending;
+          if ((params.postcopyAfterRounds > 0 && rounds >= params.postcopyAfterRounds) || stalled >= POSTCOPY_STALLED_ROUNDS) {
+            this.log.info({ rounds, pending, stalled }, 'switching to postcopy');
+            return 'postcopy';
+          }
+        }
         if (saver.dirtyPages === 0) {
           // Nothing dirty yet and no bandwidth measured: wait for the vCPUs a little.
           await this.guard(sleep(5));
@@ -390,6 +470,106 @@ export class PrecopyMigration {
     await this.multifdSync(true);
     this.saver.writeSectionEnd(this.ctx.sink, RAM_SECTION_ID);
     await this.guard(this.ctx.sink.flush());
+  }
+
+  /**
+   * postcopy_start, then postcopy's page loop (QEMU's order): flush-and-sync every multifd
+   * channel and EOS (save_postcopy_prepare), stop, the completion hook, the final (discard)
+   * bitmap sync, discard commands for every page still dirty, the package {LISTEN, device
+   * state, RUN}. Then background pages on the main stream, requested pages first (on the
+   * preempt channel if there is one), and the END section and EOF.
+   */
+  private async postcopy(): Promise<void> {
+    const { ctx, stats, saver } = this;
+    const { sink, vm, devices } = ctx;
+    if (ctx.openPreempt) this.preempt = await this.guard(ctx.openPreempt());
+    // Multifd writes are not atomic: every page queued on a channel lands before the switch.
+    await this.barrierSection();
+    const downtimeStart = performance.now();
+    const bytesBefore = this.writtenBytes();
+    await this.guard(vm.stop());
+    if (this.error) throw this.error;
+    for (const d of devices.list()) d.flushToRam?.();
+    // ram_postcopy_send_discard_bitmap: the sync without precopy's notifiers.
+    saver.bitmapSync();
+    saver.usePostcopyStreams();
+    for (const [i, block] of ctx.ram.blocks.entries()) {
+      const bm = saver.bitmaps[i]!;
+      const nextClear = (from: number): number => {
+        for (let p = from; p < block.pages; p++) if (!bm.test(p)) return p;
+        return -1;
+      };
+      for (const cmd of discardCommands(block.idstr, block.pages, (from) => bm.findNextSet(from), nextClear)) putCommand(sink, MIG_CMD_POSTCOPY_RAM_DISCARD, cmd);
+    }
+    const pkg = new MemorySink();
+    putCommand(pkg, MIG_CMD_POSTCOPY_LISTEN);
+    putDeviceSections(pkg, devices, RAM_SECTION_ID + 1);
+    putCommand(pkg, MIG_CMD_POSTCOPY_RUN);
+    const blob = pkg.bytes();
+    putCommand(sink, MIG_CMD_PACKAGED, encodePackagedLength(blob.length));
+    sink.putBytes(blob);
+    this.postcopyListening = true;
+    this.guestSplit = true;
+    await this.guard(sink.flush());
+    stats.downtimeMs = performance.now() - downtimeStart;
+    stats.downtimeBytes = this.writtenBytes() - bytesBefore;
+    this.setStatus('postcopy-active');
+    const postcopyStart = this.writtenBytes() + (this.preempt?.bytesWritten ?? 0);
+
+    while (saver.dirtyPages > 0) {
+      if (this.error) throw this.error;
+      saver.writePartHeader(sink, RAM_SECTION_ID, false);
+      this.serveRequests(sink);
+      saver.savePages(sink, POSTCOPY_SLICE_PAGES);
+      saver.writeSectionEnd(sink, RAM_SECTION_ID);
+      await this.guard(sink.flush());
+      stats.transferred = this.writtenBytes() + (this.preempt?.bytesWritten ?? 0);
+      stats.postcopyBytes = stats.transferred - postcopyStart;
+    }
+    saver.writePartHeader(sink, RAM_SECTION_ID, true);
+    saver.writeSectionEnd(sink, RAM_SECTION_ID);
+    putEof(sink);
+    await this.guard(sink.flush());
+    if (this.preempt) await this.guard(this.preempt.flush());
+    stats.transferred = this.writtenBytes() + (this.preempt?.bytesWritten ?? 0);
+    stats.postcopyBytes = stats.transferred - postcopyStart;
+    stats.remainingPages = 0;
+    // The destination answers once every page is in place.
+    const status = await this.guard(this.shutStatus!);
+    if (status !== 0) throw new VmigError('VMIG_ERR_REMOTE', `destination reported failure ${status}`, { channel: 'return-path' });
+  }
+
+  /**
+   * A page request from the return path (ram_save_queue_pages). With a preempt channel the
+   * pages go out at once on it; otherwise they wait for the main loop, ahead of background
+   * pages.
+   */
+  private queuePages(type: number, data: Uint8Array): void {
+    const req = decodeRpReqPages(type, data);
+    const blocks = this.ctx.ram.blocks;
+    const idx = req.idstr === undefined ? this.lastRequestBlock : blocks.findIndex((b) => b.idstr === req.idstr);
+    const block = blocks[idx];
+    if (!block) throw new VmigError('VMIG_ERR_UNKNOWN_BLOCK', req.idstr === undefined ? 'REQ_PAGES before any REQ_PAGES_ID' : `page request for unknown RAM block '${req.idstr}'`, { channel: 'return-path' });
+    this.lastRequestBlock = idx;
+    if (req.start % TARGET_PAGE_SIZE || req.length % TARGET_PAGE_SIZE || req.length === 0 || req.start + req.length > block.usedLength) {
+      throw new VmigError('VMIG_ERR_BAD_OFFSET', `page request 0x${req.start.toString(16)}+0x${req.length.toString(16)} outside block '${block.idstr}' or not page aligned`, { channel: 'return-path' });
+    }
+    this.stats.postcopyRequests++;
+    for (let p = req.start / TARGET_PAGE_SIZE; p < (req.start + req.length) / TARGET_PAGE_SIZE; p++) this.requests.push([idx, p]);
+    const pre = this.preempt;
+    if (pre) {
+      if (this.serveRequests(pre, true) > 0) {
+        putRamEos(pre);
+        pre.flush().catch((e: unknown) => this.fail(toVmigError(e, 'VMIG_ERR_CHANNEL', { channel: 'preempt' })));
+      }
+    }
+  }
+
+  /** Sends the queued requested pages that are still dirty; returns how many went. */
+  private serveRequests(w: StreamSink, ownStream = false): number {
+    let sent = 0;
+    for (const [b, p] of this.requests.splice(0)) if (this.saver.saveRequestedPage(w, b, p, ownStream)) sent++;
+    return sent;
   }
 
   private async complete(): Promise<void> {

@@ -17,6 +17,7 @@ import {
   RAM_SAVE_FLAG_ZERO,
 } from '../wire/constants.js';
 import { isZeroPage } from './ram-save.js';
+import type { PostcopyIncoming } from '../postcopy/postcopy-incoming.js';
 import { getU64, getU8, RAM_RECORD_FLAGS_KNOWN, readCountedString, splitRamAddr } from '../wire/main-stream.js';
 
 export interface RamBlockSpec {
@@ -35,6 +36,11 @@ export interface RamLoadOptions {
   onEos?: () => Promise<void>;
   /** Called once guest RAM exists (after MEM_SIZE). */
   onRamReady?: (ram: GuestRam) => void;
+  /**
+   * Postcopy: once it is `placing` (after LISTEN), pages go through the received map and
+   * multifd markers mean nothing (no page travels on multifd after the switch).
+   */
+  postcopy?: PostcopyIncoming | undefined;
   channel?: string;
 }
 
@@ -74,6 +80,23 @@ export class RamLoadState {
         if (offset > block.usedLength - TARGET_PAGE_SIZE) {
           this.fail(`page offset 0x${offset.toString(16)} outside block '${block.idstr}' of ${block.usedLength} bytes`, 'VMIG_ERR_BAD_OFFSET');
         }
+        const pc = this.opts.postcopy;
+        if (pc?.placing) {
+          // ram_load_postcopy: the whole page goes in through the received map, or is
+          // dropped if it is there already (a vCPU may have written it since).
+          if (flags & RAM_SAVE_FLAG_PAGE) {
+            if (s.buf.length - s.pos < TARGET_PAGE_SIZE) await s.ensure(TARGET_PAGE_SIZE);
+            pc.placePage(block, offset, s.buf.subarray(s.pos, s.pos + TARGET_PAGE_SIZE));
+            s.pos += TARGET_PAGE_SIZE;
+            this.normalPages++;
+          } else {
+            await s.ensure(1);
+            if (getU8(s) !== 0) this.fail('postcopy zero page record with a non-zero fill byte');
+            pc.placePage(block, offset, null);
+            this.zeroPages++;
+          }
+          continue;
+        }
         if (flags & RAM_SAVE_FLAG_PAGE) {
           if (s.buf.length - s.pos < TARGET_PAGE_SIZE) await s.ensure(TARGET_PAGE_SIZE);
           block.host.set(s.buf.subarray(s.pos, s.pos + TARGET_PAGE_SIZE), offset);
@@ -90,11 +113,12 @@ export class RamLoadState {
         continue;
       }
       if (flags & RAM_SAVE_FLAG_MULTIFD_FLUSH) {
+        if (this.opts.postcopy?.placing) this.fail('RAM_SAVE_FLAG_MULTIFD_FLUSH after the postcopy switch');
         await this.opts.onMultifdFlush?.();
         continue;
       }
       if (flags & RAM_SAVE_FLAG_EOS) {
-        await this.opts.onEos?.();
+        if (!this.opts.postcopy?.placing) await this.opts.onEos?.();
         return;
       }
       this.fail(`RAM record with flags 0x${flags.toString(16)} and nothing to do`);

@@ -75,7 +75,7 @@ export class RamSaver implements PageSender {
   constructor(
     readonly ram: GuestRam,
     private readonly stats: MigrationStats,
-    private readonly zeroPageDetection: ZeroPageDetection = 'legacy',
+    private zeroPageDetection: ZeroPageDetection = 'legacy',
   ) {
     this.bitmaps = ram.blocks.map((b) => AtomicBitmap.create(b.pages));
     this.hostBuffers = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
@@ -125,6 +125,34 @@ export class RamSaver implements PageSender {
     this.dirtyPages -= n;
     this.stats.remainingPages = this.dirtyPages;
     return n;
+  }
+
+  /**
+   * The postcopy switch: from now on every page goes on the main stream (or the preempt
+   * channel), never multifd, and zero pages are found here.
+   */
+  usePostcopyStreams(): void {
+    this.pageSender = this;
+    if (this.zeroPageDetection === 'multifd') this.zeroPageDetection = 'legacy';
+  }
+
+  /**
+   * A page the destination asked for (ram_save_queue_pages + get_queued_page): sent if it is
+   * still dirty (otherwise it was sent already and is on its way), and the scan moves next
+   * to it. `ownStream`: `w` is not the main stream (the preempt channel), so the record names
+   * its block. Returns whether the page was sent.
+   */
+  saveRequestedPage(w: ByteWriter, blockIdx: number, page: number, ownStream: boolean): boolean {
+    if (!this.bitmaps[blockIdx]!.testAndClear(page)) return false;
+    this.dirtyPages--;
+    this.stats.remainingPages = this.dirtyPages;
+    this.blockIdx = blockIdx;
+    this.nextPage = page + 1;
+    const mainLast = this.lastSentBlock;
+    if (ownStream) this.lastSentBlock = undefined;
+    this.savePageChecked(w, blockIdx, page);
+    if (ownStream) this.lastSentBlock = mainLast;
+    return true;
   }
 
   writeSetupSection(w: ByteWriter, sectionId: number): void {

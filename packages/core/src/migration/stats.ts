@@ -19,6 +19,9 @@ export interface RamStats {
   precopyBytes: number;
   downtimeBytes: number;
   multifdBytes: number;
+  /** Postcopy: page requests served, and bytes sent after the switch. */
+  postcopyRequests: number;
+  postcopyBytes: number;
 }
 
 export interface MigrationInfo {
@@ -55,6 +58,8 @@ export class MigrationStats {
   precopyBytes = 0;
   downtimeBytes = 0;
   multifdBytes = 0;
+  postcopyRequests = 0;
+  postcopyBytes = 0;
   cpuThrottlePercentage = 0;
   error: { code: string; message: string } | undefined;
 
@@ -81,6 +86,8 @@ export class MigrationStats {
         precopyBytes: this.precopyBytes,
         downtimeBytes: this.downtimeBytes,
         multifdBytes: this.multifdBytes,
+        postcopyRequests: this.postcopyRequests,
+        postcopyBytes: this.postcopyBytes,
       },
     };
     if (this.downtimeMs !== undefined) out.downtimeMs = round(this.downtimeMs);

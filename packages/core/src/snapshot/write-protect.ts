@@ -35,6 +35,7 @@
  *    no writer stays blocked.
  */
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
+import { LatencySamples, latencySamplesBytes } from '../stats/latency-samples.js';
 
 // Control word indices.
 const FAULT_SEQ = 0;
@@ -46,8 +47,6 @@ const COW_FULL = 5;
 const ACTIVE = 6;
 const CTL_WORDS = 8;
 
-/** Stall samples kept per writer (the first ones; the maximum is tracked separately). */
-export const STALL_SAMPLES_PER_WRITER = 16384;
 
 export interface WriteProtectShared {
   pages: number;
@@ -59,7 +58,7 @@ export interface WriteProtectShared {
   faults: SharedArrayBuffer;
   cowPages: SharedArrayBuffer;
   cowData: SharedArrayBuffer;
-  /** Float64: per writer [count, max, samples...]. */
+  /** Per-writer stall samples (stats/latency-samples.ts). */
   stalls: SharedArrayBuffer;
 }
 
@@ -76,7 +75,7 @@ export function createWriteProtect(pages: number, writers: number, cowCapacityPa
     faults: new SharedArrayBuffer(Math.max(1, writers) * 4),
     cowPages: new SharedArrayBuffer(Math.max(1, cowCapacityPages) * 4),
     cowData: new SharedArrayBuffer(cowCapacityPages * TARGET_PAGE_SIZE),
-    stalls: new SharedArrayBuffer(Math.max(1, writers) * (2 + STALL_SAMPLES_PER_WRITER) * 8),
+    stalls: new SharedArrayBuffer(latencySamplesBytes(writers)),
   };
 }
 
@@ -87,7 +86,7 @@ class Views {
   readonly faults: Int32Array;
   readonly cowPages: Int32Array;
   readonly cowData: Uint8Array;
-  readonly stalls: Float64Array;
+  readonly stalls: LatencySamples;
   constructor(readonly s: WriteProtectShared) {
     this.ctl = new Int32Array(s.ctl);
     this.wp = new Int32Array(s.wp);
@@ -95,7 +94,7 @@ class Views {
     this.faults = new Int32Array(s.faults);
     this.cowPages = new Int32Array(s.cowPages);
     this.cowData = new Uint8Array(s.cowData);
-    this.stalls = new Float64Array(s.stalls);
+    this.stalls = new LatencySamples(s.stalls, s.writers);
   }
 
   isProtected(page: number): boolean {
@@ -124,14 +123,12 @@ class Views {
  */
 export class WriteProtectVcpu {
   private readonly v: Views;
-  private readonly stallBase: number;
 
   constructor(
     shared: WriteProtectShared,
     private readonly writer: number,
   ) {
     this.v = new Views(shared);
-    this.stallBase = writer * (2 + STALL_SAMPLES_PER_WRITER);
   }
 
   /** Call before writing `page`. Returns once the page may be written. */
@@ -192,11 +189,7 @@ export class WriteProtectVcpu {
   }
 
   private recordStall(ms: number): void {
-    const s = this.v.stalls;
-    const n = s[this.stallBase]!;
-    if (n < STALL_SAMPLES_PER_WRITER) s[this.stallBase + 2 + n] = ms;
-    s[this.stallBase] = n + 1;
-    if (ms > s[this.stallBase + 1]!) s[this.stallBase + 1] = ms;
+    this.v.stalls.record(this.writer, ms);
   }
 }
 
@@ -294,27 +287,15 @@ export class WriteProtectSaver {
 
   stats(): WriteProtectStats {
     const v = this.v;
-    const samples: number[] = [];
-    let count = 0;
-    let max = 0;
-    for (let w = 0; w < v.s.writers; w++) {
-      const base = w * (2 + STALL_SAMPLES_PER_WRITER);
-      const n = v.stalls[base]!;
-      count += n;
-      max = Math.max(max, v.stalls[base + 1]!);
-      for (let i = 0; i < Math.min(n, STALL_SAMPLES_PER_WRITER); i++) samples.push(v.stalls[base + 2 + i]!);
-    }
-    samples.sort((a, b) => a - b);
-    const pct = (q: number): number => (samples.length ? samples[Math.min(samples.length - 1, Math.floor(q * samples.length))]! : 0);
-    const r3 = (x: number): number => Math.round(x * 1000) / 1000;
+    const st = v.stalls.summary();
     return {
       faultsBlocking: Atomics.load(v.ctl, FAULTS_BLOCKING),
       faultsCow: Atomics.load(v.ctl, FAULTS_COW),
       cowBufferFull: Atomics.load(v.ctl, COW_FULL),
-      stallCount: count,
-      stallP50Ms: r3(pct(0.5)),
-      stallP99Ms: r3(pct(0.99)),
-      stallMaxMs: r3(max),
+      stallCount: st.count,
+      stallP50Ms: st.p50Ms,
+      stallP99Ms: st.p99Ms,
+      stallMaxMs: st.maxMs,
     };
   }
 }

@@ -54,3 +54,8 @@ export const MIG_RP_MSG_RESUME_ACK = 6;
 export const MAX_COMMAND_LEN = 1 << 20;
 export const MAX_RAM_BLOCKS = 4096;
 export const MAX_VMDESC_LEN = 16 << 20;
+/** MIG_CMD_PACKAGED's blob is at most this long (savevm.c MAX_VM_CMD_PACKAGED_SIZE). */
+export const MAX_VM_CMD_PACKAGED_SIZE = 1 << 24;
+/** POSTCOPY_RAM_DISCARD: version byte, and ranges per command (savevm.c, ram.c). */
+export const POSTCOPY_RAM_DISCARD_VERSION = 0;
+export const MAX_DISCARDS_PER_COMMAND = 12;

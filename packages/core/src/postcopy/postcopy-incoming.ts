@@ -1,0 +1,200 @@
+/**
+ * The destination's postcopy (QEMU's loadvm_postcopy_handle_* and postcopy-ram.c): the
+ * incoming state machine NONE -> ADVISE -> DISCARD -> LISTENING -> RUNNING -> END, the
+ * received map, placing pages that arrive after LISTEN, and turning vCPU faults into page
+ * requests on the return path.
+ */
+import { StreamError, VmigError } from '../errors.js';
+import type { MigrationNotifiers, PostcopyNotifyReason } from '../lifecycle/notifiers.js';
+import { type GuestRam, type RamBlock, TARGET_PAGE_SIZE } from '../ram/ram-block.js';
+import { checkPostcopyAdvise, decodePostcopyRamDiscard, encodeRpReqPages } from '../wire/postcopy.js';
+import { createMissingPages, MissingPagesPlacer, type MissingPagesShared, type PostcopyBlocktime } from './missing-pages.js';
+
+export type PostcopyIncomingState = 'none' | 'advise' | 'discard' | 'listening' | 'running' | 'end';
+
+/** VcpuPool's limit: the received map has a fault slot for each. */
+const MAX_VCPUS = 256;
+
+export interface PostcopyIncomingOptions {
+  /** Writes a return-path message (page requests). */
+  sendRp: (msg: Uint8Array) => void;
+  /** POSTCOPY_RUN: start the vCPUs, which must check `shared` before each write. */
+  onRun: (shared: MissingPagesShared, placer: MissingPagesPlacer) => void;
+  notifiers?: MigrationNotifiers | undefined;
+}
+
+export interface PostcopyIncomingStats {
+  state: PostcopyIncomingState;
+  /** Page requests sent on the return path. */
+  postcopyRequests: number;
+  /** Pages placed after LISTEN. */
+  postcopyPages: number;
+  /** Pages that arrived already in place and were dropped. */
+  duplicatePages: number;
+  /** Pages marked not received by POSTCOPY_RAM_DISCARD. */
+  discardedPages: number;
+}
+
+export class PostcopyIncoming {
+  state: PostcopyIncomingState = 'none';
+  private ram: GuestRam | undefined;
+  private readonly blockBase = new Map<RamBlock, number>();
+  private placerImpl: MissingPagesPlacer | undefined;
+  private faultLoop: Promise<void> | undefined;
+  private stopFaults = false;
+  private requests = 0;
+  private discarded = 0;
+  private lastRequestBlock: RamBlock | undefined;
+
+  constructor(private readonly opts: PostcopyIncomingOptions) {}
+
+  private fail(message: string, code: 'VMIG_ERR_POSTCOPY' | 'VMIG_ERR_STREAM_FORMAT' | 'VMIG_ERR_UNKNOWN_BLOCK' | 'VMIG_ERR_BAD_OFFSET' = 'VMIG_ERR_POSTCOPY'): never {
+    throw new StreamError(code, message, { channel: 'main', phase: `postcopy ${this.state}` });
+  }
+
+  private expect(...states: PostcopyIncomingState[]): void {
+    if (!states.includes(this.state)) this.fail(`postcopy command in state ${this.state.toUpperCase()}`);
+  }
+
+  private notify(reason: PostcopyNotifyReason): void {
+    const err = this.opts.notifiers?.postcopy.notify({ reason });
+    if (err) throw new VmigError('VMIG_ERR_NOTIFIER', `postcopy ${reason} notifier refused: ${err.message}`, { channel: 'main', phase: 'postcopy' });
+  }
+
+  /** True once pages must go through the received map (after LISTEN). */
+  get placing(): boolean {
+    return this.state === 'listening' || this.state === 'running';
+  }
+
+  get placer(): MissingPagesPlacer | undefined {
+    return this.placerImpl;
+  }
+
+  /** POSTCOPY_ADVISE: the source will switch to postcopy; can this side do it? */
+  onAdvise(data: Uint8Array): void {
+    this.expect('none');
+    checkPostcopyAdvise(data);
+    this.notify('PROBE');
+    this.state = 'advise';
+    this.notify('INBOUND_ADVISE');
+  }
+
+  /** Guest RAM exists (from the setup section or given up front). */
+  attachRam(ram: GuestRam): void {
+    this.ram = ram;
+    let base = 0;
+    for (const b of ram.blocks) {
+      this.blockBase.set(b, base);
+      base += b.pages;
+    }
+  }
+
+  /**
+   * Precopy is over: every page it sent landed (the source flushed and synced multifd first),
+   * so every page counts as received until a discard says otherwise.
+   */
+  private enterDiscard(): MissingPagesPlacer {
+    if (!this.ram) this.fail('postcopy switch before the RAM block list');
+    if (!this.placerImpl) {
+      this.placerImpl = new MissingPagesPlacer(createMissingPages(this.ram.totalPages, MAX_VCPUS));
+      this.placerImpl.markReceived(0, this.ram.totalPages);
+    }
+    this.state = 'discard';
+    return this.placerImpl;
+  }
+
+  /** POSTCOPY_RAM_DISCARD: pages dirtied after they were sent are not received. */
+  onDiscard(data: Uint8Array): void {
+    this.expect('advise', 'discard');
+    const placer = this.enterDiscard();
+    const { idstr, ranges } = decodePostcopyRamDiscard(data);
+    const block = this.ram!.find(idstr);
+    if (!block) this.fail(`discard for unknown RAM block '${idstr}'`, 'VMIG_ERR_UNKNOWN_BLOCK');
+    const base = this.blockBase.get(block)!;
+    for (const r of ranges) {
+      if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.length) || r.start % TARGET_PAGE_SIZE || r.length % TARGET_PAGE_SIZE || r.start + r.length > block.usedLength) {
+        this.fail(`discard range 0x${r.start.toString(16)}+0x${r.length.toString(16)} outside block '${idstr}' or not page aligned`, 'VMIG_ERR_BAD_OFFSET');
+      }
+      placer.markMissing(base + r.start / TARGET_PAGE_SIZE, r.length / TARGET_PAGE_SIZE);
+      this.discarded += r.length / TARGET_PAGE_SIZE;
+    }
+  }
+
+  /** POSTCOPY_LISTEN: from now on pages are placed through the received map. */
+  onListen(): void {
+    this.expect('advise', 'discard');
+    const placer = this.enterDiscard();
+    this.state = 'listening';
+    this.notify('INBOUND_LISTEN');
+    this.faultLoop = this.serveFaults(placer);
+  }
+
+  /** POSTCOPY_RUN: the vCPUs start here, before all pages arrived. */
+  onRun(): void {
+    this.expect('listening');
+    this.state = 'running';
+    this.opts.onRun(this.placerImpl!.shared, this.placerImpl!);
+  }
+
+  /** A page that arrived after LISTEN (main or preempt channel). `data` null: a zero page. */
+  placePage(block: RamBlock, offset: number, data: Uint8Array | null): void {
+    const page = this.blockBase.get(block)! + offset / TARGET_PAGE_SIZE;
+    this.placerImpl!.place(page, () => {
+      if (data) block.host.set(data, offset);
+      else block.host.fill(0, offset, offset + TARGET_PAGE_SIZE);
+    });
+  }
+
+  /** Faulted pages become requests (REQ_PAGES_ID, or REQ_PAGES for the same block again). */
+  private async serveFaults(placer: MissingPagesPlacer): Promise<void> {
+    const ram = this.ram!;
+    while (!this.stopFaults) {
+      const pages = await placer.takeFaults(50);
+      for (const p of pages) {
+        const [b, page] = ram.locate(p);
+        const block = ram.blocks[b]!;
+        this.opts.sendRp(encodeRpReqPages(block === this.lastRequestBlock ? undefined : block.idstr, page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE));
+        this.lastRequestBlock = block;
+        this.requests++;
+      }
+    }
+  }
+
+  /**
+   * EOF on the main stream: every page must be in place (the preempt channel may still be
+   * delivering requested ones). Resolves at END; rejects through `failed` meanwhile.
+   */
+  async finish(failed: () => VmigError | undefined): Promise<void> {
+    if (!this.placing) return;
+    const placer = this.placerImpl!;
+    while (placer.missing() > 0) {
+      const err = failed();
+      if (err) throw err;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    this.stopFaults = true;
+    await this.faultLoop;
+    this.state = 'end';
+    this.notify('INBOUND_END');
+  }
+
+  /** A failure while postcopy runs: release blocked vCPUs (they give up), stop requesting. */
+  abort(): void {
+    this.stopFaults = true;
+    this.placerImpl?.abort();
+  }
+
+  blocktime(): PostcopyBlocktime | undefined {
+    return this.placerImpl?.blocktime();
+  }
+
+  stats(): PostcopyIncomingStats {
+    return {
+      state: this.state,
+      postcopyRequests: this.requests,
+      postcopyPages: this.placerImpl?.placed ?? 0,
+      duplicatePages: this.placerImpl?.dropped ?? 0,
+      discardedPages: this.discarded,
+    };
+  }
+}
