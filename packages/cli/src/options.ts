@@ -16,6 +16,9 @@ export const SHARED_OPTIONS = {
   'multifd-channels': { type: 'string' },
   'multifd-compression': { type: 'string' },
   'multifd-flush-after-each-section': { type: 'boolean' },
+  postcopy: { type: 'boolean' },
+  'postcopy-preempt': { type: 'boolean' },
+  'postcopy-blocktime': { type: 'boolean' },
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
@@ -64,7 +67,8 @@ export const MIGRATE_OPTIONS = {
   'max-bandwidth': { type: 'string' },
   'downtime-limit': { type: 'string' },
   'zero-page-detection': { type: 'string' },
-  postcopy: { type: 'boolean' },
+  'postcopy-after-rounds': { type: 'string' },
+  'max-postcopy-bandwidth': { type: 'string' },
   'auto-converge': { type: 'boolean' },
   control: { type: 'string' },
 } as const;
@@ -77,6 +81,10 @@ export interface SharedSettings {
   multifdChannels: number;
   compression: CompressionName;
   flushAfterEachSection: boolean;
+  /** The postcopy-ram capability, and its preempt channel and blocktime statistics. */
+  postcopy: boolean;
+  postcopyPreempt: boolean;
+  postcopyBlocktime: boolean;
   json: boolean;
   logLevel: LogLevel;
 }
@@ -92,11 +100,16 @@ export function sharedSettings(v: Values): SharedSettings {
   if (compression !== 'none' && n === 0) throw new InvalidArgumentError(`--multifd-compression ${compression} needs --multifd-channels N`);
   const legacy = v['multifd-flush-after-each-section'] === true;
   if (legacy && n === 0) throw new InvalidArgumentError('--multifd-flush-after-each-section needs --multifd-channels N');
+  const postcopy = v['postcopy'] === true;
+  for (const f of ['postcopy-preempt', 'postcopy-blocktime']) if (v[f] === true && !postcopy) throw new InvalidArgumentError(`--${f} needs --postcopy`);
   return {
     ram: parseRamSpecs(str(v, 'ram'), v['ram-block'] as string[] | undefined),
     multifdChannels: n,
     compression,
     flushAfterEachSection: legacy,
+    postcopy,
+    postcopyPreempt: v['postcopy-preempt'] === true,
+    postcopyBlocktime: v['postcopy-blocktime'] === true,
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };
@@ -112,7 +125,10 @@ export interface MigrateSettings extends SharedSettings, GuestSettings {
 export function migrateSettings(v: Values): MigrateSettings {
   const shared = sharedSettings(v);
   if (!shared.ram) throw new InvalidArgumentError('migrate: --ram SIZE (or --ram-block NAME=SIZE) is required');
-  if (v['postcopy']) throw new InvalidArgumentError('--postcopy: postcopy is not available in this build yet');
+  const afterRounds = str(v, 'postcopy-after-rounds');
+  if (afterRounds !== undefined && !shared.postcopy) throw new InvalidArgumentError('--postcopy-after-rounds needs --postcopy');
+  const maxPostcopyBw = str(v, 'max-postcopy-bandwidth');
+  if (maxPostcopyBw !== undefined && !shared.postcopy) throw new InvalidArgumentError('--max-postcopy-bandwidth needs --postcopy');
   const guest = guestSettings(v);
   const zpd = str(v, 'zero-page-detection');
   // QEMU >= 9.0 defaults to multifd detection when multifd is on; legacy otherwise.
@@ -132,6 +148,9 @@ export function migrateSettings(v: Values): MigrateSettings {
       downtimeLimitMs: downtime === undefined ? DEFAULT_PARAMS.downtimeLimitMs : parseIntFlag('downtime-limit', downtime, 1, 2_000_000),
       maxBandwidth: maxBw === undefined ? 0 : parseSize('max-bandwidth', maxBw),
       autoConverge: v['auto-converge'] === true,
+      postcopy: shared.postcopy,
+      postcopyAfterRounds: afterRounds === undefined ? 0 : parseIntFlag('postcopy-after-rounds', afterRounds, 1, 1_000_000),
+      maxPostcopyBandwidth: maxPostcopyBw === undefined ? 0 : parseSize('max-postcopy-bandwidth', maxPostcopyBw),
     },
     control: control === undefined ? undefined : formatMigrationUri(parseMigrationUri(control)),
   };

@@ -40,14 +40,23 @@ export async function demoCommand(argv: string[]): Promise<number> {
   const dst = destination.report ?? { status: 'failed', error: { message: `destination exited ${destination.code}` } };
   // The ITS-style device flushed its table into RAM after the stop: it must be there too.
   const its = (dst['devices'] as Record<string, { tableInRam?: boolean } | null> | undefined)?.['vmig-its'];
+  // Postcopy: the destination's vCPUs wrote meanwhile, so its RAM with their stamps taken
+  // out must equal the source's, and every stamp must be their last write (postcopy-verify.ts).
+  const pc = dst['postcopy'] as { restoredDigest?: string; badStamps?: number } | undefined;
+  const dstDigest = pc ? pc.restoredDigest : dst['ramDigest'];
   const verified =
-    src['status'] === 'completed' && dst['status'] === 'completed' && typeof src['ramDigest'] === 'string' && src['ramDigest'] === dst['ramDigest'] && its?.tableInRam === true;
+    src['status'] === 'completed' &&
+    dst['status'] === 'completed' &&
+    typeof src['ramDigest'] === 'string' &&
+    src['ramDigest'] === dstDigest &&
+    (pc === undefined || pc.badStamps === 0) &&
+    its?.tableInRam === true;
   const ram = src['ram'] as { total: number; transferred: number; dirtySyncCount: number } | undefined;
   out.report(
     { role: 'demo', verified, status: verified ? 'completed' : 'failed', source: src, destination: dst },
     verified
-      ? `vmig demo: verified. ${fmtBytes(ram?.total ?? 0)} migrated in ${Number(src['totalTimeMs']).toFixed(0)} ms with ${s.writers} writer(s) running; downtime ${Number(src['downtimeMs']).toFixed(1)} ms; ${ram?.dirtySyncCount} dirty sync(s); ${fmtBytes(ram?.transferred ?? 0)} sent; digests equal (${String(src['ramDigest'])})`
-      : `vmig demo: NOT verified. source: ${String(src['status'])} ${JSON.stringify(src['error'] ?? '')}, destination: ${String(dst['status'])} ${JSON.stringify(dst['error'] ?? '')}, digests ${String(src['ramDigest'])} vs ${String(dst['ramDigest'])}`,
+      ? `vmig demo: verified. ${fmtBytes(ram?.total ?? 0)} migrated in ${Number(src['totalTimeMs']).toFixed(0)} ms with ${s.writers} writer(s) running; downtime ${Number(src['downtimeMs']).toFixed(1)} ms; ${ram?.dirtySyncCount} dirty sync(s); ${fmtBytes(ram?.transferred ?? 0)} sent; ${pc ? `postcopy: ${String((dst['postcopy'] as Record<string, unknown>)['postcopyPages'])} pages after the switch, ${String((dst['postcopy'] as Record<string, unknown>)['postcopyRequests'])} requested, destination writes all kept; ` : ''}digests equal (${String(src['ramDigest'])})`
+      : `vmig demo: NOT verified. source: ${String(src['status'])} ${JSON.stringify(src['error'] ?? '')}, destination: ${String(dst['status'])} ${JSON.stringify(dst['error'] ?? '')}, digests ${String(src['ramDigest'])} vs ${String(dstDigest)}${pc?.badStamps ? `, ${pc.badStamps} destination write(s) lost` : ''}`,
   );
   return verified ? 0 : 1;
 }

@@ -10,6 +10,10 @@ import {
   DeviceRegistry,
   EndOfStream,
   GlobalStateDevice,
+  MigrationNotifiers,
+  PostcopyIncoming,
+  RamLoadState,
+  TARGET_PAGE_SIZE,
   GuestRam,
   qemuLoadVmState,
   QEMU_VM_FILE_MAGIC,
@@ -23,7 +27,7 @@ import {
   VmigError,
 } from '@vmig/core';
 import { MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultifdReceiver } from '@vmig/multifd';
-import { digestRam, ItsTableDevice, VcpuStateDevice } from '@vmig/test-harness';
+import { checkStampedRam, digestRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { createLogger } from '../log.js';
 import { dumpRam } from '../dump-ram.js';
 import { INCOMING_OPTIONS, sharedSettings } from '../options.js';
@@ -40,9 +44,15 @@ interface MainChannel {
  * Accepts connections until the listener closes: the first QEVM one is the main channel,
  * multifd ones go to the receiver. Anything else is closed.
  */
-function acceptChannels(listener: Listener, receiver: MultifdReceiver | undefined, onFatal: (e: VmigError) => void): Promise<MainChannel> {
+function acceptChannels(
+  listener: Listener,
+  receiver: MultifdReceiver | undefined,
+  onFatal: (e: VmigError) => void,
+  onPreempt: ((sock: net.Socket, first: Buffer) => void) | undefined,
+): Promise<MainChannel> {
   return new Promise((resolveMain) => {
     let mainSeen = false;
+    let preemptSeen = false;
     const handle = async (sock: net.Socket): Promise<void> => {
       sock.on('error', () => {});
       let first = await readFirstBytes(sock, 4);
@@ -58,6 +68,10 @@ function acceptChannels(listener: Listener, receiver: MultifdReceiver | undefine
         }
         if (first.length < MULTIFD_INIT_SIZE) first = Buffer.concat([first, await readFirstBytes(sock, MULTIFD_INIT_SIZE - first.length)]);
         receiver.addChannel(sock, first);
+      } else if (onPreempt && mainSeen && !preemptSeen) {
+        // The postcopy preempt channel: no magic, it starts with a RAM record.
+        preemptSeen = true;
+        onPreempt(sock, first);
       } else {
         sock.destroy();
       }
@@ -105,17 +119,75 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   };
   receiver?.onError(fatal);
 
+  // Postcopy: the destination's vCPUs, started at POSTCOPY_RUN from the vCPU state the
+  // source sent, and the preempt channel's reader.
+  let postcopy: PostcopyIncoming | undefined;
+  let vcpusStarting: Promise<VcpuPool> | undefined;
+  let preemptDone: Promise<void> | undefined;
+  const onPreempt = settings.postcopyPreempt
+    ? (sock: net.Socket, first: Buffer): void => {
+        const reader = new ByteReader(sock, { channel: 'preempt', initial: first });
+        sock.on('error', () => {});
+        const load = new RamLoadState({
+          ram,
+          createRam: () => {
+            throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'a RAM block list on the preempt channel', { channel: 'preempt' });
+          },
+          postcopy,
+          channel: 'preempt',
+        });
+        preemptDone = (async () => {
+          try {
+            for (;;) await load.loadSectionBody(reader);
+          } catch (e) {
+            if (e instanceof EndOfStream && reader.buf.length === reader.pos) return;
+            fatal(e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'preempt channel ended inside a record', { channel: 'preempt' }) : toVmigError(e, 'VMIG_ERR_CHANNEL', { channel: 'preempt' }));
+          }
+        })();
+      }
+    : undefined;
+
   const start = performance.now();
   let loadStart = start;
   let returnPath = false;
   try {
-    const main = await Promise.race([acceptChannels(listener, receiver, fatal), fatalError]);
+    const main = await Promise.race([acceptChannels(listener, receiver, fatal, onPreempt), fatalError]);
     mainSock = main.sock;
     if (firstError) throw firstError;
     loadStart = performance.now();
     const conn = main.sock;
     const reader = new ByteReader(conn, { channel: 'main', initial: main.first });
     const vcpuState = new VcpuStateDevice(() => ({ writers: 0, writes: 0, pattern: '' }));
+    if (settings.postcopy) {
+      const notifiers = new MigrationNotifiers();
+      notifiers.postcopy.add((e) => {
+        log.info({ reason: e.reason }, 'postcopy notifier');
+        out.event({ event: 'postcopy', reason: e.reason }, undefined);
+      });
+      postcopy = new PostcopyIncoming({
+        sendRp: (m) => conn.write(m),
+        notifiers,
+        blocktime: settings.postcopyBlocktime,
+        onRun: (shared, placer) => {
+          // vm_start on the destination: the same vCPUs the source ran, each write checked
+          // against the received map, tracked for the final check.
+          const st = vcpuState.loaded;
+          const n = st?.writers ?? 0;
+          placer.setRunningVcpus(n);
+          if (n === 0 || !ram) return;
+          vcpusStarting = VcpuPool.start(ram, {
+            writers: n,
+            dirtyRate: st?.dirtyRate ?? 0,
+            pattern: st?.pattern === 'hot' ? 'hot' : 'uniform',
+            hotPages: st?.hotPages ?? 64,
+            seed: (st?.seed ?? 1) + 1,
+            missing: shared,
+            track: true,
+          });
+          vcpusStarting.catch((e: unknown) => fatal(toVmigError(e, 'VMIG_ERR_WORKER')));
+        },
+      });
+    }
     const its = new ItsTableDevice(() => ram);
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its);
     const noMultifd = async (): Promise<void> => {
@@ -133,13 +205,35 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       devices,
       onOpenReturnPath: () => (returnPath = true),
       onPing: (v) => conn.write(encodeRpPong(v)),
+      postcopy,
+      failed: () => firstError,
     });
     ram = result.ram;
     const loadMs = performance.now() - loadStart;
-    // Loaded (the last barrier put every multifd page in place): tell the source at once
-    // (its downtime ends here), then digest. Nothing on this side writes guest RAM in
-    // precopy, so the digest is of RAM as loaded.
+    // Loaded (the last barrier put every multifd page in place; in postcopy every page is in
+    // the received map): tell the source at once (its downtime ends here).
     if (returnPath) conn.write(encodeRpShut(0));
+    await preemptDone;
+    // Postcopy: this side's vCPUs ran since RUN; stop them, then check every page against
+    // the source's (postcopy-verify.ts). Precopy: nothing here wrote guest RAM, so the digest
+    // is of RAM as loaded.
+    let postcopyReport: Record<string, unknown> | undefined;
+    if (postcopy && postcopy.state === 'end') {
+      const pool = await vcpusStarting;
+      const writes = pool?.writes ?? 0;
+      const tracks = (await pool?.terminate()) ?? [];
+      const check = checkStampedRam(ram, tracks, pool?.count ?? 0);
+      const pc = postcopy.stats();
+      postcopyReport = {
+        ...pc,
+        postcopyBytes: pc.postcopyPages * TARGET_PAGE_SIZE,
+        writers: pool?.count ?? 0,
+        writes,
+        ...check,
+        ...(settings.postcopyBlocktime ? postcopy.blocktime() : {}),
+      };
+      its.checkTableInRam();
+    }
     const digest = digestRam(ram);
     // QEMU appends a JSON description after EOF; read it if the source sends one.
     try {
@@ -168,6 +262,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
           blocks: ram.blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })),
         },
         multifdChannels: settings.multifdChannels,
+        ...(postcopyReport ? { postcopy: postcopyReport } : {}),
         devices: {
           'vmig-vcpus': vcpuState.loaded ?? null,
           'vmig-its': its.flushed ? { ...its.flushed, tableInRam: its.tableInRam } : null,
@@ -179,9 +274,19 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     );
     return 0;
   } catch (e) {
-    const err: VmigError =
+    let err: VmigError =
       firstError ??
       (e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'source closed the migration stream early', { channel: 'main', phase: 'load' }) : toVmigError(e, 'VMIG_ERR_CHANNEL'));
+    if (postcopy?.placing) {
+      // This side may have run the guest: it cannot go back to the source whole.
+      err = new VmigError('VMIG_ERR_POSTCOPY', `postcopy failed after the switch (${err.message}); the guest's state is split between source and destination and neither can run it`, {
+        channel: err.channel,
+        phase: 'postcopy',
+      });
+    }
+    // Blocked vCPUs give up without writing; then they end.
+    postcopy?.abort();
+    await (await vcpusStarting?.catch(() => undefined))?.terminate();
     if (mainSock && returnPath && !mainSock.destroyed) mainSock.write(encodeRpShut(1));
     mainSock?.end();
     mainSock?.destroy();

@@ -11,6 +11,7 @@ import {
   MigrationNotifiers,
   MigrationStats,
   PrecopyMigration,
+  putRamEos,
   TimerDevice,
   toVmigError,
   type MigrationInfo,
@@ -46,6 +47,11 @@ export async function migrateCommand(argv: string[]): Promise<number> {
         s.control,
         {
           'query-migrate': () => (mig ? mig.stats.info() : { status: 'none' }),
+          'migrate-start-postcopy': () => {
+            if (!mig) throw new InvalidArgumentError('no migration is running yet');
+            mig.startPostcopy();
+            return {};
+          },
           'migrate-cancel': () => {
             abort.abort();
             return {};
@@ -58,7 +64,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
           },
           'query-migrate-parameters': () => {
             const p = mig?.parameters ?? s.params;
-            return { 'max-bandwidth': p.maxBandwidth, 'downtime-limit': p.downtimeLimitMs, 'auto-converge': p.autoConverge };
+            return { 'max-bandwidth': p.maxBandwidth, 'downtime-limit': p.downtimeLimitMs, 'auto-converge': p.autoConverge, 'postcopy-ram': p.postcopy };
           },
         },
         log,
@@ -112,12 +118,25 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     }
   }
   const sink = new BufferedWriter(sock, { channel: 'main' });
+  // --postcopy-preempt: the channel for requested pages, opened at the switch.
+  let preemptSock: Awaited<ReturnType<typeof connect>> | undefined;
+  const openPreempt = s.postcopyPreempt
+    ? async () => {
+        preemptSock = await connect(uri, { channel: 'preempt' });
+        preemptSock.on('error', (e) => mig?.fail(e));
+        const w = new BufferedWriter(preemptSock, { channel: 'preempt' });
+        // QEMU's preempt channel has no magic; an empty RAM part (EOS) tells it apart at once.
+        putRamEos(w);
+        await w.flush();
+        return w;
+      }
+    : undefined;
   const returnPath = new ByteReader(sock, { channel: 'return-path' });
   const its = new ItsTableDevice(() => ram);
   const devices = new DeviceRegistry()
     .register(new TimerDevice())
     .register(new GlobalStateDevice('running'))
-    .register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern })))
+    .register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern, dirtyRate: s.dirtyRate, hotPages: s.hotPages, seed: Number(s.seed) || 1 })))
     .register(its);
   const notifiers = new MigrationNotifiers();
   notifiers.precopy.add((e) => {
@@ -133,6 +152,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     devices,
     params: s.params,
     returnPath,
+    openPreempt,
     signal: abort.signal,
     notifiers,
     log,
@@ -157,9 +177,11 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   progress?.stop();
 
   // After success the vCPUs stay stopped: RAM is exactly what was migrated. After a failure
-  // or cancel they run again: check that they really do.
+  // or cancel before the postcopy switch they run again: check that they really do. After
+  // the switch they stay stopped (the guest is split; the error says so).
   const digest = info.status === 'completed' ? digestRam(ram).digest : undefined;
   sock.destroy();
+  preemptSock?.destroy();
   if (info.status === 'completed') await multifd?.close();
   else await multifd?.destroy();
   let writersResumed: boolean | undefined;

@@ -57,6 +57,8 @@ export interface MigrationParams {
   postcopy: boolean;
   /** Switch to postcopy after this many complete rounds (0: not by count). */
   postcopyAfterRounds: number;
+  /** max-postcopy-bandwidth, bytes/s, for background pages after the switch; 0 = unlimited. */
+  maxPostcopyBandwidth: number;
 }
 
 /** What migrate-set-parameters may change while a migration runs. */
@@ -73,6 +75,7 @@ export const DEFAULT_PARAMS: MigrationParams = {
   autoConverge: false,
   postcopy: false,
   postcopyAfterRounds: 0,
+  maxPostcopyBandwidth: 0,
 };
 
 /** Postcopy's automatic switch: rounds in a row in which what is dirty did not shrink. */
@@ -515,9 +518,24 @@ export class PrecopyMigration {
     stats.downtimeBytes = this.writtenBytes() - bytesBefore;
     this.setStatus('postcopy-active');
     const postcopyStart = this.writtenBytes() + (this.preempt?.bytesWritten ?? 0);
+    // Background pages only; requested pages are never held back.
+    const limiter = new RateLimiter(this.params.maxPostcopyBandwidth, BANDWIDTH_PERIOD_MS, performance.now());
+    limiter.account(this.writtenBytes());
 
     while (saver.dirtyPages > 0) {
       if (this.error) throw this.error;
+      limiter.account(this.writtenBytes());
+      if (limiter.allowance() <= 0) {
+        // Requests keep being served while background pages wait for credit.
+        if (!this.preempt && this.requests.length > 0) {
+          saver.writePartHeader(sink, RAM_SECTION_ID, false);
+          this.serveRequests(sink);
+          saver.writeSectionEnd(sink, RAM_SECTION_ID);
+          await this.guard(sink.flush());
+        }
+        await this.guard(sleep(Math.min(2, limiter.waitMs())));
+        continue;
+      }
       saver.writePartHeader(sink, RAM_SECTION_ID, false);
       this.serveRequests(sink);
       saver.savePages(sink, POSTCOPY_SLICE_PAGES);

@@ -89,6 +89,9 @@ export class RamLoadState {
             pc.placePage(block, offset, s.buf.subarray(s.pos, s.pos + TARGET_PAGE_SIZE));
             s.pos += TARGET_PAGE_SIZE;
             this.normalPages++;
+            // Let the fault doorbell and the preempt channel in: with the stream's bytes
+            // already buffered, awaiting ensure() alone never yields to them.
+            if ((this.normalPages & 31) === 0) await new Promise<void>((r) => setImmediate(r));
           } else {
             await s.ensure(1);
             if (getU8(s) !== 0) this.fail('postcopy zero page record with a non-zero fill byte');

@@ -41,6 +41,8 @@ export interface MissingPagesShared {
   pages: number;
   /** Fault slots and sample rows: the most vCPUs this map can serve. */
   writers: number;
+  /** vCPUs time their faults (--postcopy-blocktime). */
+  blocktime: boolean;
   ctl: SharedArrayBuffer;
   times: SharedArrayBuffer;
   received: SharedArrayBuffer;
@@ -48,15 +50,16 @@ export interface MissingPagesShared {
   latency: SharedArrayBuffer;
 }
 
-export function createMissingPages(pages: number, writers: number): MissingPagesShared {
+export function createMissingPages(pages: number, writers: number, blocktime: boolean): MissingPagesShared {
   return {
     pages,
     writers,
+    blocktime,
     ctl: new SharedArrayBuffer(CTL_WORDS * 4),
     times: new SharedArrayBuffer(2 * 8),
     received: new SharedArrayBuffer(Math.max(1, Math.ceil(pages / 32)) * 4),
     faults: new SharedArrayBuffer(Math.max(1, writers) * 4),
-    latency: new SharedArrayBuffer(latencySamplesBytes(writers)),
+    latency: new SharedArrayBuffer(blocktime ? latencySamplesBytes(writers) : 8),
   };
 }
 
@@ -71,7 +74,7 @@ class Views {
     this.times = new Float64Array(s.times);
     this.received = new Int32Array(s.received);
     this.faults = new Int32Array(s.faults);
-    this.latency = new LatencySamples(s.latency, s.writers);
+    this.latency = new LatencySamples(s.latency, s.blocktime ? s.writers : 0);
   }
 
   isReceived(page: number): boolean {
@@ -114,8 +117,9 @@ export class MissingPagesVcpu {
   beforeWrite(page: number): boolean {
     const v = this.v;
     if (v.isReceived(page)) return true;
-    const t0 = clock();
-    v.blockedDelta(1, t0);
+    const timed = v.s.blocktime;
+    const t0 = timed ? clock() : 0;
+    if (timed) v.blockedDelta(1, t0);
     // Rule 2: post the fault, ring the doorbell, wait on the page's word.
     Atomics.store(v.faults, this.writer, page + 1);
     Atomics.add(v.ctl, FAULT_SEQ, 1);
@@ -133,9 +137,11 @@ export class MissingPagesVcpu {
       Atomics.wait(v.received, w, cur, 20);
     }
     Atomics.store(v.faults, this.writer, 0);
-    const t1 = clock();
-    v.blockedDelta(-1, t1);
-    if (ok) v.latency.record(this.writer, t1 - t0);
+    if (timed) {
+      const t1 = clock();
+      v.blockedDelta(-1, t1);
+      if (ok) v.latency.record(this.writer, t1 - t0);
+    }
     return ok;
   }
 }
@@ -250,7 +256,7 @@ export class MissingPagesPlacer {
     const s: LatencySummary = this.v.latency.summary();
     return {
       postcopyBlocktimeMs: Math.round(this.v.times[ALL_TOTAL]! * 1000) / 1000,
-      postcopyVcpuBlocktimeMs: s.perWriterTotalMs,
+      postcopyVcpuBlocktimeMs: s.perWriterTotalMs.slice(0, Atomics.load(this.v.ctl, WRITERS)),
       faults: s.count,
       faultLatencyP50Ms: s.p50Ms,
       faultLatencyP99Ms: s.p99Ms,

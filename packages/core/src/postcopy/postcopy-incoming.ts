@@ -21,6 +21,8 @@ export interface PostcopyIncomingOptions {
   /** POSTCOPY_RUN: start the vCPUs, which must check `shared` before each write. */
   onRun: (shared: MissingPagesShared, placer: MissingPagesPlacer) => void;
   notifiers?: MigrationNotifiers | undefined;
+  /** --postcopy-blocktime: vCPUs time their faults. */
+  blocktime?: boolean | undefined;
 }
 
 export interface PostcopyIncomingStats {
@@ -96,7 +98,7 @@ export class PostcopyIncoming {
   private enterDiscard(): MissingPagesPlacer {
     if (!this.ram) this.fail('postcopy switch before the RAM block list');
     if (!this.placerImpl) {
-      this.placerImpl = new MissingPagesPlacer(createMissingPages(this.ram.totalPages, MAX_VCPUS));
+      this.placerImpl = new MissingPagesPlacer(createMissingPages(this.ram.totalPages, MAX_VCPUS, this.opts.blocktime ?? false));
       this.placerImpl.markReceived(0, this.ram.totalPages);
     }
     this.state = 'discard';
