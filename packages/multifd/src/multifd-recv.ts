@@ -7,7 +7,7 @@ import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
 import { detachFd } from '@vmig/channel';
 import { FirstError, type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
-import { ABORT, CONTROL_WORDS, MAX_CHANNELS, POSTED, RELEASED } from './recv-control.js';
+import { ABORT, APPLYING, CONTROL_WORDS, MAX_CHANNELS, POSTED, RELEASED, SEALED } from './recv-control.js';
 import type { RecvChannelConfig, RecvFromChannel, RecvToChannel } from './recv-protocol.js';
 import { decodeMultifdInit, MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
 
@@ -107,6 +107,22 @@ export class MultifdReceiver {
     for (let ch = 0; ch < this.channels; ch++) {
       Atomics.add(this.ctl, RELEASED + ch, 1);
       Atomics.notify(this.ctl, RELEASED + ch);
+    }
+  }
+
+  /**
+   * The postcopy switch (recv-control.ts): no channel writes guest RAM from now on. Resolves
+   * once any packet being applied is done; a packet with pages after this is an error.
+   */
+  async seal(timeoutMs = 5000): Promise<void> {
+    Atomics.store(this.ctl, SEALED, 1);
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      if (this.error) throw this.error;
+      const n = Atomics.load(this.ctl, APPLYING);
+      if (n === 0) return;
+      if (performance.now() > deadline) throw new StreamError('VMIG_ERR_POSTCOPY', 'a multifd channel is still writing pages at the postcopy switch', { channel: 'multifd' });
+      await Atomics.waitAsync(this.ctl, APPLYING, n, 50).value;
     }
   }
 

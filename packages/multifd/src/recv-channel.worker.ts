@@ -10,9 +10,9 @@ import { ByteReader } from '@vmig/channel';
 import { EndOfStream, GuestRam, StreamError, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
 import { compressionByFlags } from './compress/registry.js';
 import type { MultifdRecvDecompressor } from './compress/method.js';
-import { ABORT, POSTED, RELEASED } from './recv-control.js';
+import { ABORT, APPLYING, POSTED, RELEASED, SEALED } from './recv-control.js';
 import type { RecvChannelConfig, RecvFromChannel, RecvToChannel } from './recv-protocol.js';
-import { checkMultifdOffsets, decodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_MAX_PAYLOAD, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE } from './wire/multifd-wire.js';
+import { checkMultifdOffsets, decodeMultifdPacketHeader, type MultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_MAX_PAYLOAD, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE } from './wire/multifd-wire.js';
 
 const cfg = workerData as RecvChannelConfig;
 const port = parentPort!;
@@ -67,40 +67,55 @@ async function run(): Promise<void> {
     reader.pos += MULTIFD_PACKET_HEADER_SIZE;
     stats.bytes += MULTIFD_PACKET_HEADER_SIZE;
     if (h.normalPages + h.zeroPages > 0) {
-      const block = (await guestRam()).find(h.ramblock);
-      if (!block) throw new StreamError('VMIG_ERR_UNKNOWN_BLOCK', `packet ${h.packetNum}: unknown RAM block '${h.ramblock}'`, { channel });
-      checkMultifdOffsets(h, block.usedLength, channel);
-      const host = Buffer.from(block.hostSab, 0, block.usedLength);
-      const method = compressionByFlags(h.flags, channel);
-      if (method) {
-        if (h.nextPacketSize > MULTIFD_MAX_PAYLOAD) throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `packet ${h.packetNum}: payload of ${h.nextPacketSize} bytes`, { channel });
-        let d = decompressors.get(method.flag);
-        if (!d) decompressors.set(method.flag, (d = method.createReceiver()));
-        await reader.ensure(h.nextPacketSize);
-        const payload = Buffer.from(reader.buf.buffer, reader.buf.byteOffset + reader.pos, h.nextPacketSize);
-        const out = scratch.subarray(0, h.normalPages * TARGET_PAGE_SIZE);
-        await d.decompress(payload, out);
-        reader.pos += h.nextPacketSize;
-        stats.bytes += h.nextPacketSize;
-        for (let i = 0; i < h.normalPages; i++) out.copy(host, h.offsets[i]!, i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE);
-      } else {
-        // nocomp: normal_pages raw pages (next_packet_size is not trusted: QEMU 7.2 leaves it stale).
-        for (let i = 0; i < h.normalPages; i++) {
-          if (reader.buf.length - reader.pos < TARGET_PAGE_SIZE) await reader.ensure(TARGET_PAGE_SIZE);
-          block.host.set(reader.buf.subarray(reader.pos, reader.pos + TARGET_PAGE_SIZE), h.offsets[i]!);
-          reader.pos += TARGET_PAGE_SIZE;
+      // The postcopy seal (recv-control.ts): count in, then check.
+      Atomics.add(ctl, APPLYING, 1);
+      try {
+        if (Atomics.load(ctl, SEALED) !== 0) {
+          throw new StreamError('VMIG_ERR_POSTCOPY', `packet ${h.packetNum}: pages on a multifd channel after the postcopy switch`, { channel });
         }
-        stats.bytes += h.normalPages * TARGET_PAGE_SIZE;
+        await applyPages(h);
+      } finally {
+        Atomics.sub(ctl, APPLYING, 1);
+        Atomics.notify(ctl, APPLYING);
       }
-      for (let i = h.normalPages; i < h.offsets.length; i++) {
-        const off = h.offsets[i]!;
-        if (ZERO.compare(host, off, off + TARGET_PAGE_SIZE) !== 0) host.fill(0, off, off + TARGET_PAGE_SIZE);
-      }
-      stats.normal += h.normalPages;
-      stats.zero += h.zeroPages;
     }
     if (h.flags & MULTIFD_FLAG_SYNC) syncBarrier();
   }
+}
+
+/** Writes a packet's pages (every count and offset checked first). */
+async function applyPages(h: MultifdPacketHeader): Promise<void> {
+  const block = (await guestRam()).find(h.ramblock);
+  if (!block) throw new StreamError('VMIG_ERR_UNKNOWN_BLOCK', `packet ${h.packetNum}: unknown RAM block '${h.ramblock}'`, { channel });
+  checkMultifdOffsets(h, block.usedLength, channel);
+  const host = Buffer.from(block.hostSab, 0, block.usedLength);
+  const method = compressionByFlags(h.flags, channel);
+  if (method) {
+    if (h.nextPacketSize > MULTIFD_MAX_PAYLOAD) throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `packet ${h.packetNum}: payload of ${h.nextPacketSize} bytes`, { channel });
+    let d = decompressors.get(method.flag);
+    if (!d) decompressors.set(method.flag, (d = method.createReceiver()));
+    await reader.ensure(h.nextPacketSize);
+    const payload = Buffer.from(reader.buf.buffer, reader.buf.byteOffset + reader.pos, h.nextPacketSize);
+    const out = scratch.subarray(0, h.normalPages * TARGET_PAGE_SIZE);
+    await d.decompress(payload, out);
+    reader.pos += h.nextPacketSize;
+    stats.bytes += h.nextPacketSize;
+    for (let i = 0; i < h.normalPages; i++) out.copy(host, h.offsets[i]!, i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE);
+  } else {
+    // nocomp: normal_pages raw pages (next_packet_size is not trusted: QEMU 7.2 leaves it stale).
+    for (let i = 0; i < h.normalPages; i++) {
+      if (reader.buf.length - reader.pos < TARGET_PAGE_SIZE) await reader.ensure(TARGET_PAGE_SIZE);
+      block.host.set(reader.buf.subarray(reader.pos, reader.pos + TARGET_PAGE_SIZE), h.offsets[i]!);
+      reader.pos += TARGET_PAGE_SIZE;
+    }
+    stats.bytes += h.normalPages * TARGET_PAGE_SIZE;
+  }
+  for (let i = h.normalPages; i < h.offsets.length; i++) {
+    const off = h.offsets[i]!;
+    if (ZERO.compare(host, off, off + TARGET_PAGE_SIZE) !== 0) host.fill(0, off, off + TARGET_PAGE_SIZE);
+  }
+  stats.normal += h.normalPages;
+  stats.zero += h.zeroPages;
 }
 
 run().then(

@@ -10,9 +10,19 @@
  * and notifies. So the main stream never passes the marker before every channel applied
  * all it held, and no channel reads past its SYNC before the main stream reached the
  * marker. ABORT set to 1 ends every wait (failure, cancel).
+ *
+ * The postcopy seal (no multifd write after the switch): a recv thread increments APPLYING,
+ * then checks SEALED, applies the packet's pages (or refuses them if sealed), then
+ * decrements APPLYING and notifies it. The load loop, at POSTCOPY_LISTEN, stores SEALED and
+ * waits until APPLYING is 0: a thread that saw SEALED clear has finished writing by then,
+ * and every later packet sees SEALED set. The flush-and-sync before the switch means no
+ * packet should be left at all; the seal makes a stray one an error instead of a write
+ * under a running vCPU.
  */
 export const MAX_CHANNELS = 64;
 export const ABORT = 0;
 export const POSTED = 1;
 export const RELEASED = POSTED + MAX_CHANNELS;
-export const CONTROL_WORDS = RELEASED + MAX_CHANNELS;
+export const SEALED = RELEASED + MAX_CHANNELS;
+export const APPLYING = SEALED + 1;
+export const CONTROL_WORDS = APPLYING + 1;

@@ -167,6 +167,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       postcopy = new PostcopyIncoming({
         sendRp: (m) => conn.write(m),
         notifiers,
+        sealMultifd: receiver ? () => receiver.seal() : undefined,
         blocktime: settings.postcopyBlocktime,
         onRun: (shared, placer) => {
           // vm_start on the destination: the same vCPUs the source ran, each write checked
@@ -287,8 +288,10 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     // Blocked vCPUs give up without writing; then they end.
     postcopy?.abort();
     await (await vcpusStarting?.catch(() => undefined))?.terminate();
-    if (mainSock && returnPath && !mainSock.destroyed) mainSock.write(encodeRpShut(1));
-    mainSock?.end();
+    if (mainSock && returnPath && !mainSock.destroyed) {
+      mainSock.write(encodeRpShut(1));
+      await drainAndClose(mainSock);
+    }
     mainSock?.destroy();
     await listener.close().catch(() => {});
     await receiver?.close(0);
@@ -299,6 +302,25 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     );
     return 1;
   }
+}
+
+/**
+ * Half-closes after a failure and reads (discarding) what the source still sends, for a
+ * moment: closing with unread bytes would reset the connection, and the source would see
+ * "connection reset" instead of the SHUT that says the destination failed.
+ */
+async function drainAndClose(sock: net.Socket, ms = 1000): Promise<void> {
+  sock.removeAllListeners('data');
+  sock.on('data', () => {});
+  sock.resume();
+  sock.end();
+  await new Promise<void>((resolve) => {
+    const t = setTimeout(resolve, ms);
+    sock.once('close', () => {
+      clearTimeout(t);
+      resolve();
+    });
+  });
 }
 
 function round(v: number): number {

@@ -143,7 +143,7 @@ class LoadVm {
         return undefined;
       case MIG_CMD_POSTCOPY_LISTEN:
         if (!packaged) this.fail('POSTCOPY_LISTEN outside a packaged command', 'VMIG_ERR_POSTCOPY');
-        this.postcopy('POSTCOPY_LISTEN').onListen();
+        await this.postcopy('POSTCOPY_LISTEN').onListen();
         return undefined;
       case MIG_CMD_POSTCOPY_RUN:
         if (!packaged) this.fail('POSTCOPY_RUN outside a packaged command', 'VMIG_ERR_POSTCOPY');

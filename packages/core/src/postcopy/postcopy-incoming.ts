@@ -21,6 +21,8 @@ export interface PostcopyIncomingOptions {
   /** POSTCOPY_RUN: start the vCPUs, which must check `shared` before each write. */
   onRun: (shared: MissingPagesShared, placer: MissingPagesPlacer) => void;
   notifiers?: MigrationNotifiers | undefined;
+  /** At LISTEN: multifd channels stop writing guest RAM (and any still writing finish first). */
+  sealMultifd?: (() => Promise<void>) | undefined;
   /** --postcopy-blocktime: vCPUs time their faults. */
   blocktime?: boolean | undefined;
 }
@@ -122,10 +124,11 @@ export class PostcopyIncoming {
     }
   }
 
-  /** POSTCOPY_LISTEN: from now on pages are placed through the received map. */
-  onListen(): void {
+  /** POSTCOPY_LISTEN: from now on pages are placed through the received map, never by multifd. */
+  async onListen(): Promise<void> {
     this.expect('advise', 'discard');
     const placer = this.enterDiscard();
+    await this.opts.sealMultifd?.();
     this.state = 'listening';
     this.notify('INBOUND_LISTEN');
     this.faultLoop = this.serveFaults(placer);
