@@ -1,0 +1,203 @@
+/**
+ * Postcopy's wire messages and the destination's state machine, fed hostile input: every
+ * bad message is a clear error with a stable code and nothing lands outside a block.
+ */
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import {
+  checkPostcopyAdvise,
+  decodePostcopyRamDiscard,
+  decodeRpReqPages,
+  discardCommands,
+  encodePostcopyAdvise,
+  encodePostcopyRamDiscard,
+  encodeRpReqPages,
+  GuestRam,
+  MAX_DISCARDS_PER_COMMAND,
+  MemorySink,
+  MemorySource,
+  MIG_CMD_OPEN_RETURN_PATH,
+  MIG_CMD_PACKAGED,
+  MIG_CMD_POSTCOPY_ADVISE,
+  MIG_CMD_POSTCOPY_LISTEN,
+  MIG_CMD_POSTCOPY_RAM_DISCARD,
+  MIG_CMD_POSTCOPY_RUN,
+  MIG_RP_MSG_REQ_PAGES,
+  MIG_RP_MSG_REQ_PAGES_ID,
+  MigrationNotifiers,
+  PostcopyIncoming,
+  putCommand,
+  putFileHeader,
+  putRamMemSize,
+  putSectionFooter,
+  putSectionFull,
+  putEof,
+  putRamEos,
+  QEMU_VM_SECTION_START,
+  qemuLoadVmState,
+  TARGET_PAGE_SIZE,
+  VmigError,
+  encodePackagedLength,
+} from '../src/index.js';
+import { qemuDevices } from './helpers.js';
+
+const P = TARGET_PAGE_SIZE;
+
+describe('postcopy wire messages', () => {
+  it('discard commands round-trip and cover exactly the set bits, at most 12 ranges each', () => {
+    fc.assert(
+      fc.property(fc.array(fc.boolean(), { minLength: 1, maxLength: 300 }), (bits) => {
+        const nextSet = (from: number): number => bits.indexOf(true, from);
+        const nextClear = (from: number): number => bits.indexOf(false, from);
+        const seen = new Array<boolean>(bits.length).fill(false);
+        for (const cmd of discardCommands('pc.ram', bits.length, nextSet, nextClear)) {
+          const { idstr, ranges } = decodePostcopyRamDiscard(cmd);
+          expect(idstr).toBe('pc.ram');
+          expect(ranges.length).toBeGreaterThan(0);
+          expect(ranges.length).toBeLessThanOrEqual(MAX_DISCARDS_PER_COMMAND);
+          for (const r of ranges) for (let p = r.start / P; p < (r.start + r.length) / P; p++) seen[p] = true;
+        }
+        expect(seen).toEqual(bits);
+      }),
+    );
+  });
+
+  it('page requests round-trip, with and without the block name', () => {
+    const a = encodeRpReqPages('pc.ram', 5 * P, P);
+    expect((a[0]! << 8) | a[1]!).toBe(MIG_RP_MSG_REQ_PAGES_ID);
+    expect(decodeRpReqPages(MIG_RP_MSG_REQ_PAGES_ID, a.subarray(4))).toEqual({ idstr: 'pc.ram', start: 5 * P, length: P });
+    const b = encodeRpReqPages(undefined, 7 * P, 2 * P);
+    expect((b[0]! << 8) | b[1]!).toBe(MIG_RP_MSG_REQ_PAGES);
+    expect(decodeRpReqPages(MIG_RP_MSG_REQ_PAGES, b.subarray(4))).toEqual({ idstr: undefined, start: 7 * P, length: 2 * P });
+  });
+
+  it('malformed messages are rejected with stable codes', () => {
+    const code = (f: () => unknown): string | undefined => {
+      try {
+        f();
+      } catch (e) {
+        return (e as VmigError).code;
+      }
+      return undefined;
+    };
+    expect(code(() => checkPostcopyAdvise(new Uint8Array(3)))).toBe('VMIG_ERR_STREAM_FORMAT');
+    const bigPages = encodePostcopyAdvise();
+    bigPages[6] = 0x20; // 2 MiB host pages
+    expect(code(() => checkPostcopyAdvise(bigPages))).toBe('VMIG_ERR_POSTCOPY');
+    const d = encodePostcopyRamDiscard('pc.ram', [{ start: 0, length: P }]);
+    const badVersion = d.slice();
+    badVersion[0] = 1;
+    expect(code(() => decodePostcopyRamDiscard(badVersion))).toBe('VMIG_ERR_STREAM_FORMAT');
+    expect(code(() => decodePostcopyRamDiscard(d.subarray(0, d.length - 3)))).toBe('VMIG_ERR_STREAM_FORMAT');
+    const noNul = d.slice();
+    noNul[2 + 6] = 1;
+    expect(code(() => decodePostcopyRamDiscard(noNul))).toBe('VMIG_ERR_STREAM_FORMAT');
+    expect(code(() => decodePostcopyRamDiscard(new Uint8Array([0, 200, 0])))).toBe('VMIG_ERR_STREAM_FORMAT');
+    const req = encodeRpReqPages('pc.ram', 0, P).subarray(4);
+    expect(code(() => decodeRpReqPages(MIG_RP_MSG_REQ_PAGES_ID, req.subarray(0, 10)))).toBe('VMIG_ERR_STREAM_FORMAT');
+    expect(code(() => decodeRpReqPages(MIG_RP_MSG_REQ_PAGES_ID, req.subarray(0, req.length - 1)))).toBe('VMIG_ERR_STREAM_FORMAT');
+    expect(code(() => decodeRpReqPages(MIG_RP_MSG_REQ_PAGES, req))).toBe('VMIG_ERR_STREAM_FORMAT');
+  });
+});
+
+/** A stream up to the switch: header, return path, ADVISE, the RAM setup section, then `rest`. */
+function streamWith(rest: (w: MemorySink) => void, advise = true): Uint8Array {
+  const w = new MemorySink();
+  putFileHeader(w, 'none');
+  putCommand(w, MIG_CMD_OPEN_RETURN_PATH);
+  if (advise) putCommand(w, MIG_CMD_POSTCOPY_ADVISE, encodePostcopyAdvise());
+  putSectionFull(w, QEMU_VM_SECTION_START, { sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 });
+  putRamMemSize(w, [{ idstr: 'pc.ram', usedLength: 64 * P }]);
+  putRamEos(w);
+  putSectionFooter(w, 2);
+  rest(w);
+  return w.bytes();
+}
+
+function packaged(w: MemorySink, inner: (p: MemorySink) => void): void {
+  const p = new MemorySink();
+  inner(p);
+  const blob = p.bytes();
+  putCommand(w, MIG_CMD_PACKAGED, encodePackagedLength(blob.length));
+  w.putBytes(blob);
+}
+
+async function load(bytes: Uint8Array, notifiers = new MigrationNotifiers()): Promise<{ err: VmigError | undefined; pc: PostcopyIncoming; ram: GuestRam }> {
+  const ram = GuestRam.create([{ idstr: 'pc.ram', size: 64 * P }], { prefault: false });
+  ram.blocks[0]!.host.fill(0x5a);
+  const sent: Uint8Array[] = [];
+  const pc = new PostcopyIncoming({ sendRp: (m) => sent.push(m), onRun: () => {}, notifiers });
+  let err: VmigError | undefined;
+  try {
+    await qemuLoadVmState(new MemorySource([bytes]), { ram, createRam: () => ram, devices: qemuDevices(), postcopy: pc });
+  } catch (e) {
+    err = e as VmigError;
+  }
+  pc.abort();
+  return { err, pc, ram };
+}
+
+describe('the destination state machine against hostile streams', () => {
+  it('the whole sequence with no page left to send ends in END, notifiers in order', async () => {
+    const order: string[] = [];
+    const n = new MigrationNotifiers();
+    n.postcopy.add((e) => void order.push(e.reason));
+    const r = await load(
+      streamWith((w) => {
+        packaged(w, (p) => {
+          putCommand(p, MIG_CMD_POSTCOPY_LISTEN);
+          putCommand(p, MIG_CMD_POSTCOPY_RUN);
+        });
+        putEof(w);
+      }),
+      n,
+    );
+    expect(r.err).toBeUndefined();
+    expect(r.pc.state).toBe('end');
+    expect(order).toEqual(['PROBE', 'INBOUND_ADVISE', 'INBOUND_LISTEN', 'INBOUND_END']);
+  });
+
+  it('a refusing PROBE notifier stops it at ADVISE', async () => {
+    const n = new MigrationNotifiers();
+    n.postcopy.add((e) => (e.reason === 'PROBE' ? new Error('no userfaultfd here') : undefined));
+    const r = await load(streamWith(() => {}), n);
+    expect(r.err?.code).toBe('VMIG_ERR_NOTIFIER');
+    expect(r.err?.message).toContain('no userfaultfd here');
+  });
+
+  const cases: [string, (w: MemorySink) => void, string][] = [
+    ['LISTEN outside a package', (w) => putCommand(w, MIG_CMD_POSTCOPY_LISTEN), 'VMIG_ERR_POSTCOPY'],
+    ['RUN before LISTEN', (w) => packaged(w, (p) => putCommand(p, MIG_CMD_POSTCOPY_RUN)), 'VMIG_ERR_POSTCOPY'],
+    ['a package without RUN', (w) => packaged(w, (p) => putCommand(p, MIG_CMD_POSTCOPY_LISTEN)), 'VMIG_ERR_POSTCOPY'],
+    ['a second ADVISE', (w) => putCommand(w, MIG_CMD_POSTCOPY_ADVISE, encodePostcopyAdvise()), 'VMIG_ERR_POSTCOPY'],
+    ['a discard for an unknown block', (w) => putCommand(w, MIG_CMD_POSTCOPY_RAM_DISCARD, encodePostcopyRamDiscard('nope', [{ start: 0, length: P }])), 'VMIG_ERR_UNKNOWN_BLOCK'],
+    ['a discard past the block', (w) => putCommand(w, MIG_CMD_POSTCOPY_RAM_DISCARD, encodePostcopyRamDiscard('pc.ram', [{ start: 63 * P, length: 2 * P }])), 'VMIG_ERR_BAD_OFFSET'],
+    ['a discard not page aligned', (w) => putCommand(w, MIG_CMD_POSTCOPY_RAM_DISCARD, encodePostcopyRamDiscard('pc.ram', [{ start: 100, length: P }])), 'VMIG_ERR_BAD_OFFSET'],
+    [
+      'a package longer than the limit',
+      (w) => {
+        putCommand(w, MIG_CMD_PACKAGED, encodePackagedLength(0xffffffff));
+      },
+      'VMIG_ERR_STREAM_FORMAT',
+    ],
+    ['a discard after LISTEN', (w) => {
+      packaged(w, (p) => {
+        putCommand(p, MIG_CMD_POSTCOPY_LISTEN);
+        putCommand(p, MIG_CMD_POSTCOPY_RUN);
+      });
+      putCommand(w, MIG_CMD_POSTCOPY_RAM_DISCARD, encodePostcopyRamDiscard('pc.ram', [{ start: 0, length: P }]));
+    }, 'VMIG_ERR_POSTCOPY'],
+  ];
+  for (const [name, rest, code] of cases) {
+    it(`${name}: ${code}, RAM untouched`, async () => {
+      const r = await load(streamWith(rest));
+      expect(r.err?.code).toBe(code);
+      expect(r.ram.blocks[0]!.host.every((b) => b === 0x5a)).toBe(true);
+    });
+  }
+
+  it('a postcopy stream into a destination without --postcopy: VMIG_ERR_POSTCOPY', async () => {
+    const ram = GuestRam.create([{ idstr: 'pc.ram', size: 64 * P }], { prefault: false });
+    await expect(qemuLoadVmState(new MemorySource([streamWith(() => {})]), { ram, createRam: () => ram, devices: qemuDevices() })).rejects.toMatchObject({ code: 'VMIG_ERR_POSTCOPY' });
+  });
+});
