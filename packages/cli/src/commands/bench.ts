@@ -49,6 +49,12 @@ function scenarios(ram: string): Scenario[] {
       shared: mf(2),
       source: ['--fill', 'random', '--writers', '2', '--dirty-rate', '50M'],
     },
+    ...[false, true].map((preempt) => ({
+      name: `postcopy-hot-2ch${preempt ? '-preempt' : ''}`,
+      description: `${ram} random RAM, 2 channels, 2 writers dirtying a 128 MiB hot set at 400 MB/s against --max-bandwidth 300M (no convergence), postcopy after 2 rounds, preempt ${preempt ? 'on' : 'off'}`,
+      shared: [...mf(2), '--postcopy', '--postcopy-blocktime', ...(preempt ? ['--postcopy-preempt'] : [])],
+      source: ['--fill', 'random', '--writers', '2', '--dirty-rate', '400M', '--pattern', 'hot', '--hot-pages', '32768', '--max-bandwidth', '300M', '--downtime-limit', '50', '--postcopy-after-rounds', '2'],
+    })),
     {
       name: 'snapshot-writers-100M',
       description: `background snapshot of ${ram} random RAM, 2 writers at 100 MB/s, blocking write faults`,
@@ -97,7 +103,9 @@ export async function benchCommand(argv: string[]): Promise<number> {
       const { source, destination } = await runMigrationPair(cliMain, s.shared, [...s.shared, ...s.source]);
       const src = source.report as Record<string, any> | undefined;
       const dst = destination.report as Record<string, any> | undefined;
-      const ok = src?.status === 'completed' && dst?.status === 'completed' && src?.ramDigest === dst?.ramDigest;
+      // Postcopy: the destination's own writes are taken out before comparing (postcopy-verify.ts).
+      const pc = dst?.postcopy as Record<string, any> | undefined;
+      const ok = src?.status === 'completed' && dst?.status === 'completed' && src?.ramDigest === (pc ? pc.restoredDigest : dst?.ramDigest) && (!pc || pc.badStamps === 0);
       if (!ok) failures++;
       const total = src?.ram?.total ?? 0;
       process.stdout.write(
@@ -113,6 +121,22 @@ export async function benchCommand(argv: string[]): Promise<number> {
           transferredBytes: src?.ram?.transferred,
           multifdBytes: src?.ram?.multifdBytes,
           dirtySyncCount: src?.ram?.dirtySyncCount,
+          ...(pc
+            ? {
+                postcopy: {
+                  postcopyBytes: src?.ram?.postcopyBytes,
+                  pagesAfterSwitch: pc.postcopyPages,
+                  requests: pc.postcopyRequests,
+                  faults: pc.faults,
+                  faultLatencyP50Ms: pc.faultLatencyP50Ms,
+                  faultLatencyP99Ms: pc.faultLatencyP99Ms,
+                  faultLatencyMaxMs: pc.faultLatencyMaxMs,
+                  blocktimeMs: pc.postcopyBlocktimeMs,
+                  vcpuBlocktimeMs: pc.postcopyVcpuBlocktimeMs,
+                  destinationWrites: pc.writes,
+                },
+              }
+            : {}),
           source: src?.resources,
           destination: dst?.resources,
           error: src?.error ?? dst?.error,
