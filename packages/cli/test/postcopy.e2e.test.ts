@@ -97,6 +97,15 @@ describe('postcopy between two vmig processes', () => {
     expect(pc.writes).toBeGreaterThan(1000);
   });
 
+  it('a workload that cannot converge switches to postcopy by itself', async () => {
+    // 12 MB/s dirtied over 8 MiB against an 8 MB/s link: rounds stop shrinking what is dirty.
+    const shared = ['--ram', '8M', '--postcopy'];
+    const { source, destination } = await runMigrationPair(CLI_MAIN, shared, [...shared, '--writers', '2', '--dirty-rate', '12M', '--max-bandwidth', '8M', '--downtime-limit', '20']);
+    const pc = expectPostcopyVerified(source.report, destination.report);
+    expect(source.report!.ram.dirtySyncCount).toBeGreaterThanOrEqual(4);
+    expect(pc.discardedPages).toBeGreaterThan(0);
+  });
+
   it('a switch that is not possible is refused: no --postcopy, or after the migration ended', async () => {
     const path = join(tmp, 'ctl-refuse.sock');
     const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--ram', '32M']);

@@ -9,14 +9,20 @@ import { parseCommandArgs } from '../args.js';
 import { MIGRATE_OPTIONS, migrateSettings, SHARED_OPTIONS } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
 
-const DEMO_DEFAULTS: Record<string, string> = { ram: '256M', writers: '2', 'dirty-rate': '32M', fill: 'random' };
+const DEMO_DEFAULTS: Record<string, string | boolean> = { ram: '256M', writers: '2', 'dirty-rate': '32M', fill: 'random' };
+/**
+ * With --postcopy: switch after the first round, slow background pages after the switch and
+ * time faults, so that the destination's writers do fault and the run shows it.
+ */
+const POSTCOPY_DEMO_DEFAULTS: Record<string, string | boolean> = { 'postcopy-after-rounds': '1', 'max-postcopy-bandwidth': '64M', 'postcopy-blocktime': true };
 
 export async function demoCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('demo', argv, MIGRATE_OPTIONS);
   if (positionals.length) throw new InvalidArgumentError(`demo: unexpected argument '${positionals[0]}' (demo picks its own URI)`);
   // Defaults for what the user did not say; then validate exactly as `migrate` will.
   const merged: Record<string, string | boolean | string[] | undefined> = { ...values };
-  for (const [k, v] of Object.entries(DEMO_DEFAULTS)) {
+  const defaults = { ...DEMO_DEFAULTS, ...(merged['postcopy'] ? POSTCOPY_DEMO_DEFAULTS : {}) };
+  for (const [k, v] of Object.entries(defaults)) {
     if (merged[k] === undefined && !(k === 'ram' && merged['ram-block'] !== undefined)) merged[k] = v;
   }
   const s = migrateSettings(merged);

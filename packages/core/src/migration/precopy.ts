@@ -78,7 +78,7 @@ export const DEFAULT_PARAMS: MigrationParams = {
   maxPostcopyBandwidth: 0,
 };
 
-/** Postcopy's automatic switch: rounds in a row in which what is dirty did not shrink. */
+/** Postcopy's automatic switch: rounds in a row in which what is dirty did not shrink by a tenth. */
 const POSTCOPY_STALLED_ROUNDS = 3;
 /** Background pages per postcopy section: requests wait behind at most this many (no preempt). */
 const POSTCOPY_SLICE_PAGES = 32;
@@ -415,14 +415,20 @@ export class PrecopyMigration {
         this.bitmapSyncPrecopy();
         pending = saver.dirtyPages * TARGET_PAGE_SIZE;
         stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : 0;
-        if (pending <= threshold) return 'complete';
         rounds++;
+        // A switch that is due wins over completing (QEMU checks start_postcopy first too).
+        if (params.postcopy && params.postcopyAfterRounds > 0 && rounds >= params.postcopyAfterRounds) {
+          this.log.info({ rounds, pending }, 'switching to postcopy after the rounds asked for');
+          return 'postcopy';
+        }
+        if (pending <= threshold) return 'complete';
         if (params.postcopy) {
-          // The automatic switch: after N rounds, or once rounds stop making progress.
-          stalled = pending >= lastPending ? stalled + 1 : 0;
+          // The automatic switch: rounds stopped making progress (what is dirty no longer
+          // shrinks by a tenth from one round to the next) while it does not fit the limit.
+          stalled = pending > 0.9 * lastPending ? stalled + 1 : 0;
           lastPending = pending;
-          if ((params.postcopyAfterRounds > 0 && rounds >= params.postcopyAfterRounds) || stalled >= POSTCOPY_STALLED_ROUNDS) {
-            this.log.info({ rounds, pending, stalled }, 'switching to postcopy');
+          if (stalled >= POSTCOPY_STALLED_ROUNDS) {
+            this.log.info({ rounds, pending, stalled }, 'switching to postcopy: precopy does not converge');
             return 'postcopy';
           }
         }
