@@ -100,7 +100,7 @@ for (;;) {
   const target = cfg.pagesPerSecond > 0 ? (now - clockStart) * rate : Infinity;
   // A vCPU does not make up for time it spent blocked (a fault, a throttle): at most
   // CATCH_UP_MS of writes are owed, so a long wait is not followed by a burst at full speed.
-  if (target - done > CATCH_UP_MS * rate) done = target - CATCH_UP_MS * rate;
+  if (Number.isFinite(target) && target - done > CATCH_UP_MS * rate) done = target - CATCH_UP_MS * rate;
   if (done >= target) {
     // Sleep on RUN_STATE so that a stop or exit wakes us at once.
     Atomics.wait(ctl, RUN_STATE, STATE_RUN, Math.max(0.2, Math.min(5, (done - target) / rate)));
