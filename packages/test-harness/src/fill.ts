@@ -3,6 +3,7 @@
  */
 import crypto from 'node:crypto';
 import { type GuestRam, InvalidArgumentError } from '@vmig/core';
+import { xorshift } from './rng.js';
 
 export type FillPattern = 'zero' | 'random' | 'text';
 export const FILL_PATTERNS: readonly FillPattern[] = ['zero', 'random', 'text'];
@@ -67,17 +68,4 @@ function fillText(host: Uint8Array, seed: string): void {
 export function hashSeed(seed: string | number): number {
   const h = crypto.createHash('sha256').update(String(seed)).digest();
   return h.readUInt32LE(0) || 1;
-}
-
-/** xorshift32: small, fast, good enough for choosing pages. */
-export function xorshift(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
 }

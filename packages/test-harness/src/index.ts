@@ -1,4 +1,5 @@
 export * from './fill.js';
+export * from './rng.js';
 export * from './digest.js';
 export * from './vcpu-control.js';
 export * from './vcpu-pool.js';

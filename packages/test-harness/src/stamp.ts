@@ -4,7 +4,7 @@
  * sequence. Writers own disjoint slot ranges of every page (`stampSlot`), so two writers
  * never write the same bytes and a slot holds exactly one writer's last stamp.
  */
-import { TARGET_PAGE_SIZE } from '@vmig/core';
+import { TARGET_PAGE_SIZE } from '@vmig/core/vcpu';
 
 export const STAMP_MAGIC = 0x56434155; // "VCAU"
 export const SLOT_WORDS = 16;

@@ -13,8 +13,8 @@
  * exit so the destination can check every write survived (postcopy-verify.ts).
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import { GuestRam, MissingPagesVcpu, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core';
-import { xorshift } from './fill.js';
+import { GuestRam, MissingPagesVcpu, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core/vcpu';
+import { xorshift } from './rng.js';
 import { SLOT_BYTES, SLOT_WORDS, stampSlot, writeStamp } from './stamp.js';
 import { PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 import type { WriterConfig, WriterTrack } from './vcpu-pool.js';

@@ -547,6 +547,9 @@ export class PrecopyMigration {
       saver.savePages(sink, POSTCOPY_SLICE_PAGES);
       saver.writeSectionEnd(sink, RAM_SECTION_ID);
       await this.guard(sink.flush());
+      // A flush the kernel takes at once resolves without an I/O turn: yield, so that page
+      // requests on the return path are read now, not once the socket buffer is full.
+      await new Promise<void>((r) => setImmediate(r));
       stats.transferred = this.writtenBytes() + (this.preempt?.bytesWritten ?? 0);
       stats.postcopyBytes = stats.transferred - postcopyStart;
     }

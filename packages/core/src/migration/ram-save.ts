@@ -139,13 +139,19 @@ export class RamSaver implements PageSender {
   /**
    * A page the destination asked for (ram_save_queue_pages + get_queued_page): sent if it is
    * still dirty (otherwise it was sent already and is on its way), and the scan moves next
-   * to it. `ownStream`: `w` is not the main stream (the preempt channel), so the record names
-   * its block. Returns whether the page was sent.
+   * to it. `ownStream`: `w` is not the main stream but the preempt channel, so the record
+   * names its block, and a page already sent goes again: its first copy may sit behind
+   * megabytes of background pages in the main stream's buffers. After the switch the source's
+   * RAM no longer changes, so both copies are the same and the destination keeps whichever
+   * comes first (it drops a page already in place). Returns whether the page was sent.
    */
   saveRequestedPage(w: ByteWriter, blockIdx: number, page: number, ownStream: boolean): boolean {
-    if (!this.bitmaps[blockIdx]!.testAndClear(page)) return false;
-    this.dirtyPages--;
-    this.stats.remainingPages = this.dirtyPages;
+    if (this.bitmaps[blockIdx]!.testAndClear(page)) {
+      this.dirtyPages--;
+      this.stats.remainingPages = this.dirtyPages;
+    } else if (!ownStream) {
+      return false;
+    }
     this.blockIdx = blockIdx;
     this.nextPage = page + 1;
     const mainLast = this.lastSentBlock;

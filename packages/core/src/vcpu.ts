@@ -1,0 +1,8 @@
+/**
+ * What a vCPU thread needs from core, and nothing else: a writer worker loads this small
+ * entry instead of the whole package, so that starting vCPUs (at a postcopy RUN, while
+ * pages stream in) costs little.
+ */
+export { GuestRam, TARGET_PAGE_SIZE, type RamBlockShared } from './ram/ram-block.js';
+export { WriteProtectVcpu, type WriteProtectShared } from './snapshot/write-protect.js';
+export { MissingPagesVcpu, type MissingPagesShared } from './postcopy/missing-pages.js';
