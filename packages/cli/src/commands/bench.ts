@@ -49,11 +49,21 @@ function scenarios(ram: string): Scenario[] {
       shared: mf(2),
       source: ['--fill', 'random', '--writers', '2', '--dirty-rate', '50M'],
     },
-    ...[false, true].map((preempt) => ({
-      name: `postcopy-hot-2ch${preempt ? '-preempt' : ''}`,
-      description: `${ram} random RAM, 2 channels, 2 writers dirtying a 128 MiB hot set at 400 MB/s against --max-bandwidth 300M (no convergence), postcopy after 2 rounds, preempt ${preempt ? 'on' : 'off'}`,
+    ...(
+      [
+        [false, ''],
+        [true, ''],
+        [true, '100M'],
+      ] as const
+    ).map(([preempt, cap]) => ({
+      name: `postcopy-hot-2ch${preempt ? '-preempt' : ''}${cap ? `-${cap}` : ''}`,
+      description: `${ram} random RAM, 2 channels, 2 writers dirtying a 128 MiB hot set at 400 MB/s against --max-bandwidth 300M (no convergence), postcopy after 2 rounds, preempt ${preempt ? 'on' : 'off'}, background pages after the switch ${cap ? `capped at ${cap}` : 'unlimited'}`,
       shared: [...mf(2), '--postcopy', '--postcopy-blocktime', ...(preempt ? ['--postcopy-preempt'] : [])],
-      source: ['--fill', 'random', '--writers', '2', '--dirty-rate', '400M', '--pattern', 'hot', '--hot-pages', '32768', '--max-bandwidth', '300M', '--downtime-limit', '50', '--postcopy-after-rounds', '2'],
+      source: [
+        ...['--fill', 'random', '--writers', '2', '--dirty-rate', '400M', '--pattern', 'hot', '--hot-pages', '32768'],
+        ...['--max-bandwidth', '300M', '--downtime-limit', '50', '--postcopy-after-rounds', '2'],
+        ...(cap ? ['--max-postcopy-bandwidth', cap] : []),
+      ],
     })),
     {
       name: 'snapshot-writers-100M',
