@@ -180,4 +180,15 @@ describe('vmig demo', () => {
     expect(run.code).toBe(0);
     expect(run.report?.verified).toBe(true);
   });
+
+  it('--postcopy: switches, the destination writers fault, stamps check out, verified', async () => {
+    const run = await spawnCli(CLI_MAIN, ['demo', '--ram', '64M', '--postcopy', '--json']).done;
+    expect(run.code, JSON.stringify(run.report)).toBe(0);
+    expect(run.report?.verified).toBe(true);
+    const pc = run.report?.destination.postcopy;
+    expect(pc.state).toBe('end');
+    expect(pc.badStamps).toBe(0);
+    expect(pc.restoredDigest).toBe(run.report?.source.ramDigest);
+    expect(pc.postcopyPages).toBeGreaterThan(0);
+  });
 });

@@ -201,3 +201,45 @@ describe('the destination state machine against hostile streams', () => {
     await expect(qemuLoadVmState(new MemorySource([streamWith(() => {})]), { ram, createRam: () => ram, devices: qemuDevices() })).rejects.toMatchObject({ code: 'VMIG_ERR_POSTCOPY' });
   });
 });
+
+describe('the source serving page requests (RamSaver.saveRequestedPage)', () => {
+  /** Page offsets of the PAGE records in a main-stream fragment. */
+  function pagesIn(bytes: Uint8Array): number[] {
+    const out: number[] = [];
+    for (let p = 0; p + 8 <= bytes.length; ) {
+      const addr = Number(Buffer.from(bytes).readBigUInt64BE(p));
+      const flags = addr % P;
+      p += 8;
+      if (!(flags & 0x20)) p += 1 + bytes[p]!; // idstr
+      if (flags & 0x08) {
+        out.push((addr - flags) / P);
+        p += P;
+      } else if (flags & 0x02) p += 1;
+    }
+    return out;
+  }
+
+  it('sends a dirty page at once, moves the scan next to it, and does not send it twice on the main stream', async () => {
+    const { RamSaver, MigrationStats } = await import('../src/index.js');
+    const ram = GuestRam.create([{ idstr: 'pc.ram', size: 64 * P }], { prefault: false });
+    for (let p = 0; p < 64; p++) ram.blocks[0]!.host.fill(p + 1, p * P, (p + 1) * P);
+    const saver = new RamSaver(ram, new MigrationStats(), 'legacy');
+    saver.setup();
+    const w = new MemorySink();
+    expect(saver.saveRequestedPage(w, 0, 40, false)).toBe(true);
+    expect(saver.dirtyPages).toBe(63);
+    saver.savePages(w, 3);
+    // The requested page, then the scan goes on right after it.
+    expect(pagesIn(w.bytes())).toEqual([40, 41, 42, 43]);
+    // Already sent: not again on the main stream (it is on its way there)...
+    const again = new MemorySink();
+    expect(saver.saveRequestedPage(again, 0, 41, false)).toBe(false);
+    expect(again.bytes().length).toBe(0);
+    // ...but again on the preempt channel, named in full, since its first copy may wait
+    // behind background pages; the destination keeps whichever copy lands first.
+    const pre = new MemorySink();
+    expect(saver.saveRequestedPage(pre, 0, 41, true)).toBe(true);
+    expect(pagesIn(pre.bytes())).toEqual([41]);
+    expect(saver.dirtyPages).toBe(60);
+  });
+});
