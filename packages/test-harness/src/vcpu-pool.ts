@@ -6,7 +6,6 @@ import { Worker } from 'node:worker_threads';
 import { type GuestRam, InvalidArgumentError, type MissingPagesShared, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl, type WriteProtectShared } from '@vmig/core';
 import { controlBytes, PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 
-
 export type WritePattern = 'uniform' | 'hot';
 
 export interface WriterOptions {

@@ -47,7 +47,6 @@ const COW_FULL = 5;
 const ACTIVE = 6;
 const CTL_WORDS = 8;
 
-
 export interface WriteProtectShared {
   pages: number;
   writers: number;
