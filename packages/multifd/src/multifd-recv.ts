@@ -22,7 +22,14 @@ export class MultifdReceiver {
   private readonly failure = new FirstError();
   private readonly channelStats: { normal: number; zero: number; bytes: number }[];
 
-  constructor(readonly channels: number) {
+  /**
+   * `zeroUnlessLoaded`: this side created guest RAM fresh, so a zero page for a page no load
+   * wrote needs no work (RamBlock.loadZeroPage).
+   */
+  constructor(
+    readonly channels: number,
+    private readonly zeroUnlessLoaded = false,
+  ) {
     if (channels < 1 || channels > MAX_CHANNELS) throw new RangeError(`multifd channels must be 1..${MAX_CHANNELS}`);
     this.workers = new Array<Worker | undefined>(channels).fill(undefined);
     this.consumed = new Array<number>(channels).fill(0);
@@ -65,7 +72,7 @@ export class MultifdReceiver {
     }
     this.uuid ??= init.uuid;
     const fd = detachFd(sock);
-    const cfg: RecvChannelConfig = { fd, leftover: first.subarray(MULTIFD_INIT_SIZE), id: init.id, control: this.control, ram: this.ram?.toShared() };
+    const cfg: RecvChannelConfig = { fd, leftover: first.subarray(MULTIFD_INIT_SIZE), id: init.id, control: this.control, ram: this.ram?.toShared(), zeroUnlessLoaded: this.zeroUnlessLoaded };
     const w = new Worker(workerUrl(import.meta.url, 'recv-channel.worker.js'), { workerData: cfg });
     const id = init.id;
     this.workers[id] = w;

@@ -22,8 +22,12 @@ export interface MultifdSendOptions {
   connectTimeoutMs?: number;
 }
 
-/** Jobs a channel may hold at once: one being written, one waiting (keeps the pipe full). */
-const MAX_INFLIGHT = 2;
+/**
+ * Jobs a channel may hold at once. A job's round trip (post, packet, write callback, done)
+ * costs two thread wake-ups, which are slow here: with 2, a header-only (zero) packet's
+ * channel sat idle between jobs; 8 keeps it busy (1 GiB of zeros: ~0.5 s -> ~0.4 s).
+ */
+const MAX_INFLIGHT = 8;
 
 interface Job {
   block: number;

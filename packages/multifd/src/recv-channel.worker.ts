@@ -101,19 +101,18 @@ async function applyPages(h: MultifdPacketHeader): Promise<void> {
     reader.pos += h.nextPacketSize;
     stats.bytes += h.nextPacketSize;
     for (let i = 0; i < h.normalPages; i++) out.copy(host, h.offsets[i]!, i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE);
+    for (let i = 0; i < h.normalPages; i++) block.loaded.set(h.offsets[i]! / TARGET_PAGE_SIZE);
   } else {
     // nocomp: normal_pages raw pages (next_packet_size is not trusted: QEMU 7.2 leaves it stale).
     for (let i = 0; i < h.normalPages; i++) {
       if (reader.buf.length - reader.pos < TARGET_PAGE_SIZE) await reader.ensure(TARGET_PAGE_SIZE);
       block.host.set(reader.buf.subarray(reader.pos, reader.pos + TARGET_PAGE_SIZE), h.offsets[i]!);
+      block.loaded.set(h.offsets[i]! / TARGET_PAGE_SIZE);
       reader.pos += TARGET_PAGE_SIZE;
     }
     stats.bytes += h.normalPages * TARGET_PAGE_SIZE;
   }
-  for (let i = h.normalPages; i < h.offsets.length; i++) {
-    const off = h.offsets[i]!;
-    if (ZERO.compare(host, off, off + TARGET_PAGE_SIZE) !== 0) host.fill(0, off, off + TARGET_PAGE_SIZE);
-  }
+  for (let i = h.normalPages; i < h.offsets.length; i++) block.loadZeroPage(h.offsets[i]!, ZERO, cfg.zeroUnlessLoaded);
   stats.normal += h.normalPages;
   stats.zero += h.zeroPages;
 }

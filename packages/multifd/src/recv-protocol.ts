@@ -9,6 +9,8 @@ export interface RecvChannelConfig {
   control: SharedArrayBuffer;
   /** Guest RAM if it exists already; else it comes in a 'ram' message. */
   ram: RamBlockShared[] | undefined;
+  /** Guest RAM is zero but for what loads write (RamBlock.loadZeroPage). */
+  zeroUnlessLoaded: boolean;
 }
 
 export type RecvToChannel = { t: 'ram'; ram: RamBlockShared[] };

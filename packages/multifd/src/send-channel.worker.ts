@@ -23,6 +23,7 @@ const hosts = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
 const compressor = compressionByName(cfg.compression)?.createSender();
 const channel = `multifd/${cfg.id}`;
 const ZERO = Buffer.alloc(TARGET_PAGE_SIZE);
+const ZERO_RUN = Buffer.alloc(MULTIFD_PACKET_SIZE);
 const PACKET_MAX = MULTIFD_PACKET_HEADER_SIZE + MULTIFD_MAX_PAYLOAD;
 
 // Packet buffers are reused once the socket reports them written (fresh memory faults).
@@ -111,11 +112,24 @@ async function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number
   const host = hosts[blockIdx]!;
   const normal: number[] = [];
   const zero: number[] = [];
-  for (const p of pages) {
-    const off = p * TARGET_PAGE_SIZE;
+  if (cfg.zeroPageDetection === 'multifd') {
     // zero-page-detection=multifd: this thread finds zero pages and lists them, no payload.
-    if (cfg.zeroPageDetection === 'multifd' && ZERO.compare(host, off, off + TARGET_PAGE_SIZE) === 0) zero.push(off);
-    else normal.push(off);
+    // A run of contiguous pages is checked with one compare first (a call per page costs
+    // more than the compare itself); only a run that is not all zero is checked page by page.
+    for (let i = 0; i < pages.length; ) {
+      let j = i + 1;
+      while (j < pages.length && pages[j] === pages[j - 1]! + 1) j++;
+      const start = pages[i]! * TARGET_PAGE_SIZE;
+      const end = (pages[j - 1]! + 1) * TARGET_PAGE_SIZE;
+      if (ZERO_RUN.compare(host, start, end, 0, end - start) === 0) {
+        for (let off = start; off < end; off += TARGET_PAGE_SIZE) zero.push(off);
+      } else {
+        for (let off = start; off < end; off += TARGET_PAGE_SIZE) (ZERO.compare(host, off, off + TARGET_PAGE_SIZE) === 0 ? zero : normal).push(off);
+      }
+      i = j;
+    }
+  } else {
+    for (const p of pages) normal.push(p * TARGET_PAGE_SIZE);
   }
   const buf = free.pop() ?? Buffer.allocUnsafeSlow(PACKET_MAX);
   let flags = 0;

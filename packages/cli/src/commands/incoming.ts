@@ -103,7 +103,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   const listener = await listen(uri);
   out.event({ event: 'listening', uri: formatMigrationUri(listener.uri) }, `vmig: listening on ${formatMigrationUri(listener.uri)}`);
 
-  const receiver = settings.multifdChannels > 0 ? new MultifdReceiver(settings.multifdChannels) : undefined;
+  // Guest RAM here is always created fresh (zero) for this migration.
+  const receiver = settings.multifdChannels > 0 ? new MultifdReceiver(settings.multifdChannels, true) : undefined;
   if (ram) receiver?.setRam(ram);
   let firstError: VmigError | undefined;
   let mainSock: net.Socket | undefined;
@@ -196,6 +197,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     };
     const result = await qemuLoadVmState(reader, {
       ram,
+      zeroUnlessLoaded: true,
       createRam: (blocks) => GuestRam.create(blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength }))),
       onRamReady: (r) => {
         ram = r;

@@ -51,6 +51,8 @@ export async function restoreCommand(argv: string[]): Promise<number> {
     const result = await qemuLoadVmState(reader, {
       channel: 'file',
       createRam: (blocks) => GuestRam.create(blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength }))),
+      // RAM is created from the file's block list, fresh.
+      zeroUnlessLoaded: true,
       onRamReady: (r) => (ram = r),
       devices,
     });

@@ -16,7 +16,6 @@ import {
   RAM_SAVE_FLAG_PAGE,
   RAM_SAVE_FLAG_ZERO,
 } from '../wire/constants.js';
-import { isZeroPage } from './ram-save.js';
 import type { PostcopyIncoming } from '../postcopy/postcopy-incoming.js';
 import { getU64, getU8, RAM_RECORD_FLAGS_KNOWN, readCountedString, splitRamAddr } from '../wire/main-stream.js';
 
@@ -34,6 +33,11 @@ export interface RamLoadOptions {
   onMultifdFlush?: () => Promise<void>;
   /** RAM_SAVE_FLAG_EOS: in the legacy multifd dialect, also a sync point. */
   onEos?: () => Promise<void>;
+  /**
+   * Guest RAM is all zero but for what loads write (this side created it fresh): zero pages
+   * for pages never loaded need no work (RamBlock.loadZeroPage).
+   */
+  zeroUnlessLoaded?: boolean | undefined;
   /** Called once guest RAM exists (after MEM_SIZE). */
   onRamReady?: (ram: GuestRam) => void;
   /**
@@ -43,6 +47,8 @@ export interface RamLoadOptions {
   postcopy?: PostcopyIncoming | undefined;
   channel?: string;
 }
+
+const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 
 export class RamLoadState {
   ram: GuestRam | undefined;
@@ -103,14 +109,20 @@ export class RamLoadState {
         if (flags & RAM_SAVE_FLAG_PAGE) {
           if (s.buf.length - s.pos < TARGET_PAGE_SIZE) await s.ensure(TARGET_PAGE_SIZE);
           block.host.set(s.buf.subarray(s.pos, s.pos + TARGET_PAGE_SIZE), offset);
+          block.loaded.set(offset / TARGET_PAGE_SIZE);
           s.pos += TARGET_PAGE_SIZE;
           this.normalPages++;
         } else {
           await s.ensure(1);
           const ch = getU8(s);
-          // QEMU's ram_handle_compressed: fill with the byte (always 0 in practice), but
-          // leave a page that is already zero alone: reading it is cheaper than writing.
-          if (ch !== 0 || !isZeroPage(this.hostBuffer(block), offset)) block.host.fill(ch, offset, offset + TARGET_PAGE_SIZE);
+          // QEMU's ram_handle_compressed: fill with the byte (always 0 in practice); a page
+          // known to be zero needs nothing (RamBlock.loadZeroPage).
+          if (ch !== 0) {
+            block.host.fill(ch, offset, offset + TARGET_PAGE_SIZE);
+            block.loaded.set(offset / TARGET_PAGE_SIZE);
+          } else {
+            block.loadZeroPage(offset, ZERO_PAGE, this.opts.zeroUnlessLoaded === true);
+          }
           this.zeroPages++;
         }
         continue;
@@ -126,17 +138,6 @@ export class RamLoadState {
       }
       this.fail(`RAM record with flags 0x${flags.toString(16)} and nothing to do`);
     }
-  }
-
-  private readonly hostBuffers = new Map<RamBlock, Buffer>();
-
-  private hostBuffer(block: RamBlock): Buffer {
-    let b = this.hostBuffers.get(block);
-    if (!b) {
-      b = Buffer.from(block.hostSab, 0, block.usedLength);
-      this.hostBuffers.set(block, b);
-    }
-    return b;
   }
 
   private async blockFor(s: StreamSource, flags: number): Promise<RamBlock> {

@@ -15,6 +15,7 @@ export interface RamBlockShared {
   usedLength: number;
   host: SharedArrayBuffer;
   dirtyLog: SharedArrayBuffer;
+  loaded: SharedArrayBuffer;
 }
 
 export function validateIdstr(idstr: string): void {
@@ -41,16 +42,24 @@ export class RamBlock {
   readonly pages: number;
   readonly host: Uint8Array;
   readonly dirtyLog: AtomicBitmap;
+  /**
+   * Destination: pages a migration load wrote (QEMU's receivedmap, for precopy). Loaders
+   * write the page, then set its bit (Atomics.or); loaders on other threads are ordered
+   * against it by the multifd barrier.
+   */
+  readonly loaded: AtomicBitmap;
 
   private constructor(
     readonly idstr: string,
     readonly usedLength: number,
     readonly hostSab: SharedArrayBuffer,
     dirtyLogSab: SharedArrayBuffer,
+    loadedSab: SharedArrayBuffer,
   ) {
     this.pages = usedLength / TARGET_PAGE_SIZE;
     this.host = new Uint8Array(hostSab, 0, usedLength);
     this.dirtyLog = new AtomicBitmap(dirtyLogSab, this.pages);
+    this.loaded = new AtomicBitmap(loadedSab, this.pages);
   }
 
   /**
@@ -66,17 +75,18 @@ export class RamBlock {
       usedLength,
       new SharedArrayBuffer(usedLength),
       new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
+      new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     );
     if (opts.prefault !== false) prefault(block.host);
     return block;
   }
 
   static fromShared(s: RamBlockShared): RamBlock {
-    return new RamBlock(s.idstr, s.usedLength, s.host, s.dirtyLog);
+    return new RamBlock(s.idstr, s.usedLength, s.host, s.dirtyLog, s.loaded);
   }
 
   toShared(): RamBlockShared {
-    return { idstr: this.idstr, usedLength: this.usedLength, host: this.hostSab, dirtyLog: this.dirtyLog.sab };
+    return { idstr: this.idstr, usedLength: this.usedLength, host: this.hostSab, dirtyLog: this.dirtyLog.sab, loaded: this.loaded.sab };
   }
 
   /**
@@ -92,6 +102,18 @@ export class RamBlock {
     this.host.set(data, offset);
     const last = Math.floor((offset + data.length - 1) / TARGET_PAGE_SIZE);
     for (let p = Math.floor(offset / TARGET_PAGE_SIZE); p <= last; p++) this.dirtyLog.set(p);
+  }
+
+  /**
+   * A load's zero page at `offset` (RAM_SAVE_FLAG_ZERO, or a multifd packet's zero list).
+   * `zeroUnlessLoaded`: the loader knows every page no load wrote is zero (RAM it created
+   * fresh for this migration), so such a page needs no work at all, as in QEMU's
+   * multifd_recv_zero_page_process. Otherwise the page is read and zeroed if it is not
+   * (reading is cheaper than writing).
+   */
+  loadZeroPage(offset: number, zero: Buffer, zeroUnlessLoaded: boolean): void {
+    if (zeroUnlessLoaded && !this.loaded.test(offset / TARGET_PAGE_SIZE)) return;
+    if (zero.compare(this.host, offset, offset + TARGET_PAGE_SIZE) !== 0) this.host.fill(0, offset, offset + TARGET_PAGE_SIZE);
   }
 
   /** A view of page `page` (no copy). */
