@@ -187,3 +187,39 @@ describe('hostile and malformed streams', () => {
     expect(ram.blocks[0]!.page(0).every((b) => b === 0)).toBe(true);
   });
 });
+
+describe('zero pages into RAM created fresh (zeroUnlessLoaded)', () => {
+  it('a page loaded earlier is zeroed again; a page never loaded is left alone (it is zero)', async () => {
+    const stream = hostileStream((w) => {
+      putRamPage(w, 3 * TARGET_PAGE_SIZE, 'pc.ram', false, PAGE);
+      putRamZeroPage(w, 3 * TARGET_PAGE_SIZE, 'pc.ram', true);
+      putRamPage(w, 5 * TARGET_PAGE_SIZE, 'pc.ram', true, PAGE);
+      putRamZeroPage(w, 6 * TARGET_PAGE_SIZE, 'pc.ram', true);
+      putRamEos(w);
+      putSectionFooter(w, 2);
+      putEof(w);
+    });
+    const ram = GuestRam.create([{ idstr: 'pc.ram', size: 8 * TARGET_PAGE_SIZE }], { prefault: false });
+    // A marker the loader must not touch: page 6 was never loaded, so its zero record is skipped.
+    ram.blocks[0]!.host[6 * TARGET_PAGE_SIZE] = 0x42;
+    await qemuLoadVmState(new MemorySource([stream]), { ram, createRam: createRamFrom, devices: qemuDevices(), zeroUnlessLoaded: true });
+    const b = ram.blocks[0]!;
+    expect(b.page(3).every((x) => x === 0)).toBe(true);
+    expect(b.page(5).every((x) => x === 0xee)).toBe(true);
+    expect(b.host[6 * TARGET_PAGE_SIZE]).toBe(0x42);
+    expect([3, 5, 6].map((p) => b.loaded.test(p))).toEqual([true, true, false]);
+  });
+
+  it('without it, every zero page is made zero', async () => {
+    const stream = hostileStream((w) => {
+      putRamZeroPage(w, 6 * TARGET_PAGE_SIZE, 'pc.ram', false);
+      putRamEos(w);
+      putSectionFooter(w, 2);
+      putEof(w);
+    });
+    const ram = GuestRam.create([{ idstr: 'pc.ram', size: 8 * TARGET_PAGE_SIZE }], { prefault: false });
+    ram.blocks[0]!.host[6 * TARGET_PAGE_SIZE] = 0x42;
+    await qemuLoadVmState(new MemorySource([stream]), { ram, createRam: createRamFrom, devices: qemuDevices() });
+    expect(ram.blocks[0]!.page(6).every((x) => x === 0)).toBe(true);
+  });
+});
