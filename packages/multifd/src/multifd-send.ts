@@ -6,7 +6,7 @@
 import crypto from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import type { MigrationUri } from '@vmig/channel';
-import { type ByteWriter, FirstError, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
+import { type ByteWriter, FirstError, TARGET_PAGE_SIZE, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
 import type { CompressionName } from './compress/registry.js';
 import type { SendChannelConfig, SendFromChannel, SendToChannel } from './send-protocol.js';
 import { MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
@@ -44,6 +44,8 @@ export class MultifdSender implements MultifdLink {
   private readonly failure = new FirstError();
   private wake: (() => void) | undefined;
   private syncPending = 0;
+  /** Pages given to savePage whose packet is not written yet. */
+  private pendingPages = 0;
   readonly flushAfterEachSection: boolean;
 
   private constructor(
@@ -88,6 +90,10 @@ export class MultifdSender implements MultifdLink {
     return s;
   }
 
+  get pendingBytes(): number {
+    return this.pendingPages * TARGET_PAGE_SIZE;
+  }
+
   get channels(): number {
     return this.workers.length;
   }
@@ -99,6 +105,7 @@ export class MultifdSender implements MultifdLink {
         break;
       case 'done':
         this.inflight[id]!--;
+        this.pendingPages -= m.normal + m.zero;
         this.stats.normalPages += m.normal;
         this.stats.zeroPages += m.zero;
         this.stats.multifdBytes += m.bytes;
@@ -147,6 +154,7 @@ export class MultifdSender implements MultifdLink {
   /** PageSender: queue one page; `w` (the main stream) is not used. */
   savePage(_w: ByteWriter, block: RamBlock, page: number): void {
     const idx = this.blockIndex.get(block)!;
+    this.pendingPages++;
     if (this.batch && this.batch.block !== idx) this.enqueueBatch();
     this.batch ??= { block: idx, pages: [] };
     this.batch.pages.push(page);

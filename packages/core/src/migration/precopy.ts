@@ -325,6 +325,15 @@ export class PrecopyMigration {
     return this.ctx.sink.bytesWritten + this.stats.multifdBytes;
   }
 
+  /**
+   * What max-bandwidth charges: bytes written, plus pages handed to multifd and not written
+   * yet (as whole pages). Charging them only once written let up to the channels' in-flight
+   * jobs through on top of the limit.
+   */
+  private chargedBytes(): number {
+    return this.writtenBytes() + (this.ctx.multifd?.pendingBytes ?? 0);
+  }
+
   /** Pages were handed to multifd since the last barrier. */
   private unsynced = false;
 
@@ -388,7 +397,7 @@ export class PrecopyMigration {
     let lastProgress = periodStart;
     const limiter = new RateLimiter(params.maxBandwidth, BANDWIDTH_PERIOD_MS, periodStart);
     this.limiter = limiter;
-    limiter.account(this.writtenBytes());
+    limiter.account(this.chargedBytes());
     let rounds = 0;
     let stalled = 0;
     let lastPending = Infinity;
@@ -445,7 +454,7 @@ export class PrecopyMigration {
       }
       stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : stats.expectedDowntimeMs;
 
-      limiter.account(this.writtenBytes());
+      limiter.account(this.chargedBytes());
       if (limiter.allowance(now) <= 0) {
         // migration_rate_limit: over max-bandwidth, wait for credit.
         await this.guard(sleep(limiter.waitMs(now)));
@@ -464,7 +473,7 @@ export class PrecopyMigration {
         if (this.ctx.multifd && saver.dirtyPages !== pagesBefore) this.unsynced = true;
         wrapped = r.wrapped;
         await this.channelsReady();
-        limiter.account(this.writtenBytes());
+        limiter.account(this.chargedBytes());
       } while (!wrapped && saver.dirtyPages > 0 && performance.now() - sectionStart < SECTION_MS && limiter.allowance() > 0);
       await this.multifdSync(wrapped);
       saver.writeSectionEnd(sink, RAM_SECTION_ID);

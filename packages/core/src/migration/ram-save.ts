@@ -46,6 +46,8 @@ export interface MultifdLink extends PageSender {
   flushAndSync(): Promise<void>;
   /** QEMU <= 7.2 dialect (multifd-flush-after-each-section): sync at every section's EOS. */
   readonly flushAfterEachSection: boolean;
+  /** Pages handed over and not written yet, as bytes of whole pages (for the rate limit). */
+  readonly pendingBytes: number;
 }
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
