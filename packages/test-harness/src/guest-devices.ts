@@ -25,7 +25,11 @@ export class VcpuStateDevice extends MsgpackDevice<VcpuState> {
   readonly idstr = 'vmig-vcpus';
   readonly instanceId = 0;
   readonly minimumVersionId = 1;
+  /** A postcopy destination learns at setup how many vCPU threads to create. */
+  readonly announceAtSetup = true;
   loaded: VcpuState | undefined;
+  /** Called after each load (at setup with postcopy, and with the final device state). */
+  onLoaded: ((s: VcpuState) => void) | undefined;
 
   constructor(
     private readonly current: () => VcpuState,
@@ -43,6 +47,7 @@ export class VcpuStateDevice extends MsgpackDevice<VcpuState> {
     if (!v || typeof v.writers !== 'number' || typeof v.writes !== 'number' || typeof v.pattern !== 'string') throw new Error('malformed vCPU state');
     const num = (x: unknown): number | undefined => (typeof x === 'number' && Number.isFinite(x) && x >= 0 ? x : undefined);
     this.loaded = { writers: v.writers, writes: v.writes, pattern: v.pattern, dirtyRate: num(v.dirtyRate), hotPages: num(v.hotPages), seed: num(v.seed) };
+    this.onLoaded?.(this.loaded);
   }
 }
 

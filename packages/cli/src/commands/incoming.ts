@@ -11,6 +11,7 @@ import {
   EndOfStream,
   GlobalStateDevice,
   MigrationNotifiers,
+  type MissingPagesShared,
   PostcopyIncoming,
   RamLoadState,
   TARGET_PAGE_SIZE,
@@ -27,7 +28,7 @@ import {
   VmigError,
 } from '@vmig/core';
 import { MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultifdReceiver } from '@vmig/multifd';
-import { checkStampedRam, digestRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
+import { checkStampedRam, digestRam, ItsTableDevice, VcpuPool, type VcpuState, VcpuStateDevice } from '@vmig/test-harness';
 import { createLogger } from '../log.js';
 import { dumpRam } from '../dump-ram.js';
 import { INCOMING_OPTIONS, sharedSettings } from '../options.js';
@@ -120,10 +121,26 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   };
   receiver?.onError(fatal);
 
-  // Postcopy: the destination's vCPUs, started at POSTCOPY_RUN from the vCPU state the
-  // source sent, and the preempt channel's reader.
+  // Postcopy: the destination's vCPUs (the source's, from its vCPU state), and the preempt
+  // channel's reader.
   let postcopy: PostcopyIncoming | undefined;
   let vcpusStarting: Promise<VcpuPool> | undefined;
+  let vcpuThreads = 0;
+  const startVcpus = (r: GuestRam, st: VcpuState, shared: MissingPagesShared, parked: boolean): Promise<VcpuPool> => {
+    vcpuThreads = st.writers;
+    const p = VcpuPool.start(r, {
+      writers: st.writers,
+      dirtyRate: st.dirtyRate ?? 0,
+      pattern: st.pattern === 'hot' ? 'hot' : 'uniform',
+      hotPages: st.hotPages ?? 64,
+      seed: (st.seed ?? 1) + 1,
+      missing: shared,
+      track: true,
+      startStopped: parked,
+    });
+    p.catch((e: unknown) => fatal(toVmigError(e, 'VMIG_ERR_WORKER')));
+    return p;
+  };
   let preemptDone: Promise<void> | undefined;
   const onPreempt = settings.postcopyPreempt
     ? (sock: net.Socket, first: Buffer): void => {
@@ -172,23 +189,26 @@ export async function incomingCommand(argv: string[]): Promise<number> {
         blocktime: settings.postcopyBlocktime,
         onRun: (shared, placer) => {
           // vm_start on the destination: the same vCPUs the source ran, each write checked
-          // against the received map, tracked for the final check.
+          // against the received map, tracked for the final check. Threads created parked
+          // at setup just resume; otherwise (or if the count changed) they start now.
           const st = vcpuState.loaded;
           const n = st?.writers ?? 0;
           placer.setRunningVcpus(n);
-          if (n === 0 || !ram) return;
-          vcpusStarting = VcpuPool.start(ram, {
-            writers: n,
-            dirtyRate: st?.dirtyRate ?? 0,
-            pattern: st?.pattern === 'hot' ? 'hot' : 'uniform',
-            hotPages: st?.hotPages ?? 64,
-            seed: (st?.seed ?? 1) + 1,
-            missing: shared,
-            track: true,
-          });
-          vcpusStarting.catch((e: unknown) => fatal(toVmigError(e, 'VMIG_ERR_WORKER')));
+          if (vcpusStarting && vcpuThreads !== n) {
+            void vcpusStarting.then((p) => p.terminate(), () => {});
+            vcpusStarting = undefined;
+          }
+          if (n === 0 || !ram || !st) return;
+          vcpusStarting ??= startVcpus(ram, st, shared, false);
+          void vcpusStarting.then((p) => p.resume(), () => {});
         },
       });
+      // The vCPU state the source announces at setup: create the threads now, parked, so
+      // that RUN costs no thread start while pages stream in.
+      vcpuState.onLoaded = (st) => {
+        if (postcopy?.state !== 'advise' || vcpusStarting || !ram || st.writers === 0) return;
+        vcpusStarting = startVcpus(ram, st, postcopy.prepare(), true);
+      };
     }
     const its = new ItsTableDevice(() => ram);
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its);
@@ -236,6 +256,9 @@ export async function incomingCommand(argv: string[]): Promise<number> {
         ...(settings.postcopyBlocktime ? postcopy.blocktime() : {}),
       };
       its.checkTableInRam();
+    } else {
+      // Threads made ready for a switch that never came (precopy converged first).
+      await (await vcpusStarting)?.terminate();
     }
     const digest = digestRam(ram);
     // QEMU appends a JSON description after EOF; read it if the source sends one.

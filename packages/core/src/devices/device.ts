@@ -20,6 +20,12 @@ export interface VmStateDevice {
    * RamBlock.writeGuest, which dirties the pages) and have it travel in the final pass.
    */
   flushToRam?(): void;
+  /**
+   * With postcopy, also sent once right after the RAM setup section (in the spirit of
+   * QEMU's save_setup): configuration the destination needs before the switch, such as how
+   * many vCPU threads to create. The copy in the final device state is loaded last and wins.
+   */
+  readonly announceAtSetup?: boolean;
   load(s: StreamSource, versionId: number): Promise<void>;
 }
 

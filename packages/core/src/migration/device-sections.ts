@@ -2,7 +2,7 @@
  * The non-iterable part of a savevm stream (qemu_savevm_state_complete_precopy_non_iterable):
  * one FULL section per device, then EOF and the JSON description QEMU appends.
  */
-import type { DeviceRegistry } from '../devices/device.js';
+import type { DeviceRegistry, VmStateDevice } from '../devices/device.js';
 import type { ByteWriter } from '../io.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { QEMU_VM_SECTION_FULL } from '../wire/constants.js';
@@ -17,14 +17,23 @@ export function putDeviceSectionsAndEof(w: ByteWriter, devices: DeviceRegistry, 
 
 /** Every device's FULL section (postcopy's package carries them without EOF); returns their descriptions. */
 export function putDeviceSections(w: ByteWriter, devices: DeviceRegistry, firstSectionId: number): unknown[] {
-  const descs: unknown[] = [];
-  let sectionId = firstSectionId;
-  for (const d of devices.list()) {
-    putSectionFull(w, QEMU_VM_SECTION_FULL, { sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId });
-    d.save(w);
-    putSectionFooter(w, sectionId);
-    descs.push({ name: d.idstr, instance_id: d.instanceId, vmsd_name: d.idstr, version: d.versionId });
-    sectionId++;
-  }
-  return descs;
+  return devices.list().map((d, i) => putDeviceSection(w, d, firstSectionId + i));
+}
+
+/**
+ * With postcopy: the devices that announce themselves at setup (VmStateDevice.announceAtSetup),
+ * numbered as in putDeviceSections.
+ */
+export function putSetupDeviceSections(w: ByteWriter, devices: DeviceRegistry, firstSectionId: number): void {
+  devices.list().forEach((d, i) => {
+    if (d.announceAtSetup) putDeviceSection(w, d, firstSectionId + i);
+  });
+}
+
+/** One device's FULL section; returns its description for the JSON appended after EOF. */
+function putDeviceSection(w: ByteWriter, d: VmStateDevice, sectionId: number): unknown {
+  putSectionFull(w, QEMU_VM_SECTION_FULL, { sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId });
+  d.save(w);
+  putSectionFooter(w, sectionId);
+  return { name: d.idstr, instance_id: d.instanceId, vmsd_name: d.idstr, version: d.versionId };
 }

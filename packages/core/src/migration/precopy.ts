@@ -23,7 +23,7 @@ import {
 } from '../wire/constants.js';
 import { putCommand, putEof, putFileHeader, putRamEos, putRamMultifdFlush } from '../wire/main-stream.js';
 import { decodeRpReqPages, discardCommands, encodePackagedLength, encodePostcopyAdvise } from '../wire/postcopy.js';
-import { putDeviceSections, putDeviceSectionsAndEof } from './device-sections.js';
+import { putDeviceSections, putDeviceSectionsAndEof, putSetupDeviceSections } from './device-sections.js';
 import { readRpMessage } from '../wire/return-path.js';
 import { MigrationNotifiers, type MigrationStateEvent, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -312,6 +312,8 @@ export class PrecopyMigration {
     // The setup barrier: every channel synced once before any page travels.
     await this.multifdSync(true);
     this.saver.writeSectionEnd(sink, RAM_SECTION_ID);
+    // Postcopy: what the destination must prepare before the switch (its vCPU threads).
+    if (params.postcopy) putSetupDeviceSections(sink, this.ctx.devices, RAM_SECTION_ID + 1);
     await this.guard(sink.flush());
     this.stats.setupTimeMs = performance.now() - this.stats.startTime;
   }

@@ -94,17 +94,26 @@ export class PostcopyIncoming {
   }
 
   /**
+   * The received map, created at once if need be, so that vCPU threads can be made ready
+   * (parked) before the switch. Nothing checks it until they run, after RUN.
+   */
+  prepare(): MissingPagesShared {
+    if (!this.ram) this.fail('postcopy: the received map needs the RAM block list');
+    this.placerImpl ??= new MissingPagesPlacer(createMissingPages(this.ram.totalPages, MAX_VCPUS, this.opts.blocktime ?? false));
+    return this.placerImpl.shared;
+  }
+
+  /**
    * Precopy is over: every page it sent landed (the source flushed and synced multifd first),
    * so every page counts as received until a discard says otherwise.
    */
   private enterDiscard(): MissingPagesPlacer {
-    if (!this.ram) this.fail('postcopy switch before the RAM block list');
-    if (!this.placerImpl) {
-      this.placerImpl = new MissingPagesPlacer(createMissingPages(this.ram.totalPages, MAX_VCPUS, this.opts.blocktime ?? false));
-      this.placerImpl.markReceived(0, this.ram.totalPages);
+    if (this.state !== 'discard') {
+      this.prepare();
+      this.placerImpl!.markReceived(0, this.ram!.totalPages);
     }
     this.state = 'discard';
-    return this.placerImpl;
+    return this.placerImpl!;
   }
 
   /** POSTCOPY_RAM_DISCARD: pages dirtied after they were sent are not received. */
