@@ -134,7 +134,10 @@ async function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number
   const buf = free.pop() ?? Buffer.allocUnsafeSlow(PACKET_MAX);
   let flags = 0;
   let payloadLen = normal.length * TARGET_PAGE_SIZE;
-  if (compressor && normal.length > 0) {
+  // Compressed, the payload is built in `buf` after the header; uncompressed it goes
+  // straight from guest RAM to the socket (writeFromRam).
+  const compressed = compressor !== undefined && normal.length > 0;
+  if (compressed) {
     for (let i = 0; i < normal.length; i++) host.copy(pagesScratch, i * TARGET_PAGE_SIZE, normal[i]!, normal[i]! + TARGET_PAGE_SIZE);
     // Only the method may choose to send raw: a stateful stream (zlib) has consumed the
     // pages, so its output must go out even when it grew (random data does).
@@ -147,21 +150,6 @@ async function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number
     } else {
       pagesScratch.copy(buf, MULTIFD_PACKET_HEADER_SIZE, 0, payloadLen);
     }
-  } else {
-    // nocomp: the payload goes straight from guest RAM to the socket, one write per run of
-    // contiguous pages (a first pass sends whole 512 KiB runs): no copy in user space.
-    encodeMultifdPacketHeader(buf, 0, {
-      flags,
-      normalPages: normal.length,
-      zeroPages: zero.length,
-      nextPacketSize: payloadLen,
-      packetNum,
-      ramblock: block.idstr,
-      offsets: Float64Array.from([...normal, ...zero]),
-    });
-    const len = MULTIFD_PACKET_HEADER_SIZE + payloadLen;
-    writeFromRam(buf, host, normal, () => port.postMessage({ t: 'done', bytes: len, normal: normal.length, zero: zero.length }));
-    return;
   }
   encodeMultifdPacketHeader(buf, 0, {
     flags,
@@ -173,5 +161,7 @@ async function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number
     offsets: Float64Array.from([...normal, ...zero]),
   });
   const len = MULTIFD_PACKET_HEADER_SIZE + payloadLen;
-  writePacket(buf, len, () => port.postMessage({ t: 'done', bytes: len, normal: normal.length, zero: zero.length }));
+  const done = (): void => port.postMessage({ t: 'done', bytes: len, normal: normal.length, zero: zero.length });
+  if (compressed) writePacket(buf, len, done);
+  else writeFromRam(buf, host, normal, done);
 }
