@@ -28,3 +28,4 @@ export * from './stats/latency-samples.js';
 export * from './wire/postcopy.js';
 export * from './postcopy/missing-pages.js';
 export * from './postcopy/postcopy-incoming.js';
+export * from './migration/page-requests.js';

@@ -243,3 +243,31 @@ describe('the source serving page requests (RamSaver.saveRequestedPage)', () => 
     expect(saver.dirtyPages).toBe(60);
   });
 });
+
+describe('hostile page requests at the source (PageRequestQueue)', () => {
+  it('unknown block, REQ_PAGES first, misaligned, empty or past the block: stable codes, nothing queued', async () => {
+    const { PageRequestQueue, RamSaver, MigrationStats } = await import('../src/index.js');
+    const ram = GuestRam.create([{ idstr: 'pc.ram', size: 16 * P }], { prefault: false });
+    const stats = new MigrationStats();
+    const q = new PageRequestQueue(ram, new RamSaver(ram, stats), stats);
+    const body = (m: Uint8Array): Uint8Array => m.subarray(4);
+    const code = (type: number, m: Uint8Array): string | undefined => {
+      try {
+        q.add(type, body(m));
+      } catch (e) {
+        return (e as VmigError).code;
+      }
+      return undefined;
+    };
+    expect(code(MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 0, P))).toBe('VMIG_ERR_UNKNOWN_BLOCK');
+    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('nope', 0, P))).toBe('VMIG_ERR_UNKNOWN_BLOCK');
+    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 100, P))).toBe('VMIG_ERR_BAD_OFFSET');
+    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 0, 0))).toBe('VMIG_ERR_BAD_OFFSET');
+    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 15 * P, 2 * P))).toBe('VMIG_ERR_BAD_OFFSET');
+    expect(q.pending).toBe(0);
+    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 15 * P, P))).toBeUndefined();
+    expect(code(MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 2 * P, 2 * P))).toBeUndefined();
+    expect(q.pending).toBe(3);
+    expect(stats.postcopyRequests).toBe(2);
+  });
+});

@@ -22,12 +22,13 @@ import {
   MIG_RP_MSG_SHUT,
 } from '../wire/constants.js';
 import { putCommand, putEof, putFileHeader, putRamEos, putRamMultifdFlush } from '../wire/main-stream.js';
-import { decodeRpReqPages, discardCommands, encodePackagedLength, encodePostcopyAdvise } from '../wire/postcopy.js';
+import { discardCommands, encodePackagedLength, encodePostcopyAdvise } from '../wire/postcopy.js';
 import { putDeviceSections, putDeviceSectionsAndEof, putSetupDeviceSections } from './device-sections.js';
 import { readRpMessage } from '../wire/return-path.js';
 import { MigrationNotifiers, type MigrationStateEvent, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
 import { silentLogger, type Logger } from '../log.js';
 import { AutoConverge } from './auto-converge.js';
+import { PageRequestQueue } from './page-requests.js';
 import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
 import { RateLimiter } from './rate-limit.js';
 import { isTerminal, type MigrationStatus } from './state.js';
@@ -141,10 +142,8 @@ export class PrecopyMigration {
    */
   private guestSplit = false;
   private preempt: StreamSink | undefined;
-  /** Requested pages waiting for the main stream (no preempt channel). */
-  private readonly requests: [number, number][] = [];
-  /** The block of the last REQ_PAGES_ID, for REQ_PAGES. */
-  private lastRequestBlock = -1;
+  /** Page requests from the destination, after the switch. */
+  private readonly requests: PageRequestQueue;
 
   constructor(private readonly ctx: PrecopyContext) {
     this.stats = ctx.stats ?? new MigrationStats();
@@ -153,6 +152,7 @@ export class PrecopyMigration {
     this.params = { ...ctx.params };
     this.saver = new RamSaver(ctx.ram, this.stats, ctx.params.zeroPageDetection);
     if (ctx.multifd) this.saver.pageSender = ctx.multifd;
+    this.requests = new PageRequestQueue(ctx.ram, this.saver, this.stats);
     this.stats.totalBytes = ctx.ram.totalBytes;
     this.failure = new Promise<never>((_, reject) => {
       this.rejectFailure = reject;
@@ -549,9 +549,9 @@ export class PrecopyMigration {
       limiter.account(this.writtenBytes());
       if (limiter.allowance() <= 0) {
         // Requests keep being served while background pages wait for credit.
-        if (!this.preempt && this.requests.length > 0) {
+        if (!this.preempt && this.requests.pending > 0) {
           saver.writePartHeader(sink, RAM_SECTION_ID, false);
-          this.serveRequests(sink);
+          this.requests.serve(sink, false);
           saver.writeSectionEnd(sink, RAM_SECTION_ID);
           await this.guard(sink.flush());
         }
@@ -559,7 +559,7 @@ export class PrecopyMigration {
         continue;
       }
       saver.writePartHeader(sink, RAM_SECTION_ID, false);
-      this.serveRequests(sink);
+      this.requests.serve(sink, false);
       saver.savePages(sink, POSTCOPY_SLICE_PAGES);
       saver.writeSectionEnd(sink, RAM_SECTION_ID);
       await this.guard(sink.flush());
@@ -583,36 +583,16 @@ export class PrecopyMigration {
   }
 
   /**
-   * A page request from the return path (ram_save_queue_pages). With a preempt channel the
-   * pages go out at once on it; otherwise they wait for the main loop, ahead of background
-   * pages.
+   * A page request from the return path. With a preempt channel the pages go out at once on
+   * it; otherwise they wait for the main loop, ahead of background pages.
    */
   private queuePages(type: number, data: Uint8Array): void {
-    const req = decodeRpReqPages(type, data);
-    const blocks = this.ctx.ram.blocks;
-    const idx = req.idstr === undefined ? this.lastRequestBlock : blocks.findIndex((b) => b.idstr === req.idstr);
-    const block = blocks[idx];
-    if (!block) throw new VmigError('VMIG_ERR_UNKNOWN_BLOCK', req.idstr === undefined ? 'REQ_PAGES before any REQ_PAGES_ID' : `page request for unknown RAM block '${req.idstr}'`, { channel: 'return-path' });
-    this.lastRequestBlock = idx;
-    if (req.start % TARGET_PAGE_SIZE || req.length % TARGET_PAGE_SIZE || req.length === 0 || req.start + req.length > block.usedLength) {
-      throw new VmigError('VMIG_ERR_BAD_OFFSET', `page request 0x${req.start.toString(16)}+0x${req.length.toString(16)} outside block '${block.idstr}' or not page aligned`, { channel: 'return-path' });
-    }
-    this.stats.postcopyRequests++;
-    for (let p = req.start / TARGET_PAGE_SIZE; p < (req.start + req.length) / TARGET_PAGE_SIZE; p++) this.requests.push([idx, p]);
+    this.requests.add(type, data);
     const pre = this.preempt;
-    if (pre) {
-      if (this.serveRequests(pre, true) > 0) {
-        putRamEos(pre);
-        pre.flush().catch((e: unknown) => this.fail(toVmigError(e, 'VMIG_ERR_CHANNEL', { channel: 'preempt' })));
-      }
+    if (pre && this.requests.serve(pre, true) > 0) {
+      putRamEos(pre);
+      pre.flush().catch((e: unknown) => this.fail(toVmigError(e, 'VMIG_ERR_CHANNEL', { channel: 'preempt' })));
     }
-  }
-
-  /** Sends the queued requested pages that are still dirty; returns how many went. */
-  private serveRequests(w: StreamSink, ownStream = false): number {
-    let sent = 0;
-    for (const [b, p] of this.requests.splice(0)) if (this.saver.saveRequestedPage(w, b, p, ownStream)) sent++;
-    return sent;
   }
 
   private async complete(): Promise<void> {
