@@ -29,3 +29,4 @@ export * from './wire/postcopy.js';
 export * from './postcopy/missing-pages.js';
 export * from './postcopy/postcopy-incoming.js';
 export * from './migration/page-requests.js';
+export * from './ram/fault-slots.js';

@@ -59,6 +59,9 @@ describe('AtomicBitmap', () => {
         const walked: number[] = [];
         for (let i = b.findNextSet(0); i >= 0; i = b.findNextSet(i + 1)) walked.push(i);
         expect(walked).toEqual(sorted);
+        const clear: number[] = [];
+        for (let i = b.findNextClear(0); i >= 0; i = b.findNextClear(i + 1)) clear.push(i);
+        expect(clear).toEqual(Array.from({ length: n }, (_, i) => i).filter((i) => !model.has(i)));
       }),
     );
   });

@@ -18,7 +18,6 @@ const cfg = workerData as RecvChannelConfig;
 const port = parentPort!;
 const channel = `multifd/${cfg.id}`;
 const ctl = new Int32Array(cfg.control);
-const ZERO = Buffer.alloc(TARGET_PAGE_SIZE);
 const scratch = Buffer.allocUnsafeSlow(MULTIFD_PACKET_SIZE);
 const decompressors = new Map<number, MultifdRecvDecompressor>();
 
@@ -112,7 +111,7 @@ async function applyPages(h: MultifdPacketHeader): Promise<void> {
     }
     stats.bytes += h.normalPages * TARGET_PAGE_SIZE;
   }
-  for (let i = h.normalPages; i < h.offsets.length; i++) block.loadZeroPage(h.offsets[i]!, ZERO, cfg.zeroUnlessLoaded);
+  for (let i = h.normalPages; i < h.offsets.length; i++) block.loadZeroPage(h.offsets[i]!, cfg.zeroUnlessLoaded);
   stats.normal += h.normalPages;
   stats.zero += h.zeroPages;
 }

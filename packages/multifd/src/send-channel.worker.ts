@@ -11,7 +11,7 @@
  */
 import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
-import { GuestRam, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
+import { GuestRam, isZeroPage, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
 import { compressionByName } from './compress/registry.js';
 import type { SendChannelConfig, SendToChannel } from './send-protocol.js';
 import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_MAX_PAYLOAD, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE } from './wire/multifd-wire.js';
@@ -22,7 +22,6 @@ const ram = GuestRam.fromShared(cfg.ram);
 const hosts = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
 const compressor = compressionByName(cfg.compression)?.createSender();
 const channel = `multifd/${cfg.id}`;
-const ZERO = Buffer.alloc(TARGET_PAGE_SIZE);
 const ZERO_RUN = Buffer.alloc(MULTIFD_PACKET_SIZE);
 const PACKET_MAX = MULTIFD_PACKET_HEADER_SIZE + MULTIFD_MAX_PAYLOAD;
 
@@ -124,7 +123,7 @@ async function sendPages(blockIdx: number, pages: Uint32Array, packetNum: number
       if (ZERO_RUN.compare(host, start, end, 0, end - start) === 0) {
         for (let off = start; off < end; off += TARGET_PAGE_SIZE) zero.push(off);
       } else {
-        for (let off = start; off < end; off += TARGET_PAGE_SIZE) (ZERO.compare(host, off, off + TARGET_PAGE_SIZE) === 0 ? zero : normal).push(off);
+        for (let off = start; off < end; off += TARGET_PAGE_SIZE) (isZeroPage(host, off) ? zero : normal).push(off);
       }
       i = j;
     }

@@ -20,7 +20,7 @@ async function setup(writers: number): Promise<{ ram: GuestRam; placer: MissingP
   const ram = GuestRam.create([{ idstr: 'pc.ram', size: PAGES * TARGET_PAGE_SIZE }]);
   for (let p = 0; p < PAGES; p++) ram.blocks[0]!.host.fill(p & 0xff, p * TARGET_PAGE_SIZE, (p + 1) * TARGET_PAGE_SIZE);
   const placer = new MissingPagesPlacer(createMissingPages(PAGES, 8, true));
-  placer.markReceived(0, PAGES);
+  placer.markAllReceived();
   placer.markMissing(0, 1);
   placer.setRunningVcpus(writers);
   // The hot set of one page is page 0: every writer faults on it at its first write.

@@ -520,11 +520,9 @@ export class PrecopyMigration {
     saver.usePostcopyStreams();
     for (const [i, block] of ctx.ram.blocks.entries()) {
       const bm = saver.bitmaps[i]!;
-      const nextClear = (from: number): number => {
-        for (let p = from; p < block.pages; p++) if (!bm.test(p)) return p;
-        return -1;
-      };
-      for (const cmd of discardCommands(block.idstr, block.pages, (from) => bm.findNextSet(from), nextClear)) putCommand(sink, MIG_CMD_POSTCOPY_RAM_DISCARD, cmd);
+      for (const cmd of discardCommands(block.idstr, block.pages, (from) => bm.findNextSet(from), (from) => bm.findNextClear(from))) {
+        putCommand(sink, MIG_CMD_POSTCOPY_RAM_DISCARD, cmd);
+      }
     }
     const pkg = new MemorySink();
     putCommand(pkg, MIG_CMD_POSTCOPY_LISTEN);

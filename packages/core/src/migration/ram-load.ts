@@ -48,8 +48,6 @@ export interface RamLoadOptions {
   channel?: string;
 }
 
-const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
-
 export class RamLoadState {
   ram: GuestRam | undefined;
   private lastBlock: RamBlock | undefined;
@@ -121,7 +119,7 @@ export class RamLoadState {
             block.host.fill(ch, offset, offset + TARGET_PAGE_SIZE);
             block.loaded.set(offset / TARGET_PAGE_SIZE);
           } else {
-            block.loadZeroPage(offset, ZERO_PAGE, this.opts.zeroUnlessLoaded === true);
+            block.loadZeroPage(offset, this.opts.zeroUnlessLoaded === true);
           }
           this.zeroPages++;
         }

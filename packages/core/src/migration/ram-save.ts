@@ -4,7 +4,7 @@
  */
 import type { ByteWriter } from '../io.js';
 import { AtomicBitmap } from '../ram/bitmap.js';
-import { type GuestRam, type RamBlock, TARGET_PAGE_SIZE } from '../ram/ram-block.js';
+import { type GuestRam, isZeroPage, type RamBlock, TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START, RAM_SECTION_IDSTR, RAM_SECTION_VERSION } from '../wire/constants.js';
 import {
   putRamEos,
@@ -48,12 +48,6 @@ export interface MultifdLink extends PageSender {
   readonly flushAfterEachSection: boolean;
   /** Pages handed over and not written yet, as bytes of whole pages (for the rate limit). */
   readonly pendingBytes: number;
-}
-
-const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
-
-export function isZeroPage(host: Uint8Array, offset: number): boolean {
-  return ZERO_PAGE.compare(host, offset, offset + TARGET_PAGE_SIZE) === 0;
 }
 
 export interface ScanResult {

@@ -6,8 +6,8 @@
  *
  * Shared state (SharedArrayBuffers):
  * - `received` bitmap, one bit per page (global index over all blocks, in block order).
- * - per-writer fault slots: a blocked writer stores (page + 1) in its slot.
- * - control words: FAULT_SEQ (the doorbell), ABORT, the "all vCPUs blocked" bookkeeping.
+ * - per-writer fault slots and their doorbell (ram/fault-slots.ts).
+ * - control words: ABORT, the "all vCPUs blocked" bookkeeping.
  * - per-writer fault latency samples (stats/latency-samples.ts).
  *
  * Ordering rules:
@@ -16,23 +16,24 @@
  *    Atomics.load (acquire) before it touches the page, so it never sees a partly placed
  *    page, and a page whose bit is set is never placed again (the placer tests it first):
  *    a write that landed after the bit was set is never overwritten.
- * 2. Fault: the writer stores page+1 into its slot, bumps FAULT_SEQ and notifies it, then
+ * 2. Fault: the writer posts the page in its fault slot (FaultSlots.post), then
  *    Atomics.waits on the page's word of `received` until its bit is set. The placer's
  *    notify after the Atomics.or wakes it; the wait's timeout only guards against a lost
  *    wake-up and lets it see ABORT. The writer clears its own slot once woken.
  * 3. Teardown (a failure during postcopy): the placer sets ABORT and notifies every word;
  *    a blocked writer gives up without writing (the guest is split, nothing may land).
  */
+import { AtomicBitmap } from '../ram/bitmap.js';
+import { createFaultSlots, FaultSlots, type FaultSlotsShared } from '../ram/fault-slots.js';
 import { LatencySamples, latencySamplesBytes, type LatencySummary } from '../stats/latency-samples.js';
 
 // Control words (Int32).
-const FAULT_SEQ = 0;
-const ABORT = 1;
-const LOCK = 2;
-const BLOCKED = 3;
+const ABORT = 0;
+const LOCK = 1;
+const BLOCKED = 2;
 /** vCPUs running (set before they start): "all blocked" means BLOCKED === WRITERS. */
-const WRITERS = 4;
-const CTL_WORDS = 5;
+const WRITERS = 3;
+const CTL_WORDS = 4;
 // Time words (Float64): when every vCPU became blocked, and the total of such spans.
 const ALL_START = 0;
 const ALL_TOTAL = 1;
@@ -46,7 +47,7 @@ export interface MissingPagesShared {
   ctl: SharedArrayBuffer;
   times: SharedArrayBuffer;
   received: SharedArrayBuffer;
-  faults: SharedArrayBuffer;
+  faults: FaultSlotsShared;
   latency: SharedArrayBuffer;
 }
 
@@ -57,8 +58,8 @@ export function createMissingPages(pages: number, writers: number, blocktime: bo
     blocktime,
     ctl: new SharedArrayBuffer(CTL_WORDS * 4),
     times: new SharedArrayBuffer(2 * 8),
-    received: new SharedArrayBuffer(Math.max(1, Math.ceil(pages / 32)) * 4),
-    faults: new SharedArrayBuffer(Math.max(1, writers) * 4),
+    received: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
+    faults: createFaultSlots(writers),
     latency: new SharedArrayBuffer(blocktime ? latencySamplesBytes(writers) : 8),
   };
 }
@@ -66,19 +67,15 @@ export function createMissingPages(pages: number, writers: number, blocktime: bo
 class Views {
   readonly ctl: Int32Array;
   readonly times: Float64Array;
-  readonly received: Int32Array;
-  readonly faults: Int32Array;
+  readonly received: AtomicBitmap;
+  readonly faults: FaultSlots;
   readonly latency: LatencySamples;
   constructor(readonly s: MissingPagesShared) {
     this.ctl = new Int32Array(s.ctl);
     this.times = new Float64Array(s.times);
-    this.received = new Int32Array(s.received);
-    this.faults = new Int32Array(s.faults);
+    this.received = new AtomicBitmap(s.received, s.pages);
+    this.faults = new FaultSlots(s.faults);
     this.latency = new LatencySamples(s.latency, s.blocktime ? s.writers : 0);
-  }
-
-  isReceived(page: number): boolean {
-    return (Atomics.load(this.received, page >>> 5) & (1 << (page & 31))) !== 0;
   }
 
   /**
@@ -116,27 +113,26 @@ export class MissingPagesVcpu {
    */
   beforeWrite(page: number): boolean {
     const v = this.v;
-    if (v.isReceived(page)) return true;
+    if (v.received.test(page)) return true;
     const timed = v.s.blocktime;
     const t0 = timed ? clock() : 0;
     if (timed) v.blockedDelta(1, t0);
-    // Rule 2: post the fault, ring the doorbell, wait on the page's word.
-    Atomics.store(v.faults, this.writer, page + 1);
-    Atomics.add(v.ctl, FAULT_SEQ, 1);
-    Atomics.notify(v.ctl, FAULT_SEQ);
+    // Rule 2: post the fault (which rings the doorbell), wait on the page's word.
+    v.faults.post(this.writer, page);
+    const words = v.received.words;
     const w = page >>> 5;
     const bit = 1 << (page & 31);
     let ok = true;
     for (;;) {
-      const cur = Atomics.load(v.received, w);
+      const cur = Atomics.load(words, w);
       if ((cur & bit) !== 0) break;
       if (Atomics.load(v.ctl, ABORT) !== 0) {
         ok = false;
         break;
       }
-      Atomics.wait(v.received, w, cur, 20);
+      Atomics.wait(words, w, cur, 20);
     }
-    Atomics.store(v.faults, this.writer, 0);
+    v.faults.clear(this.writer);
     if (timed) {
       const t1 = clock();
       v.blockedDelta(-1, t1);
@@ -166,6 +162,8 @@ export class MissingPagesPlacer {
   placed = 0;
   /** Pages that arrived although already in place (sent in the background and on request). */
   dropped = 0;
+  /** Pages whose bit is clear (kept by this thread, the only one that changes bits). */
+  private missingCount: number;
 
   constructor(readonly shared: MissingPagesShared) {
     this.v = new Views(shared);
@@ -173,26 +171,18 @@ export class MissingPagesPlacer {
   }
 
   isReceived(page: number): boolean {
-    return this.v.isReceived(page);
+    return this.v.received.test(page);
   }
 
-  /** Pages whose bit is clear (kept by this thread, the only one that changes bits). */
-  private missingCount: number;
-
-  /** Marks [start, start+n) received (precopy delivered them before the switch). */
-  markReceived(start: number, n: number): void {
-    for (let p = start; p < start + n; p++) {
-      const m = 1 << (p & 31);
-      if ((Atomics.or(this.v.received, p >>> 5, m) & m) === 0) this.missingCount--;
-    }
+  /** Every page received: precopy delivered them all before the switch (no writer runs yet). */
+  markAllReceived(): void {
+    this.v.received.setAll();
+    this.missingCount = 0;
   }
 
   /** Marks [start, start+n) not received (POSTCOPY_RAM_DISCARD; no writer runs yet). */
   markMissing(start: number, n: number): void {
-    for (let p = start; p < start + n; p++) {
-      const m = 1 << (p & 31);
-      if ((Atomics.and(this.v.received, p >>> 5, ~m) & m) !== 0) this.missingCount++;
-    }
+    for (let p = start; p < start + n; p++) if (this.v.received.testAndClear(p)) this.missingCount++;
   }
 
   /** How many vCPUs run (before they start). */
@@ -212,13 +202,13 @@ export class MissingPagesPlacer {
    */
   place(page: number, copy: () => void): boolean {
     const v = this.v;
-    if (v.isReceived(page)) {
+    if (v.received.test(page)) {
       this.dropped++;
       return false;
     }
     copy();
-    Atomics.or(v.received, page >>> 5, 1 << (page & 31));
-    Atomics.notify(v.received, page >>> 5);
+    v.received.set(page);
+    Atomics.notify(v.received.words, page >>> 5);
     this.requested.delete(page);
     this.placed++;
     this.missingCount--;
@@ -231,12 +221,14 @@ export class MissingPagesPlacer {
    */
   async takeFaults(ms: number): Promise<number[]> {
     const v = this.v;
-    if (Atomics.load(v.ctl, FAULT_SEQ) === this.seenSeq) await Atomics.waitAsync(v.ctl, FAULT_SEQ, this.seenSeq, ms).value;
-    this.seenSeq = Atomics.load(v.ctl, FAULT_SEQ);
+    await v.faults.wait(this.seenSeq, ms);
+    this.seenSeq = v.faults.seq;
+    const posted: number[] = [];
+    // The writers clear their own slots once their page is in: read, do not take.
+    v.faults.peek(posted);
     const out: number[] = [];
-    for (let i = 0; i < v.faults.length; i++) {
-      const p = Atomics.load(v.faults, i) - 1;
-      if (p < 0 || this.requested.has(p) || v.isReceived(p)) continue;
+    for (const p of posted) {
+      if (this.requested.has(p) || v.received.test(p)) continue;
       this.requested.add(p);
       out.push(p);
     }
@@ -247,9 +239,8 @@ export class MissingPagesPlacer {
   abort(): void {
     const v = this.v;
     Atomics.store(v.ctl, ABORT, 1);
-    Atomics.add(v.ctl, FAULT_SEQ, 1);
-    Atomics.notify(v.ctl, FAULT_SEQ);
-    for (let w = 0; w < v.received.length; w++) Atomics.notify(v.received, w);
+    v.faults.ring();
+    for (let w = 0; w < v.received.words.length; w++) Atomics.notify(v.received.words, w);
   }
 
   blocktime(): PostcopyBlocktime {

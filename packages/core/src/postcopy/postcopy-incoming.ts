@@ -110,7 +110,7 @@ export class PostcopyIncoming {
   private enterDiscard(): MissingPagesPlacer {
     if (this.state !== 'discard') {
       this.prepare();
-      this.placerImpl!.markReceived(0, this.ram!.totalPages);
+      this.placerImpl!.markAllReceived();
     }
     this.state = 'discard';
     return this.placerImpl!;

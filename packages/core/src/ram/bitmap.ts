@@ -88,6 +88,22 @@ export class AtomicBitmap {
     }
   }
 
+  /** The first clear bit at index >= from, or -1. */
+  findNextClear(from: number): number {
+    if (from >= this.nbits || from < 0) return -1;
+    const words = this.words;
+    let w = from >>> 5;
+    let v = ~Atomics.load(words, w) & (~0 << (from & 31));
+    for (;;) {
+      if (v !== 0) {
+        const bit = (w << 5) + (31 - Math.clz32(v & -v));
+        return bit < this.nbits ? bit : -1;
+      }
+      if (++w >= words.length) return -1;
+      v = ~Atomics.load(words, w);
+    }
+  }
+
   /** Number of set bits. */
   count(): number {
     let n = 0;

@@ -111,9 +111,9 @@ export class RamBlock {
    * multifd_recv_zero_page_process. Otherwise the page is read and zeroed if it is not
    * (reading is cheaper than writing).
    */
-  loadZeroPage(offset: number, zero: Buffer, zeroUnlessLoaded: boolean): void {
+  loadZeroPage(offset: number, zeroUnlessLoaded: boolean): void {
     if (zeroUnlessLoaded && !this.loaded.test(offset / TARGET_PAGE_SIZE)) return;
-    if (zero.compare(this.host, offset, offset + TARGET_PAGE_SIZE) !== 0) this.host.fill(0, offset, offset + TARGET_PAGE_SIZE);
+    if (!isZeroPage(this.host, offset)) this.host.fill(0, offset, offset + TARGET_PAGE_SIZE);
   }
 
   /** A view of page `page` (no copy). */
@@ -121,6 +121,13 @@ export class RamBlock {
     const off = page * TARGET_PAGE_SIZE;
     return this.host.subarray(off, off + TARGET_PAGE_SIZE);
   }
+}
+
+const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+
+/** Whether the page at `offset` of `host` is all zero. */
+export function isZeroPage(host: Uint8Array, offset: number): boolean {
+  return ZERO_PAGE.compare(host, offset, offset + TARGET_PAGE_SIZE) === 0;
 }
 
 /** Writes one word per page so the kernel maps every page now, not during migration. */

@@ -10,7 +10,7 @@
  * - `claim` bitmap: set by whoever takes responsibility for saving a page's stop-time
  *   content (the saver, or a writer copying it into the copy-on-write buffer). Taking the
  *   claim is Atomics.or (test-and-set): exactly one party saves each page.
- * - per-writer fault slots: a blocked writer stores (page + 1) in its slot.
+ * - per-writer fault slots and their doorbell (ram/fault-slots.ts).
  * - the copy-on-write ring (optional): page copies made by writers, drained by the saver.
  * - counters and per-writer stall samples for the statistics.
  *
@@ -19,10 +19,10 @@
  *    then clears its `wp` bit with Atomics.and (release) and notifies the word. A writer that
  *    sees the bit clear (Atomics.load, acquire) therefore writes after the save finished: a
  *    page is never saved after a write landed on it.
- * 2. Blocking fault: the writer stores page+1 into its fault slot (Atomics.store), bumps
- *    FAULT_SEQ and notifies it, then Atomics.waits on the page's wp word until its bit is
- *    clear. The saver takes the slot with Atomics.exchange(…, 0), saves the page (unless its
- *    claim is already taken, i.e. it is saved or being saved), clears the bit, notifies.
+ * 2. Blocking fault: the writer posts the page in its fault slot (FaultSlots.post), then
+ *    Atomics.waits on the page's wp word until its bit is clear. The saver takes the slots
+ *    (FaultSlots.take), saves each page (unless its claim is already taken, i.e. it is saved
+ *    or being saved), clears the bit, notifies.
  * 3. Copy-on-write fault: the writer takes the claim; if it wins and reserves a ring slot
  *    (compare-exchange on COW_HEAD, never past COW_TAIL + capacity), it copies the page into
  *    the slot, publishes the slot with Atomics.store(cowPage[slot], page + 1), then clears
@@ -35,17 +35,17 @@
  *    no writer stays blocked.
  */
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
+import { FaultSlots, type FaultSlotsShared, createFaultSlots } from '../ram/fault-slots.js';
 import { LatencySamples, latencySamplesBytes } from '../stats/latency-samples.js';
 
 // Control word indices.
-const FAULT_SEQ = 0;
-const COW_HEAD = 1;
-const COW_TAIL = 2;
-const FAULTS_BLOCKING = 3;
-const FAULTS_COW = 4;
-const COW_FULL = 5;
-const ACTIVE = 6;
-const CTL_WORDS = 8;
+const COW_HEAD = 0;
+const COW_TAIL = 1;
+const FAULTS_BLOCKING = 2;
+const FAULTS_COW = 3;
+const COW_FULL = 4;
+const ACTIVE = 5;
+const CTL_WORDS = 6;
 
 export interface WriteProtectShared {
   pages: number;
@@ -54,7 +54,7 @@ export interface WriteProtectShared {
   ctl: SharedArrayBuffer;
   wp: SharedArrayBuffer;
   claim: SharedArrayBuffer;
-  faults: SharedArrayBuffer;
+  faults: FaultSlotsShared;
   cowPages: SharedArrayBuffer;
   cowData: SharedArrayBuffer;
   /** Per-writer stall samples (stats/latency-samples.ts). */
@@ -71,7 +71,7 @@ export function createWriteProtect(pages: number, writers: number, cowCapacityPa
     ctl: new SharedArrayBuffer(CTL_WORDS * 4),
     wp: new SharedArrayBuffer(words(pages) * 4),
     claim: new SharedArrayBuffer(words(pages) * 4),
-    faults: new SharedArrayBuffer(Math.max(1, writers) * 4),
+    faults: createFaultSlots(writers),
     cowPages: new SharedArrayBuffer(Math.max(1, cowCapacityPages) * 4),
     cowData: new SharedArrayBuffer(cowCapacityPages * TARGET_PAGE_SIZE),
     stalls: new SharedArrayBuffer(latencySamplesBytes(writers)),
@@ -82,7 +82,7 @@ class Views {
   readonly ctl: Int32Array;
   readonly wp: Int32Array;
   readonly claim: Int32Array;
-  readonly faults: Int32Array;
+  readonly faults: FaultSlots;
   readonly cowPages: Int32Array;
   readonly cowData: Uint8Array;
   readonly stalls: LatencySamples;
@@ -90,7 +90,7 @@ class Views {
     this.ctl = new Int32Array(s.ctl);
     this.wp = new Int32Array(s.wp);
     this.claim = new Int32Array(s.claim);
-    this.faults = new Int32Array(s.faults);
+    this.faults = new FaultSlots(s.faults);
     this.cowPages = new Int32Array(s.cowPages);
     this.cowData = new Uint8Array(s.cowData);
     this.stalls = new LatencySamples(s.stalls, s.writers);
@@ -142,8 +142,7 @@ export class WriteProtectVcpu {
         v.cowData.set(host, slot * TARGET_PAGE_SIZE);
         Atomics.store(v.cowPages, slot, page + 1);
         Atomics.add(v.ctl, FAULTS_COW, 1);
-        Atomics.add(v.ctl, FAULT_SEQ, 1);
-        Atomics.notify(v.ctl, FAULT_SEQ);
+        v.faults.ring();
         v.unprotect(page);
         this.recordStall(performance.now() - t0);
         return;
@@ -157,11 +156,9 @@ export class WriteProtectVcpu {
       this.recordStall(performance.now() - t0);
       return;
     }
-    // Rule 2: post the fault, wake the saver, wait on the page's wp word.
-    Atomics.store(v.faults, this.writer, page + 1);
+    // Rule 2: post the fault (which wakes the saver), wait on the page's wp word.
     Atomics.add(v.ctl, FAULTS_BLOCKING, 1);
-    Atomics.add(v.ctl, FAULT_SEQ, 1);
-    Atomics.notify(v.ctl, FAULT_SEQ);
+    v.faults.post(this.writer, page);
     this.waitUnprotected(page);
     this.recordStall(performance.now() - t0);
   }
@@ -232,22 +229,19 @@ export class WriteProtectSaver {
   }
 
   get faultSeq(): number {
-    return Atomics.load(this.v.ctl, FAULT_SEQ);
+    return this.v.faults.seq;
   }
 
   /** Resolves when a writer posts a fault or a copy (or after `ms`). */
   async waitFault(seen: number, ms: number): Promise<void> {
-    await Atomics.waitAsync(this.v.ctl, FAULT_SEQ, seen, ms).value;
+    await this.v.faults.wait(seen, ms);
   }
 
   /** Takes the posted blocking faults (global pages). */
   takeFaults(out: number[]): void {
-    const f = this.v.faults;
-    for (let i = 0; i < f.length; i++) {
-      const p = Atomics.exchange(f, i, 0);
-      if (p !== 0) out.push(p - 1);
-    }
+    this.v.faults.take(out);
   }
+
 
   /**
    * Saves `page` from RAM if nobody did: takes the claim, calls `save` (which must copy the

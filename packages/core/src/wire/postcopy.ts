@@ -76,7 +76,8 @@ export function decodePostcopyRamDiscard(data: Uint8Array): { idstr: string; ran
 
 /**
  * Runs of set bits in a block's bitmap as discard ranges, grouped into commands of at most
- * MAX_DISCARDS_PER_COMMAND (postcopy_each_ram_send_discard). `isSet(page)` tests one page.
+ * MAX_DISCARDS_PER_COMMAND (postcopy_each_ram_send_discard). `nextSet` / `nextClear`: the
+ * first set / clear page at or after one, or -1.
  */
 export function discardCommands(idstr: string, pages: number, nextSet: (from: number) => number, nextClear: (from: number) => number): Uint8Array[] {
   const cmds: Uint8Array[] = [];
