@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { runMigrationPair, spawnCli } from '@vmig/test-harness';
+import { type CliProcess, type CliRun, runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
 import { ControlClient } from './control-client.js';
 
@@ -32,6 +32,23 @@ function expectPostcopyVerified(source: Report | undefined, destination: Report 
 }
 
 const SWITCH = ['--postcopy', '--postcopy-after-rounds', '1', '--downtime-limit', '5', '--postcopy-blocktime'];
+
+/** Both ends with writers, switching early and sending background pages slowly (postcopy lasts). */
+async function startSlowPostcopyPair(): Promise<{ src: CliProcess; dst: CliProcess }> {
+  const shared = ['--ram', '64M', '--postcopy'];
+  const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', ...shared]);
+  const listening = await dst.waitFor((l) => l['event'] === 'listening');
+  const src = spawnCli(CLI_MAIN, ['migrate', String(listening['uri']), '--json', ...shared, ...SWITCH, '--writers', '2', '--dirty-rate', '64M', '--max-bandwidth', '100M', '--max-postcopy-bandwidth', '4M']);
+  return { src, dst };
+}
+
+/** A side that lost its peer after the switch: failed, and it says the guest is split. */
+function expectSplitFailure(run: CliRun): void {
+  expect(run.code).toBe(1);
+  expect(run.report?.['status']).toBe('failed');
+  expect((run.report?.['error'] as Report).code).toBe('VMIG_ERR_POSTCOPY');
+  expect((run.report?.['error'] as Report).message).toContain('split');
+}
 
 describe('postcopy between two vmig processes', () => {
   // Writers dirty pages fast; the switch comes after one round, so a third of RAM or more is
@@ -144,35 +161,22 @@ describe('postcopy between two vmig processes', () => {
   });
 
   it('the destination dies during postcopy: the source fails, says the guest is split, and does not resume', async () => {
-    const shared = ['--ram', '64M', '--postcopy'];
-    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', ...shared]);
-    const listening = await dst.waitFor((l) => l['event'] === 'listening');
-    const src = spawnCli(CLI_MAIN, ['migrate', String(listening['uri']), '--json', ...shared, ...SWITCH, '--writers', '2', '--dirty-rate', '64M', '--max-bandwidth', '100M', '--max-postcopy-bandwidth', '4M']);
+    const { src, dst } = await startSlowPostcopyPair();
     await dst.waitFor((l) => l['event'] === 'postcopy' && l['reason'] === 'INBOUND_LISTEN');
     await new Promise((r) => setTimeout(r, 200));
     dst.child.kill('SIGKILL');
     const run = await src.done;
-    expect(run.code).toBe(1);
-    expect(run.report?.status).toBe('failed');
-    expect(run.report?.error.code).toBe('VMIG_ERR_POSTCOPY');
-    expect(run.report?.error.message).toContain('split');
+    expectSplitFailure(run);
     // The guest may have run at the destination: the source must not run it again.
     expect(run.report?.writersResumed).toBe(false);
   });
 
   it('the source dies during postcopy: the destination fails, says the guest is split, its vCPUs end', async () => {
-    const shared = ['--ram', '64M', '--postcopy'];
-    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', ...shared]);
-    const listening = await dst.waitFor((l) => l['event'] === 'listening');
-    const src = spawnCli(CLI_MAIN, ['migrate', String(listening['uri']), '--json', ...shared, ...SWITCH, '--writers', '2', '--dirty-rate', '64M', '--max-bandwidth', '100M', '--max-postcopy-bandwidth', '4M']);
+    const { src, dst } = await startSlowPostcopyPair();
     await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'postcopy-active');
     await new Promise((r) => setTimeout(r, 200));
     src.child.kill('SIGKILL');
-    const run = await dst.done;
-    expect(run.code).toBe(1);
-    expect(run.report?.status).toBe('failed');
-    expect(run.report?.error.code).toBe('VMIG_ERR_POSTCOPY');
-    expect(run.report?.error.message).toContain('split');
+    expectSplitFailure(await dst.done);
   });
 
   it('flags: preempt or blocktime without --postcopy, bad --postcopy-after-rounds: exit 2', async () => {
