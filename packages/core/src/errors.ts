@@ -77,6 +77,17 @@ export function toVmigError(err: unknown, fallback: VmigErrorCode, ctx: VmigErro
 }
 
 /**
+ * A failure after the postcopy switch (QEMU's postcopy_pause, without recovery): the
+ * destination may have run the guest, so neither side has all of it. Both ends report this.
+ */
+export function postcopySplitError(cause: VmigError): VmigError {
+  return new VmigError('VMIG_ERR_POSTCOPY', `postcopy failed after the switch (${cause.message}); the guest's state is split between source and destination and neither can run it`, {
+    channel: cause.channel,
+    phase: 'postcopy',
+  });
+}
+
+/**
  * The first error of several threads or channels (on shutdown the first error wins):
  * remembers it and tells every listener once, including listeners added later.
  */

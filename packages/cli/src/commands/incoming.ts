@@ -9,27 +9,25 @@ import { ByteReader, formatMigrationUri, listen, parseMigrationUri, readFirstByt
 import {
   DeviceRegistry,
   EndOfStream,
+  encodeRpPong,
+  encodeRpShut,
   GlobalStateDevice,
-  MigrationNotifiers,
-  type MissingPagesShared,
-  PostcopyIncoming,
-  RamLoadState,
-  TARGET_PAGE_SIZE,
   GuestRam,
+  InvalidArgumentError,
+  MigrationNotifiers,
+  postcopySplitError,
   qemuLoadVmState,
   QEMU_VM_FILE_MAGIC,
   readVmDescription,
-  encodeRpPong,
-  encodeRpShut,
-  InvalidArgumentError,
   StreamError,
   TimerDevice,
   toVmigError,
   VmigError,
 } from '@vmig/core';
 import { MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultifdReceiver } from '@vmig/multifd';
-import { checkStampedRam, digestRam, ItsTableDevice, VcpuPool, type VcpuState, VcpuStateDevice } from '@vmig/test-harness';
+import { digestRam, ItsTableDevice, VcpuStateDevice } from '@vmig/test-harness';
 import { createLogger } from '../log.js';
+import { PostcopyGuest } from '../postcopy-guest.js';
 import { dumpRam } from '../dump-ram.js';
 import { INCOMING_OPTIONS, sharedSettings } from '../options.js';
 import { parseCommandArgs } from '../args.js';
@@ -121,49 +119,26 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   };
   receiver?.onError(fatal);
 
-  // Postcopy: the destination's vCPUs (the source's, from its vCPU state), and the preempt
-  // channel's reader.
-  let postcopy: PostcopyIncoming | undefined;
-  let vcpusStarting: Promise<VcpuPool> | undefined;
-  let vcpuThreads = 0;
-  const startVcpus = (r: GuestRam, st: VcpuState, shared: MissingPagesShared, parked: boolean): Promise<VcpuPool> => {
-    vcpuThreads = st.writers;
-    const p = VcpuPool.start(r, {
-      writers: st.writers,
-      dirtyRate: st.dirtyRate ?? 0,
-      pattern: st.pattern === 'hot' ? 'hot' : 'uniform',
-      hotPages: st.hotPages ?? 64,
-      seed: (st.seed ?? 1) + 1,
-      missing: shared,
-      track: true,
-      startStopped: parked,
+  // Postcopy (postcopy-guest.ts); its vCPU state device is this side's `vmig-vcpus`.
+  const vcpuState = new VcpuStateDevice(() => ({ writers: 0, writes: 0, pattern: '' }));
+  let postcopy: PostcopyGuest | undefined;
+  if (settings.postcopy) {
+    const notifiers = new MigrationNotifiers();
+    notifiers.postcopy.add((e) => {
+      log.info({ reason: e.reason }, 'postcopy notifier');
+      out.event({ event: 'postcopy', reason: e.reason }, undefined);
     });
-    p.catch((e: unknown) => fatal(toVmigError(e, 'VMIG_ERR_WORKER')));
-    return p;
-  };
-  let preemptDone: Promise<void> | undefined;
-  const onPreempt = settings.postcopyPreempt
-    ? (sock: net.Socket, first: Buffer): void => {
-        const reader = new ByteReader(sock, { channel: 'preempt', initial: first });
-        sock.on('error', () => {});
-        const load = new RamLoadState({
-          ram,
-          createRam: () => {
-            throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'a RAM block list on the preempt channel', { channel: 'preempt' });
-          },
-          postcopy,
-          channel: 'preempt',
-        });
-        preemptDone = (async () => {
-          try {
-            for (;;) await load.loadSectionBody(reader);
-          } catch (e) {
-            if (e instanceof EndOfStream && reader.buf.length === reader.pos) return;
-            fatal(e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'preempt channel ended inside a record', { channel: 'preempt' }) : toVmigError(e, 'VMIG_ERR_CHANNEL', { channel: 'preempt' }));
-          }
-        })();
-      }
-    : undefined;
+    postcopy = new PostcopyGuest({
+      ram: () => ram,
+      vcpuState,
+      sendRp: (m) => mainSock?.write(m),
+      sealMultifd: receiver ? () => receiver.seal() : undefined,
+      notifiers,
+      blocktime: settings.postcopyBlocktime,
+      fatal,
+    });
+  }
+  const onPreempt = settings.postcopyPreempt && postcopy ? postcopy.onPreempt.bind(postcopy) : undefined;
 
   const start = performance.now();
   let loadStart = start;
@@ -175,41 +150,6 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     loadStart = performance.now();
     const conn = main.sock;
     const reader = new ByteReader(conn, { channel: 'main', initial: main.first });
-    const vcpuState = new VcpuStateDevice(() => ({ writers: 0, writes: 0, pattern: '' }));
-    if (settings.postcopy) {
-      const notifiers = new MigrationNotifiers();
-      notifiers.postcopy.add((e) => {
-        log.info({ reason: e.reason }, 'postcopy notifier');
-        out.event({ event: 'postcopy', reason: e.reason }, undefined);
-      });
-      postcopy = new PostcopyIncoming({
-        sendRp: (m) => conn.write(m),
-        notifiers,
-        sealMultifd: receiver ? () => receiver.seal() : undefined,
-        blocktime: settings.postcopyBlocktime,
-        onRun: (shared, placer) => {
-          // vm_start on the destination: the same vCPUs the source ran, each write checked
-          // against the received map, tracked for the final check. Threads created parked
-          // at setup just resume; otherwise (or if the count changed) they start now.
-          const st = vcpuState.loaded;
-          const n = st?.writers ?? 0;
-          placer.setRunningVcpus(n);
-          if (vcpusStarting && vcpuThreads !== n) {
-            void vcpusStarting.then((p) => p.terminate(), () => {});
-            vcpusStarting = undefined;
-          }
-          if (n === 0 || !ram || !st) return;
-          vcpusStarting ??= startVcpus(ram, st, shared, false);
-          void vcpusStarting.then((p) => p.resume(), () => {});
-        },
-      });
-      // The vCPU state the source announces at setup: create the threads now, parked, so
-      // that RUN costs no thread start while pages stream in.
-      vcpuState.onLoaded = (st) => {
-        if (postcopy?.state !== 'advise' || vcpusStarting || !ram || st.writers === 0) return;
-        vcpusStarting = startVcpus(ram, st, postcopy.prepare(), true);
-      };
-    }
     const its = new ItsTableDevice(() => ram);
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its);
     const noMultifd = async (): Promise<void> => {
@@ -228,7 +168,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       devices,
       onOpenReturnPath: () => (returnPath = true),
       onPing: (v) => conn.write(encodeRpPong(v)),
-      postcopy,
+      postcopy: postcopy?.incoming,
       failed: () => firstError,
     });
     ram = result.ram;
@@ -236,30 +176,10 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     // Loaded (the last barrier put every multifd page in place; in postcopy every page is in
     // the received map): tell the source at once (its downtime ends here).
     if (returnPath) conn.write(encodeRpShut(0));
-    await preemptDone;
-    // Postcopy: this side's vCPUs ran since RUN; stop them, then check every page against
-    // the source's (postcopy-verify.ts). Precopy: nothing here wrote guest RAM, so the digest
-    // is of RAM as loaded.
-    let postcopyReport: Record<string, unknown> | undefined;
-    if (postcopy && postcopy.state === 'end') {
-      const pool = await vcpusStarting;
-      const writes = pool?.writes ?? 0;
-      const tracks = (await pool?.terminate()) ?? [];
-      const check = checkStampedRam(ram, tracks, pool?.count ?? 0);
-      const pc = postcopy.stats();
-      postcopyReport = {
-        ...pc,
-        postcopyBytes: pc.postcopyPages * TARGET_PAGE_SIZE,
-        writers: pool?.count ?? 0,
-        writes,
-        ...check,
-        ...(settings.postcopyBlocktime ? postcopy.blocktime() : {}),
-      };
-      its.checkTableInRam();
-    } else {
-      // Threads made ready for a switch that never came (precopy converged first).
-      await (await vcpusStarting)?.terminate();
-    }
+    // Postcopy: this side's vCPUs ran since RUN; they stop and every page is checked against
+    // the source's. Precopy: nothing here wrote guest RAM, so the digest is of RAM as loaded.
+    const postcopyReport = await postcopy?.finish(ram);
+    if (postcopyReport) its.checkTableInRam();
     const digest = digestRam(ram);
     // QEMU appends a JSON description after EOF; read it if the source sends one.
     try {
@@ -303,16 +223,9 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     let err: VmigError =
       firstError ??
       (e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'source closed the migration stream early', { channel: 'main', phase: 'load' }) : toVmigError(e, 'VMIG_ERR_CHANNEL'));
-    if (postcopy?.placing) {
-      // This side may have run the guest: it cannot go back to the source whole.
-      err = new VmigError('VMIG_ERR_POSTCOPY', `postcopy failed after the switch (${err.message}); the guest's state is split between source and destination and neither can run it`, {
-        channel: err.channel,
-        phase: 'postcopy',
-      });
-    }
-    // Blocked vCPUs give up without writing; then they end.
-    postcopy?.abort();
-    await (await vcpusStarting?.catch(() => undefined))?.terminate();
+    // This side may have run the guest: it cannot go back to the source whole.
+    if (postcopy?.incoming.placing) err = postcopySplitError(err);
+    await postcopy?.abort();
     if (mainSock && returnPath && !mainSock.destroyed) {
       mainSock.write(encodeRpShut(1));
       await drainAndClose(mainSock);

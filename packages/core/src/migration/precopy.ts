@@ -5,7 +5,7 @@
  * the downtime limit at the measured bandwidth, then stop the vCPUs and send the rest.
  */
 import type { DeviceRegistry } from '../devices/device.js';
-import { VmigError, toVmigError } from '../errors.js';
+import { postcopySplitError, VmigError, toVmigError } from '../errors.js';
 import { EndOfStream, MemorySink, type StreamSink, type StreamSource } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
@@ -234,12 +234,7 @@ export class PrecopyMigration {
       this.fail(e);
       stats.endTime = performance.now();
       if (this.guestSplit) {
-        // postcopy_pause's situation without recovery: neither side has the whole guest.
-        stats.error = new VmigError(
-          'VMIG_ERR_POSTCOPY',
-          `postcopy failed after the switch (${this.error!.message}); the guest's state is split between source and destination and neither can run it`,
-          { channel: this.error!.channel, phase: 'postcopy' },
-        ).toJSON();
+        stats.error = postcopySplitError(this.error!).toJSON();
         outcome = 'failed';
       } else {
         stats.error = this.error!.toJSON();
