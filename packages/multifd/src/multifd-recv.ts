@@ -1,24 +1,28 @@
 /**
  * The destination's side of multifd (QEMU's multifd_recv_new_channel / multifd_recv_sync_main):
  * accepts channels (checking MultiFDInit_t: magic, version, one migration's uuid, an expected
- * and unused id), hands each socket to its own recv thread, and runs the barrier.
+ * and unused id), hands each socket to its own recv thread, and runs the barrier. The recv
+ * threads are started with the receiver, before any channel connects: a thread takes ~0.1 s
+ * to boot here, and started on connect that time fell inside the first round, while the
+ * source's packets waited in the kernel (1 GiB of zero pages: ~0.6 s -> see benchmarks.md).
  */
 import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
 import { detachFd } from '@vmig/channel';
 import { FirstError, type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
 import { ABORT, APPLYING, CONTROL_WORDS, MAX_CHANNELS, POSTED, RELEASED, SEALED } from './recv-control.js';
-import type { RecvChannelConfig, RecvFromChannel, RecvToChannel } from './recv-protocol.js';
+import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
 import { decodeMultifdInit, MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
 
 export class MultifdReceiver {
   readonly control = new SharedArrayBuffer(CONTROL_WORDS * 4);
   private readonly ctl = new Int32Array(this.control);
-  private readonly workers: (Worker | undefined)[];
+  private readonly workers: Worker[];
+  /** Channel ids whose connection has been handed to their thread. */
+  private readonly attached: boolean[];
   private readonly consumed: number[];
   private readonly ended: boolean[];
   private uuid: Uint8Array | undefined;
-  private ram: GuestRam | undefined;
   private readonly failure = new FirstError();
   private readonly channelStats: { normal: number; zero: number; bytes: number }[];
 
@@ -31,7 +35,8 @@ export class MultifdReceiver {
     private readonly zeroUnlessLoaded = false,
   ) {
     if (channels < 1 || channels > MAX_CHANNELS) throw new RangeError(`multifd channels must be 1..${MAX_CHANNELS}`);
-    this.workers = new Array<Worker | undefined>(channels).fill(undefined);
+    this.attached = new Array<boolean>(channels).fill(false);
+    this.workers = Array.from({ length: channels }, (_, id) => this.startThread(id));
     this.consumed = new Array<number>(channels).fill(0);
     this.ended = new Array<boolean>(channels).fill(false);
     this.channelStats = Array.from({ length: channels }, () => ({ normal: 0, zero: 0, bytes: 0 }));
@@ -61,7 +66,7 @@ export class MultifdReceiver {
     let init;
     try {
       init = decodeMultifdInit(first, this.channels, 'multifd');
-      if (this.workers[init.id]) throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: duplicate channel id ${init.id}`, { channel: `multifd/${init.id}` });
+      if (this.attached[init.id]) throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: duplicate channel id ${init.id}`, { channel: `multifd/${init.id}` });
       if (this.uuid && Buffer.compare(Buffer.from(this.uuid), Buffer.from(init.uuid)) !== 0) {
         throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: channel ${init.id} belongs to another migration (uuid differs)`, { channel: `multifd/${init.id}` });
       }
@@ -71,11 +76,16 @@ export class MultifdReceiver {
       return;
     }
     this.uuid ??= init.uuid;
+    // Ownership handoff: from this message on the thread owns the fd (handoff.ts).
     const fd = detachFd(sock);
-    const cfg: RecvChannelConfig = { fd, leftover: first.subarray(MULTIFD_INIT_SIZE), id: init.id, control: this.control, ram: this.ram?.toShared(), zeroUnlessLoaded: this.zeroUnlessLoaded };
+    this.attached[init.id] = true;
+    const leftover = first.subarray(MULTIFD_INIT_SIZE);
+    this.workers[init.id]!.postMessage({ t: 'channel', fd, leftover } satisfies RecvToChannel);
+  }
+
+  private startThread(id: number): Worker {
+    const cfg: RecvThreadConfig = { id, control: this.control, zeroUnlessLoaded: this.zeroUnlessLoaded };
     const w = new Worker(workerUrl(import.meta.url, 'recv-channel.worker.js'), { workerData: cfg });
-    const id = init.id;
-    this.workers[id] = w;
     w.on('message', (m: RecvFromChannel) => {
       if (m.t === 'error') this.fail(new VmigError(m.error.code as never, m.error.message));
       else {
@@ -84,17 +94,17 @@ export class MultifdReceiver {
       }
     });
     w.on('error', (e) => this.fail(new VmigError('VMIG_ERR_WORKER', `multifd recv thread failed: ${e.message}`, { channel: `multifd/${id}` })));
+    return w;
   }
 
   get connected(): number {
-    return this.workers.filter(Boolean).length;
+    return this.attached.filter(Boolean).length;
   }
 
   /** Guest RAM exists (possibly built from the stream's block list): tell every channel. */
   setRam(ram: GuestRam): void {
-    this.ram = ram;
     const msg: RecvToChannel = { t: 'ram', ram: ram.toShared() };
-    for (const w of this.workers) w?.postMessage(msg);
+    for (const w of this.workers) w.postMessage(msg);
   }
 
   /**
@@ -140,9 +150,9 @@ export class MultifdReceiver {
   /** Waits briefly for channels to see their sockets end, then ends every thread. */
   async close(graceMs = 2000): Promise<void> {
     const deadline = performance.now() + graceMs;
-    while (this.workers.some((w, i) => w && !this.ended[i]) && performance.now() < deadline && !this.error) await new Promise((r) => setTimeout(r, 10));
+    while (this.attached.some((a, i) => a && !this.ended[i]) && performance.now() < deadline && !this.error) await new Promise((r) => setTimeout(r, 10));
     Atomics.store(this.ctl, ABORT, 1);
     for (let ch = 0; ch < this.channels; ch++) Atomics.notify(this.ctl, RELEASED + ch);
-    await Promise.all(this.workers.map((w) => w?.terminate()));
+    await Promise.all(this.workers.map((w) => w.terminate()));
   }
 }

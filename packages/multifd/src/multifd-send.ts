@@ -1,14 +1,16 @@
 /**
  * The migration thread's side of multifd sending (QEMU's multifd_send / multifd_send_sync_main):
- * batches dirty pages of one block into jobs of up to 128 pages, hands each job to a channel
- * with room (packet_num from one counter), and runs the flush-and-sync barrier.
+ * batches dirty pages of one block into jobs, hands each job to a channel with room, and
+ * runs the flush-and-sync barrier. A job is up to JOB_PACKETS packets of 128 pages; the
+ * channel cuts it into packets, numbered from the job's first packet_num (one counter for
+ * all channels, as QEMU's).
  */
 import crypto from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import type { MigrationUri } from '@vmig/channel';
 import { type ByteWriter, FirstError, TARGET_PAGE_SIZE, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
 import type { CompressionName } from './compress/registry.js';
-import type { SendChannelConfig, SendFromChannel, SendToChannel } from './send-protocol.js';
+import { JOB_PACKETS, type SendChannelConfig, type SendFromChannel, type SendToChannel } from './send-protocol.js';
 import { MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
 
 export interface MultifdSendOptions {
@@ -22,12 +24,9 @@ export interface MultifdSendOptions {
   connectTimeoutMs?: number;
 }
 
-/**
- * Jobs a channel may hold at once. A job's round trip (post, packet, write callback, done)
- * costs two thread wake-ups, which are slow here: with 2, a header-only (zero) packet's
- * channel sat idle between jobs; 8 keeps it busy (1 GiB of zeros: ~0.5 s -> ~0.4 s).
- */
-const MAX_INFLIGHT = 8;
+const JOB_PAGES = JOB_PACKETS * MULTIFD_PAGE_COUNT;
+/** Jobs a channel may hold at once: with 2, it has the next job at hand when one is written. */
+const MAX_INFLIGHT = 2;
 
 interface Job {
   block: number;
@@ -158,7 +157,7 @@ export class MultifdSender implements MultifdLink {
     if (this.batch && this.batch.block !== idx) this.enqueueBatch();
     this.batch ??= { block: idx, pages: [] };
     this.batch.pages.push(page);
-    if (this.batch.pages.length === MULTIFD_PAGE_COUNT) this.enqueueBatch();
+    if (this.batch.pages.length === JOB_PAGES) this.enqueueBatch();
   }
 
   private enqueueBatch(): void {
@@ -183,7 +182,8 @@ export class MultifdSender implements MultifdLink {
       const job = this.queue.shift()!;
       const pages = Uint32Array.from(job.pages);
       this.inflight[ch]!++;
-      const msg: SendToChannel = { t: 'job', block: job.block, pages, packetNum: this.packetNum++ };
+      const msg: SendToChannel = { t: 'job', block: job.block, pages, packetNum: this.packetNum };
+      this.packetNum += Math.ceil(pages.length / MULTIFD_PAGE_COUNT);
       this.workers[ch]!.postMessage(msg, [pages.buffer]);
     }
   }

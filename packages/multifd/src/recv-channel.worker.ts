@@ -1,6 +1,8 @@
 /**
  * One multifd recv channel (QEMU's multifd_recv_thread): a worker thread that owns its
- * socket (the fd handed over by the load loop). The socket reads straight into guest RAM:
+ * socket (the fd handed over by the load loop). The thread is started before its channel
+ * connects, so that booting it (a good part of 100 ms here) is not migration time; the
+ * channel arrives in a 'channel' message. The socket reads straight into guest RAM:
  * Node's `onread` with a buffer function asks the parser (packet-receiver.ts) where each
  * read should land, so a page's bytes go from the kernel to their place in the
  * SharedArrayBuffer with no copy in between. At a SYNC packet the thread takes part in the
@@ -11,19 +13,21 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { GuestRam, StreamError, toVmigError, VmigError } from '@vmig/core';
 import { PacketReceiver } from './packet-receiver.js';
 import { ABORT, APPLYING, POSTED, RELEASED, SEALED } from './recv-control.js';
-import type { RecvChannelConfig, RecvFromChannel, RecvToChannel } from './recv-protocol.js';
+import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
 
-const cfg = workerData as RecvChannelConfig;
+const cfg = workerData as RecvThreadConfig;
 const port = parentPort!;
 const channel = `multifd/${cfg.id}`;
 const ctl = new Int32Array(cfg.control);
 
-let ram: GuestRam | undefined = cfg.ram ? GuestRam.fromShared(cfg.ram) : undefined;
+let ram: GuestRam | undefined;
 let ramArrived: (() => void) | undefined;
 port.on('message', (m: RecvToChannel) => {
   if (m.t === 'ram') {
     ram = GuestRam.fromShared(m.ram);
     ramArrived?.();
+  } else {
+    attach(m.fd, m.leftover);
   }
 });
 
@@ -49,7 +53,7 @@ const receiver = new PacketReceiver(
       Atomics.notify(ctl, APPLYING);
     },
     sync: syncBarrier,
-    resume: () => sock.resume(),
+    resume: () => sock?.resume(),
     fail: (e) => finish(e),
   },
   channel,
@@ -72,32 +76,37 @@ function syncBarrier(): void {
   }
 }
 
-// Bytes read off the socket before the handoff go first, by copy.
-receiver.feed(cfg.leftover);
+let sock: net.Socket | undefined;
 
-// `onread` is accepted by the constructor (Node >= 18) though @types/node lists it for connect() only.
-const sock = new net.Socket({
-  fd: cfg.fd,
-  readable: true,
-  writable: false,
-  onread: {
-    buffer: () => receiver.target(),
-    callback: (n: number, buf: Uint8Array) => receiver.landed(buf, n),
-  },
-} as net.SocketConstructorOpts);
-sock.on('end', () => {
-  // A channel ends cleanly only between packets.
-  if (receiver.atPacketBoundary) finish();
-  else finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel ended inside a packet', { channel }));
-});
-sock.on('close', () => finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel closed', { channel })));
-sock.on('error', (e: NodeJS.ErrnoException) => finish(new VmigError('VMIG_ERR_PEER_CLOSED', `connection failed: ${e.code ?? e.message}`, { channel }, { cause: e })));
+function attach(fd: number, leftover: Uint8Array): void {
+  // Bytes read off the socket before the handoff go first, by copy.
+  receiver.feed(leftover);
+  // `onread` is accepted by the constructor (Node >= 18) though @types/node lists it for connect() only.
+  const s = new net.Socket({
+    fd,
+    readable: true,
+    writable: false,
+    onread: {
+      buffer: () => receiver.target(),
+      callback: (n: number, buf: Uint8Array) => receiver.landed(buf, n),
+    },
+  } as net.SocketConstructorOpts);
+  sock = s;
+  s.on('end', () => {
+    // A channel ends cleanly only between packets.
+    if (receiver.atPacketBoundary) finish();
+    else finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel ended inside a packet', { channel }));
+  });
+  s.on('close', () => finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel closed', { channel })));
+  s.on('error', (e: NodeJS.ErrnoException) => finish(new VmigError('VMIG_ERR_PEER_CLOSED', `connection failed: ${e.code ?? e.message}`, { channel }, { cause: e })));
+  if (finished) s.destroy(); // the leftover already failed the channel
+}
 
 function finish(err?: unknown): void {
   if (finished) return;
   finished = true;
   if (err === undefined) port.postMessage({ t: 'end', ...receiver.totals } satisfies RecvFromChannel);
   else port.postMessage({ t: 'error', error: toVmigError(err, 'VMIG_ERR_CHANNEL', { channel }).toJSON() } satisfies RecvFromChannel);
-  sock.destroy();
+  sock?.destroy();
   port.close();
 }

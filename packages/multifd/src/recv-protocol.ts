@@ -1,19 +1,19 @@
 /** Messages between the destination's load loop and a multifd recv thread. */
 import type { RamBlockShared } from '@vmig/core';
 
-export interface RecvChannelConfig {
-  fd: number;
-  /** Bytes read off the socket after MultiFDInit_t before the handoff. */
-  leftover: Uint8Array;
+/** A recv thread's workerData: it starts before its channel connects (see multifd-recv.ts). */
+export interface RecvThreadConfig {
   id: number;
   control: SharedArrayBuffer;
-  /** Guest RAM if it exists already; else it comes in a 'ram' message. */
-  ram: RamBlockShared[] | undefined;
   /** Guest RAM is zero but for what loads write (RamBlock.loadZeroPage). */
   zeroUnlessLoaded: boolean;
 }
 
-export type RecvToChannel = { t: 'ram'; ram: RamBlockShared[] };
+export type RecvToChannel =
+  /** Guest RAM exists (given on the command line, or built from the stream's block list). */
+  | { t: 'ram'; ram: RamBlockShared[] }
+  /** The channel's connection: from now on the thread owns `fd`. */
+  | { t: 'channel'; fd: number; leftover: Uint8Array };
 
 export type RecvFromChannel =
   | { t: 'stats'; normal: number; zero: number; bytes: number }

@@ -11,13 +11,23 @@ export interface SendChannelConfig {
   zeroPageDetection: 'none' | 'legacy' | 'multifd';
 }
 
-/** To the channel: send these pages of a block as one packet; write a SYNC packet; close. */
+/**
+ * Packets per job. Every job costs a message each way between threads, a turn of the
+ * channel's event loop and a write: for header-only (zero) packets that was most of the
+ * work. A job of 8 packets is one message and one corked write (see benchmarks.md).
+ */
+export const JOB_PACKETS = 8;
+
+/**
+ * To the channel: send these pages of a block as packets of up to 128 pages each, numbered
+ * from `packetNum` on; write a SYNC packet; close.
+ */
 export type SendToChannel =
   | { t: 'job'; block: number; pages: Uint32Array; packetNum: number }
   | { t: 'sync'; packetNum: number }
   | { t: 'close' };
 
-/** From the channel. `done`: a job's packet was handed to the kernel. */
+/** From the channel. `done`: every packet of a job was handed to the kernel. */
 export type SendFromChannel =
   | { t: 'ready' }
   | { t: 'done'; bytes: number; normal: number; zero: number }
