@@ -1,7 +1,7 @@
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { EndOfStream, getU32 } from '@vmig/core';
-import { BufferedWriter, ByteReader, connect, listen, parseMigrationUri } from '../src/index.js';
+import { BufferedWriter, ByteReader, connect, detachFd, listen, parseMigrationUri } from '../src/index.js';
 
 async function pair(): Promise<{ client: net.Socket; server: net.Socket; close: () => Promise<void> }> {
   const l = await listen(parseMigrationUri('tcp:127.0.0.1:0'));
@@ -28,35 +28,40 @@ describe('migration URIs', () => {
 });
 
 describe('BufferedWriter -> socket -> ByteReader', () => {
-  it('carries records of every size across chunk boundaries, in order', async () => {
-    const { client, server, close } = await pair();
-    const w = new BufferedWriter(client, { bufferSize: 1000 });
-    const r = new ByteReader(server, { highWaterMark: 64 * 1024 });
-    const sizes = Array.from({ length: 2000 }, (_, i) => (i * 7919) % 9000);
-    const writing = (async () => {
+  for (const mode of ['socket chunks', 'pooled (fromFd)'] as const) {
+    it(`carries records of every size across chunk boundaries, in order: ${mode}`, async () => {
+      const { client, server, close } = await pair();
+      const w = new BufferedWriter(client, { bufferSize: 1000 });
+      const r = mode === 'pooled (fromFd)' ? ByteReader.fromFd(detachFd(server), { highWaterMark: 64 * 1024 }) : new ByteReader(server, { highWaterMark: 64 * 1024 });
+      const sizes = Array.from({ length: 2000 }, (_, i) => (i * 7919) % 9000);
+      const writing = (async () => {
+        for (let i = 0; i < sizes.length; i++) {
+          w.put32(i);
+          w.put32(sizes[i]!);
+          w.putBytes(new Uint8Array(sizes[i]!).fill(i & 0xff));
+          if (i % 50 === 0) await w.ready();
+        }
+        await w.flush();
+        client.end();
+      })();
       for (let i = 0; i < sizes.length; i++) {
-        w.put32(i);
-        w.put32(sizes[i]!);
-        w.putBytes(new Uint8Array(sizes[i]!).fill(i & 0xff));
-        if (i % 50 === 0) await w.ready();
+        await r.ensure(8);
+        expect(getU32(r)).toBe(i);
+        const n = getU32(r);
+        expect(n).toBe(sizes[i]);
+        await r.ensure(n);
+        expect(r.buf.subarray(r.pos, r.pos + n).every((b) => b === (i & 0xff))).toBe(true);
+        r.pos += n;
       }
-      await w.flush();
-      client.end();
-    })();
-    for (let i = 0; i < sizes.length; i++) {
-      await r.ensure(8);
-      expect(getU32(r)).toBe(i);
-      const n = getU32(r);
-      expect(n).toBe(sizes[i]);
-      await r.ensure(n);
-      expect(r.buf.subarray(r.pos, r.pos + n).every((b) => b === (i & 0xff))).toBe(true);
-      r.pos += n;
-    }
-    await writing;
-    await expect(r.ensure(1)).rejects.toBeInstanceOf(EndOfStream);
-    expect(r.bytesRead).toBe(w.bytesWritten);
-    await close();
-  });
+      await writing;
+      await expect(r.ensure(1)).rejects.toBeInstanceOf(EndOfStream);
+      expect(r.bytesRead).toBe(w.bytesWritten);
+      // Reused, not one buffer per read: bounded by the high-water mark (64 KiB here).
+      if (mode === 'pooled (fromFd)') expect(r.pooledBuffers).toBeLessThanOrEqual(4);
+      r.input.destroy();
+      await close();
+    });
+  }
 
   it('flush leaves no listener behind (it runs once per RAM section)', async () => {
     const { client, server, close } = await pair();

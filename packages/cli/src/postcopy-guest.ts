@@ -6,7 +6,7 @@
  * their writes are checked (test-harness postcopy-verify.ts).
  */
 import type net from 'node:net';
-import { ByteReader } from '@vmig/channel';
+import { ByteReader, detachFd } from '@vmig/channel';
 import {
   EndOfStream,
   type GuestRam,
@@ -91,8 +91,9 @@ export class PostcopyGuest {
 
   /** The preempt connection (`--postcopy-preempt`): requested pages, loaded as they come. */
   onPreempt(sock: net.Socket, first: Buffer): void {
-    const reader = new ByteReader(sock, { channel: 'preempt', initial: first });
-    sock.on('error', () => {});
+    // Read into a pool of reused buffers (ByteReader.fromFd); the accepted handle is done with.
+    const reader = ByteReader.fromFd(detachFd(sock), { channel: 'preempt', initial: first });
+    reader.input.on('error', () => {});
     const load = new RamLoadState({
       ram: this.opts.ram(),
       createRam: () => {

@@ -5,7 +5,7 @@
  * digest, exits.
  */
 import type net from 'node:net';
-import { ByteReader, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, type Listener } from '@vmig/channel';
+import { ByteReader, detachFd, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, type Listener } from '@vmig/channel';
 import {
   DeviceRegistry,
   EndOfStream,
@@ -107,6 +107,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   if (ram) receiver?.setRam(ram);
   let firstError: VmigError | undefined;
   let mainSock: net.Socket | undefined;
+  let mainReader: ByteReader | undefined;
   let rejectFatal!: (e: VmigError) => void;
   const fatalError = new Promise<never>((_, reject) => (rejectFatal = reject));
   fatalError.catch(() => {});
@@ -145,11 +146,14 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   let returnPath = false;
   try {
     const main = await Promise.race([acceptChannels(listener, receiver, fatal, onPreempt), fatalError]);
-    mainSock = main.sock;
     if (firstError) throw firstError;
     loadStart = performance.now();
-    const conn = main.sock;
-    const reader = new ByteReader(conn, { channel: 'main', initial: main.first });
+    // The main channel reads into a pool of reused buffers (ByteReader.fromFd): from here on
+    // `conn` is the connection, and the accepted socket's handle is never used again.
+    const reader = ByteReader.fromFd(detachFd(main.sock), { channel: 'main', initial: main.first });
+    const conn = reader.input;
+    mainSock = conn;
+    mainReader = reader;
     const its = new ItsTableDevice(() => ram);
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its);
     const noMultifd = async (): Promise<void> => {
@@ -228,7 +232,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     await postcopy?.abort();
     if (mainSock && returnPath && !mainSock.destroyed) {
       mainSock.write(encodeRpShut(1));
-      await drainAndClose(mainSock);
+      await drainAndClose(mainSock, mainReader);
     }
     mainSock?.destroy();
     await listener.close().catch(() => {});
@@ -247,10 +251,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
  * moment: closing with unread bytes would reset the connection, and the source would see
  * "connection reset" instead of the SHUT that says the destination failed.
  */
-async function drainAndClose(sock: net.Socket, ms = 1000): Promise<void> {
-  sock.removeAllListeners('data');
-  sock.on('data', () => {});
-  sock.resume();
+async function drainAndClose(sock: net.Socket, reader: ByteReader | undefined, ms = 1000): Promise<void> {
+  reader?.discard();
   sock.end();
   await new Promise<void>((resolve) => {
     const t = setTimeout(resolve, ms);
