@@ -3,8 +3,13 @@
  * block with lz4-napi, whose output is a 4-byte little-endian size then the lz4 block. A packet
  * that does not shrink is sent raw (nocomp), so incompressible RAM costs one attempt, not a
  * bigger stream.
+ *
+ * The sender uses the async `compress` (the work runs on libuv's thread pool), not
+ * `compressSync`: with the synchronous call the source's peak RSS for 1 GiB of text RAM was
+ * 1.5-1.6 GiB, memory that lz4-napi's allocator (mimalloc) kept after the buffers were
+ * freed; with `compress` it is 1.25 GiB (docs/benchmarks.md).
  */
-import { compressSync, uncompressSync } from 'lz4-napi';
+import { compress, uncompressSync } from 'lz4-napi';
 import { StreamError } from '@vmig/core';
 import { MULTIFD_FLAG_VMIG_LZ4 } from '../wire/multifd-wire.js';
 import type { MultifdCompressionMethod } from './method.js';
@@ -15,7 +20,7 @@ export const lz4Method: MultifdCompressionMethod = {
   createSender() {
     return {
       async compress(pages) {
-        const payload = compressSync(pages);
+        const payload = await compress(pages);
         return payload.length < pages.length ? { payload, flag: MULTIFD_FLAG_VMIG_LZ4 } : undefined;
       },
     };
