@@ -10,9 +10,10 @@
  * valid until the next ensure(), as always; its pool buffer goes back to the pool once the
  * reader has moved past every chunk in it.
  */
-import net from 'node:net';
+import type net from 'node:net';
 import type { Readable } from 'node:stream';
 import { EndOfStream, VmigError, type StreamSource } from '@vmig/core';
+import { type ReadTarget, socketReadingInto } from './handoff.js';
 
 const EMPTY = new Uint8Array(0);
 const POOL_CHUNK = 256 * 1024;
@@ -53,18 +54,9 @@ export class ByteReader implements StreamSource {
    * `reader.input` (it is a net.Socket).
    */
   static fromFd(fd: number, opts: ByteReaderOptions = {}): ByteReader & { input: net.Socket } {
-    // The socket asks the pool for its first buffer while it is being built.
+    // The pool exists before the socket: it asks for its first buffer while it is built.
     const pool = new ReadPool();
-    // `onread` is accepted by the constructor (Node >= 18) though @types/node lists it for connect() only.
-    const sock = new net.Socket({
-      fd,
-      readable: true,
-      writable: true,
-      onread: {
-        buffer: () => pool.target(),
-        callback: (n: number, buf: Uint8Array) => pool.landed(n, buf),
-      },
-    } as net.SocketConstructorOpts);
+    const sock = socketReadingInto(fd, pool, { writable: true });
     return new ByteReader(sock, opts, pool) as ByteReader & { input: net.Socket };
   }
 
@@ -223,7 +215,7 @@ export class ByteReader implements StreamSource {
  * its start; a buffer goes back to the free list once it is no longer being filled and every
  * chunk in it was retired by the reader.
  */
-class ReadPool {
+class ReadPool implements ReadTarget {
   onChunk: (chunk: Uint8Array) => boolean = () => true;
   private filling: PoolBuffer | undefined;
   private readonly free: PoolBuffer[] = [];
@@ -246,7 +238,7 @@ class ReadPool {
   }
 
   /** `n` bytes landed at target(). */
-  landed(n: number, buf: Uint8Array): boolean {
+  landed(buf: Uint8Array, n: number): boolean {
     const f = this.filling!;
     f.used += n;
     f.refs++;

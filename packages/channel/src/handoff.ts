@@ -10,7 +10,7 @@
  * keeps its (stopped, unreferenced) handle and must never close it, or it would close the
  * worker's fd.
  */
-import type net from 'node:net';
+import net from 'node:net';
 import { VmigError } from '@vmig/core';
 
 /** Reads until at least `n` bytes arrived; resolves with everything read so far, paused. */
@@ -63,4 +63,29 @@ export function detachFd(sock: net.Socket): number {
   sock.removeAllListeners('data');
   sock.unref();
   return handle.fd;
+}
+
+/** Where a socket's reads land (Node's `onread` with a buffer function). */
+export interface ReadTarget {
+  /** The bytes the next read may fill (never empty). */
+  target(): Uint8Array;
+  /** `n` bytes landed in `buf` (what target() returned); false stops reading until resume(). */
+  landed(buf: Uint8Array, n: number): boolean;
+}
+
+/**
+ * Wraps a handed-over fd (detachFd) in a socket that reads where `into` says, with no
+ * buffer of Node's in between. The socket asks for its first target while it is built.
+ */
+export function socketReadingInto(fd: number, into: ReadTarget, opts: { writable: boolean }): net.Socket {
+  // `onread` is accepted by the constructor (Node >= 18) though @types/node lists it for connect() only.
+  return new net.Socket({
+    fd,
+    readable: true,
+    writable: opts.writable,
+    onread: {
+      buffer: () => into.target(),
+      callback: (n: number, buf: Uint8Array) => into.landed(buf, n),
+    },
+  } as net.SocketConstructorOpts);
 }

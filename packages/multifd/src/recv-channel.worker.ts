@@ -8,8 +8,9 @@
  * SharedArrayBuffer with no copy in between. At a SYNC packet the thread takes part in the
  * barrier described in recv-control.ts.
  */
-import net from 'node:net';
+import type net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
+import { socketReadingInto } from '@vmig/channel';
 import { GuestRam, StreamError, toVmigError, VmigError } from '@vmig/core';
 import { PacketReceiver } from './packet-receiver.js';
 import { ABORT, APPLYING, POSTED, RELEASED, SEALED } from './recv-control.js';
@@ -81,16 +82,7 @@ let sock: net.Socket | undefined;
 function attach(fd: number, leftover: Uint8Array): void {
   // Bytes read off the socket before the handoff go first, by copy.
   receiver.feed(leftover);
-  // `onread` is accepted by the constructor (Node >= 18) though @types/node lists it for connect() only.
-  const s = new net.Socket({
-    fd,
-    readable: true,
-    writable: false,
-    onread: {
-      buffer: () => receiver.target(),
-      callback: (n: number, buf: Uint8Array) => receiver.landed(buf, n),
-    },
-  } as net.SocketConstructorOpts);
+  const s = socketReadingInto(fd, receiver, { writable: false });
   sock = s;
   s.on('end', () => {
     // A channel ends cleanly only between packets.
