@@ -38,8 +38,48 @@ function pickPage(): number {
   return cfg.pattern === 'hot' ? (rng() % hotPages) * hotStride : rng() % writablePages;
 }
 
-/** With `track`: per page written, the slot's bytes before the first write and the last seq. */
-const track = cfg.track ? { index: new Map<number, number>(), pages: [] as number[], last: [] as number[], orig: [] as Uint8Array[] } : undefined;
+/**
+ * With `track`: per page written, the slot's bytes before the first write and the last seq.
+ * Typed arrays that grow by doubling, not a Map entry and a 64-byte buffer per page: the
+ * destination's writers run during postcopy, when both cores are short (docs/benchmarks.md),
+ * and every object they keep is work for the garbage collector's threads.
+ */
+class WriteTrack {
+  /** Per global page: its index in the arrays below, plus one (0: never written). */
+  private readonly indexOf = new Int32Array(ram.totalPages);
+  count = 0;
+  pages = new Int32Array(1024);
+  last = new Int32Array(1024);
+  orig = new Uint8Array(1024 * SLOT_BYTES);
+
+  /** Records a write of `seq` to `globalPage`, whose slot starts at byte `slotByte` of `host`. */
+  write(globalPage: number, host: Uint8Array, slotByte: number, seq: number): void {
+    let i = this.indexOf[globalPage]! - 1;
+    if (i < 0) {
+      i = this.count++;
+      if (i === this.pages.length) this.grow();
+      this.indexOf[globalPage] = i + 1;
+      this.pages[i] = globalPage;
+      this.orig.set(host.subarray(slotByte, slotByte + SLOT_BYTES), i * SLOT_BYTES);
+    }
+    this.last[i] = seq;
+  }
+
+  private grow(): void {
+    const n = this.pages.length * 2;
+    const pages = new Int32Array(n);
+    const last = new Int32Array(n);
+    const orig = new Uint8Array(n * SLOT_BYTES);
+    pages.set(this.pages);
+    last.set(this.last);
+    orig.set(this.orig);
+    this.pages = pages;
+    this.last = last;
+    this.orig = orig;
+  }
+}
+const track = cfg.track ? new WriteTrack() : undefined;
+const hosts = blocks.map((b) => b.host);
 
 let seq = 0;
 function writeOnce(): void {
@@ -51,17 +91,7 @@ function writeOnce(): void {
   const slot = stampSlot(cfg.index, cfg.writers, page);
   const base = ((page * TARGET_PAGE_SIZE) >>> 2) + slot * SLOT_WORDS;
   const w = words[b]!;
-  if (track) {
-    let i = track.index.get(globalPage);
-    if (i === undefined) {
-      i = track.pages.length;
-      track.index.set(globalPage, i);
-      track.pages.push(globalPage);
-      track.last.push(0);
-      track.orig.push(new Uint8Array(w.buffer, base * 4, SLOT_BYTES).slice());
-    }
-    track.last[i] = seq;
-  }
+  track?.write(globalPage, hosts[b]!, base * 4, seq);
   writeStamp(w, base, cfg.index, seq, page);
   // Publish: the dirty bit after the data (release through Atomics.or).
   blocks[b]!.dirtyLog.set(page);
@@ -114,8 +144,7 @@ for (;;) {
 }
 
 if (track) {
-  const orig = new Uint8Array(track.orig.length * SLOT_BYTES);
-  track.orig.forEach((o, i) => orig.set(o, i * SLOT_BYTES));
-  const msg: WriterTrack = { writer: cfg.index, pages: Int32Array.from(track.pages), last: Int32Array.from(track.last), orig };
+  const n = track.count;
+  const msg: WriterTrack = { writer: cfg.index, pages: track.pages.slice(0, n), last: track.last.slice(0, n), orig: track.orig.slice(0, n * SLOT_BYTES) };
   parentPort!.postMessage(msg);
 }
