@@ -5,6 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { afterAll, describe, expect, it } from 'vitest';
+import { TARGET_PAGE_SIZE } from '@vmig/core';
+import { encodeMultifdPacketHeader, MULTIFD_INIT_SIZE, MULTIFD_PACKET_HEADER_SIZE } from '@vmig/multifd';
 import { runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
 
@@ -49,6 +51,29 @@ describe('multifd: a real QEMU 7.2 migration replayed into vmig incoming', () =>
     expect(run.report?.machine).toBe('none');
     expect(run.report?.ram.blocks).toEqual([{ idstr: 'mem', size: 16 << 20 }]);
     expect(readFileSync(dump).equals(vector('ram.bin.gz'))).toBe(true);
+  });
+
+  it('a hostile packet on a channel (a page past the block): a clear error naming the channel, exit 1', async () => {
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--multifd-channels', '2', '--multifd-flush-after-each-section']);
+    const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
+    // The real main stream and channel 1; channel 0 is QEMU's init, then a packet whose one
+    // page lies past the 16 MiB block 'mem'.
+    const bad = new Uint8Array(MULTIFD_PACKET_HEADER_SIZE);
+    encodeMultifdPacketHeader(bad, 0, { flags: 0, normalPages: 1, zeroPages: 0, nextPacketSize: TARGET_PAGE_SIZE, packetNum: 1, ramblock: 'mem', offsets: Float64Array.of(16 << 20) });
+    const streams = [vector('conn0.bin.gz'), Buffer.concat([vector('conn1.bin.gz').subarray(0, MULTIFD_INIT_SIZE), bad, Buffer.alloc(TARGET_PAGE_SIZE, 0xaa)]), vector('conn2.bin.gz')];
+    const socks: net.Socket[] = [];
+    for (const data of streams) {
+      const s = await connectTo(uri);
+      s.on('error', () => {});
+      s.write(data);
+      socks.push(s);
+    }
+    const run = await dst.done;
+    for (const s of socks) s.destroy();
+    expect(run.code).toBe(1);
+    const error = run.report?.error as Report;
+    expect(error.code).toBe('VMIG_ERR_BAD_OFFSET');
+    expect(error.message).toMatch(/outside block 'mem'.*multifd\/0/);
   });
 });
 
