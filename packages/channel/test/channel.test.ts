@@ -56,8 +56,9 @@ describe('BufferedWriter -> socket -> ByteReader', () => {
       await writing;
       await expect(r.ensure(1)).rejects.toBeInstanceOf(EndOfStream);
       expect(r.bytesRead).toBe(w.bytesWritten);
-      // Reused, not one buffer per read: bounded by the high-water mark (64 KiB here).
-      if (mode === 'pooled (fromFd)') expect(r.pooledBuffers).toBeLessThanOrEqual(4);
+      // Reused, not one buffer per read: ~9 MB went through 256 KiB pool buffers (~35 of them
+      // without reuse); with a 64 KiB high-water mark a handful are ever in use at once.
+      if (mode === 'pooled (fromFd)') expect(r.pooledBuffers).toBeLessThanOrEqual(8);
       r.input.destroy();
       await close();
     });
