@@ -26,6 +26,15 @@ describe('RateLimiter', () => {
     expect(r.allowance(0)).toBe(0);
   });
 
+  it('hands credit out in bursts, not as it trickles in', () => {
+    const r = new RateLimiter(100 << 20, 100, 0); // 100 MiB/s: 10 MiB periods, 256 KiB bursts
+    r.consume(10 << 20);
+    expect(r.allowance(1)).toBe(0); // 100 KiB accrued: not a burst yet
+    expect(r.waitMs(1)).toBeGreaterThan(1);
+    expect(r.allowance(3)).toBeGreaterThanOrEqual(256 * 1024);
+    expect(r.waitMs(3)).toBe(0);
+  });
+
   it('is unlimited at 0', () => {
     const r = new RateLimiter(0);
     expect(r.allowance()).toBe(Infinity);

@@ -1,8 +1,13 @@
 /**
  * max-bandwidth as a token bucket (QEMU's migration_rate_limit, smoothed): credit accrues
  * at `bytesPerSecond` and is capped at one period's worth, so a pause never turns into a
- * burst larger than one period.
+ * burst larger than one period. Credit is handed out in bursts of at least MIN_BURST (or a
+ * quarter period at low rates): handed out as it trickled in, a capped migration sent a
+ * section per page or two, and the source's migration thread spent its time on section
+ * framing and garbage (411 collections in a 200 MB/s run of 1 GiB).
  */
+const MIN_BURST = 256 * 1024;
+
 export class RateLimiter {
   private tokens: number;
   private last: number;
@@ -28,24 +33,30 @@ export class RateLimiter {
     return this.bytesPerSecond <= 0;
   }
 
+  /** The least credit handed out at once. */
+  private get minBurst(): number {
+    return Math.min(MIN_BURST, (this.bytesPerSecond * this.periodMs) / 4000);
+  }
+
   private refill(now: number): void {
     const cap = (this.bytesPerSecond * this.periodMs) / 1000;
     this.tokens = Math.min(cap, this.tokens + ((now - this.last) * this.bytesPerSecond) / 1000);
     this.last = now;
   }
 
-  /** Bytes that may be sent now (0 if the caller must wait). */
+  /** Bytes that may be sent now (0 if the caller must wait: less than a burst is due). */
   allowance(now = performance.now()): number {
     if (this.unlimited) return Infinity;
     this.refill(now);
-    return Math.max(0, this.tokens);
+    return this.tokens >= this.minBurst ? this.tokens : 0;
   }
 
-  /** Milliseconds until some credit is available again. */
+  /** Milliseconds until a burst of credit is available again. */
   waitMs(now = performance.now()): number {
     if (this.unlimited) return 0;
     this.refill(now);
-    return this.tokens > 0 ? 0 : Math.max(1, (-this.tokens * 1000) / this.bytesPerSecond + 1);
+    const missing = this.minBurst - this.tokens;
+    return missing <= 0 ? 0 : Math.max(1, (missing * 1000) / this.bytesPerSecond + 1);
   }
 
   consume(bytes: number): void {
