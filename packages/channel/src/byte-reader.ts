@@ -123,6 +123,7 @@ export class ByteReader implements StreamSource {
    */
   discard(): void {
     this.discarding = true;
+    for (const c of this.queue) this.retire(c);
     this.queue.length = 0;
     this.queued = 0;
     this.poolPaused = false;
