@@ -71,6 +71,8 @@ export class PacketReceiver {
   private h: MultifdPacketHeader | undefined;
   private block: RamBlock | undefined;
   private payloadLen = 0;
+  /** The packet's method (compressed packets). */
+  private decompressor: MultifdRecvDecompressor | undefined;
   /** Runs of contiguous normal pages as [start, end) byte offsets in the block. */
   private runs: number[] = [];
   private run = 0;
@@ -206,7 +208,9 @@ export class PacketReceiver {
       this.packetDone();
     } else if (method) {
       if (h.nextPacketSize > MULTIFD_MAX_PAYLOAD) throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `packet ${h.packetNum}: payload of ${h.nextPacketSize} bytes`, { channel: this.channel });
-      if (!this.decompressors.has(method.flag)) this.decompressors.set(method.flag, method.createReceiver());
+      let d = this.decompressors.get(method.flag);
+      if (!d) this.decompressors.set(method.flag, (d = method.createReceiver()));
+      this.decompressor = d;
       this.payload ??= new Uint8Array(MULTIFD_MAX_PAYLOAD);
       if (h.nextPacketSize === 0) throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `packet ${h.packetNum}: compressed pages without a payload`, { channel: this.channel });
       this.payloadLen = h.nextPacketSize;
@@ -227,7 +231,7 @@ export class PacketReceiver {
 
   private payloadDone(): void {
     const h = this.h!;
-    const d = this.decompressors.get(compressionByFlags(h.flags, this.channel)!.flag)!;
+    const d = this.decompressor!;
     this.pages ??= new Uint8Array(MULTIFD_PACKET_SIZE);
     const out = Buffer.from(this.pages.buffer, 0, h.normalPages * TARGET_PAGE_SIZE);
     const payload = Buffer.from(this.payload!.buffer, 0, this.payloadLen);

@@ -25,10 +25,8 @@ const compressor = compressionByName(cfg.compression)?.createSender();
 const channel = `multifd/${cfg.id}`;
 const ZERO_RUN = Buffer.alloc(MULTIFD_PACKET_SIZE);
 
-// Buffers are reused once the socket reports them written (fresh memory faults): one for a
-// job's headers, one per compressed payload.
+// A job's header buffer is reused once the socket reports it written (fresh memory faults).
 const freeHeaders: Buffer[] = [];
-const freePayloads: Buffer[] = [];
 const pagesScratch = Buffer.allocUnsafeSlow(MULTIFD_PACKET_SIZE);
 let failed = false;
 
@@ -54,8 +52,8 @@ sock.once('connect', () => {
 });
 
 /**
- * What one job writes, in order: views of the header buffer, of compressed payloads, and of
- * guest RAM. Adjacent views of one buffer are merged, so a job of zero pages is one write.
+ * What one job writes, in order: views of the header buffer, of compressed payloads (the
+ * method's own output buffers), and of guest RAM. Adjacent views of one buffer are merged, so a job of zero pages is one write.
  */
 class Writes {
   private readonly views: Buffer[] = [];
@@ -137,7 +135,6 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
   const block = ram.blocks[blockIdx]!;
   const host = hosts[blockIdx]!;
   const headers = freeHeaders.pop() ?? Buffer.allocUnsafeSlow(JOB_PACKETS * MULTIFD_PACKET_HEADER_SIZE);
-  const payloads: Buffer[] = [];
   const w = new Writes();
   let bytes = 0;
   let normalCount = 0;
@@ -150,6 +147,8 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
     else for (const p of part) normal.push(p * TARGET_PAGE_SIZE);
     let flags = 0;
     let payloadLen = normal.length * TARGET_PAGE_SIZE;
+    // Compressed: the method's output is written as it is. Otherwise (no method, or the
+    // method sent it raw) the pages go straight from guest RAM.
     let payload: Buffer | undefined;
     if (compressor !== undefined && normal.length > 0) {
       for (let i = 0; i < normal.length; i++) host.copy(pagesScratch, i * TARGET_PAGE_SIZE, normal[i]!, normal[i]! + TARGET_PAGE_SIZE);
@@ -157,14 +156,10 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
       // pages, so its output must go out even when it grew (random data does).
       const out = await compressor.compress(pagesScratch.subarray(0, payloadLen));
       if (out && out.payload.length > MULTIFD_MAX_PAYLOAD) throw new VmigError('VMIG_ERR_MULTIFD_PACKET', `compressed packet of ${out.payload.length} bytes`, { channel });
-      payload = freePayloads.pop() ?? Buffer.allocUnsafeSlow(MULTIFD_MAX_PAYLOAD);
-      payloads.push(payload);
       if (out) {
         flags = out.flag;
-        payloadLen = out.payload.length;
-        out.payload.copy(payload);
-      } else {
-        pagesScratch.copy(payload, 0, 0, payloadLen);
+        payload = out.payload;
+        payloadLen = payload.length;
       }
     }
     const hpos = k * MULTIFD_PACKET_HEADER_SIZE;
@@ -181,7 +176,7 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
     if (payload) {
       w.add(payload, 0, payloadLen);
     } else {
-      // nocomp: the pages straight from guest RAM, a view per run of contiguous pages.
+      // A view per run of contiguous pages.
       for (let i = 0; i < normal.length; ) {
         let j = i + 1;
         while (j < normal.length && normal[j] === normal[j - 1]! + TARGET_PAGE_SIZE) j++;
@@ -195,7 +190,6 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
   }
   w.flush(() => {
     freeHeaders.push(headers);
-    freePayloads.push(...payloads);
     port.postMessage({ t: 'done', bytes, normal: normalCount, zero: zeroCount });
   });
 }
