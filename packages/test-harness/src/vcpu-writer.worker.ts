@@ -79,7 +79,6 @@ class WriteTrack {
   }
 }
 const track = cfg.track ? new WriteTrack() : undefined;
-const hosts = blocks.map((b) => b.host);
 
 let seq = 0;
 function writeOnce(): void {
@@ -91,7 +90,7 @@ function writeOnce(): void {
   const slot = stampSlot(cfg.index, cfg.writers, page);
   const base = ((page * TARGET_PAGE_SIZE) >>> 2) + slot * SLOT_WORDS;
   const w = words[b]!;
-  track?.write(globalPage, hosts[b]!, base * 4, seq);
+  track?.write(globalPage, blocks[b]!.host, base * 4, seq);
   writeStamp(w, base, cfg.index, seq, page);
   // Publish: the dirty bit after the data (release through Atomics.or).
   blocks[b]!.dirtyLog.set(page);
