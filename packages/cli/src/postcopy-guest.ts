@@ -2,31 +2,35 @@
  * The postcopy side of `vmig incoming`: core's PostcopyIncoming, plus the test guest's part
  * of it. The destination's vCPU threads are the source's (from its `vmig-vcpus` state):
  * created parked when the source announces that state at setup, resumed at RUN. The
- * preempt connection's requested pages are loaded here. At the end the threads stop and
- * their writes are checked (test-harness postcopy-verify.ts).
+ * preempt connection's requested pages are placed on a thread of their own
+ * (preempt-channel.worker.ts). At the end the threads stop and their writes are checked
+ * (test-harness postcopy-verify.ts).
  */
 import type net from 'node:net';
-import { ByteReader, detachFd } from '@vmig/channel';
+import { Worker } from 'node:worker_threads';
+import { detachFd } from '@vmig/channel';
 import {
-  EndOfStream,
   type GuestRam,
   type MigrationNotifiers,
   type MissingPagesShared,
   PostcopyIncoming,
-  RamLoadState,
-  StreamError,
+  type ReturnPathShared,
   TARGET_PAGE_SIZE,
   toVmigError,
   VmigError,
+  workerUrl,
 } from '@vmig/core';
 import { checkStampedRam, VcpuPool, type VcpuState, type VcpuStateDevice } from '@vmig/test-harness';
+import type { PreemptFromThread, PreemptToThread } from './preempt-protocol.js';
 
 export interface PostcopyGuestOptions {
   /** Guest RAM once it exists (the destination may build it from the stream). */
   ram: () => GuestRam | undefined;
   vcpuState: VcpuStateDevice;
-  /** Writes a message on the return path. */
-  sendRp: (msg: Uint8Array) => void;
+  /** The return path (the main connection's), once it exists. */
+  returnPath: () => ReturnPathShared | undefined;
+  /** --postcopy-preempt: start the preempt channel's thread now. */
+  preempt: boolean;
   sealMultifd: (() => Promise<void>) | undefined;
   notifiers: MigrationNotifiers;
   blocktime: boolean;
@@ -39,11 +43,17 @@ export class PostcopyGuest {
   private vcpus: Promise<VcpuPool> | undefined;
   /** How many threads `vcpus` has (known before they are up). */
   private vcpuThreads = 0;
-  private preemptDone: Promise<void> | undefined;
+  /** The preempt channel's thread, started with `vmig incoming` (see its file). */
+  private readonly preemptThread: Worker | undefined;
+  private preemptChannel: { sock: net.Socket; fd: number; first: Uint8Array } | undefined;
+  private preemptStarted = false;
+  private preemptDone: Promise<void> = Promise.resolve();
 
   constructor(private readonly opts: PostcopyGuestOptions) {
+    if (opts.preempt) this.preemptThread = this.startPreemptThread();
     this.incoming = new PostcopyIncoming({
-      sendRp: opts.sendRp,
+      returnPath: opts.returnPath,
+      onListen: () => this.startPreempt(),
       notifiers: opts.notifiers,
       sealMultifd: opts.sealMultifd,
       blocktime: opts.blocktime,
@@ -89,28 +99,53 @@ export class PostcopyGuest {
     return p;
   }
 
-  /** The preempt connection (`--postcopy-preempt`): requested pages, loaded as they come. */
-  onPreempt(sock: net.Socket, first: Buffer): void {
-    // Read into a pool of reused buffers (ByteReader.fromFd); the accepted handle is done with.
-    const reader = ByteReader.fromFd(detachFd(sock), { channel: 'preempt', initial: first });
-    reader.input.on('error', () => {});
-    const load = new RamLoadState({
-      ram: this.opts.ram(),
-      createRam: () => {
-        throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'a RAM block list on the preempt channel', { channel: 'preempt' });
-      },
-      postcopy: this.incoming,
-      channel: 'preempt',
+  private startPreemptThread(): Worker {
+    const w = new Worker(workerUrl(import.meta.url, 'preempt-channel.worker.js'));
+    let ended!: () => void;
+    this.preemptDone = new Promise<void>((r) => (ended = r));
+    w.on('message', (m: PreemptFromThread) => {
+      if (m.t === 'error') this.opts.fatal(new VmigError(m.error.code as never, m.error.message));
+      ended();
     });
-    this.preemptDone = (async () => {
-      try {
-        for (;;) await load.loadSectionBody(reader);
-      } catch (e) {
-        // The channel ends cleanly only between records.
-        if (e instanceof EndOfStream && reader.buf.length === reader.pos) return;
-        this.opts.fatal(e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'preempt channel ended inside a record', { channel: 'preempt' }) : toVmigError(e, 'VMIG_ERR_CHANNEL', { channel: 'preempt' }));
-      }
-    })();
+    w.on('error', (e) => {
+      this.opts.fatal(new VmigError('VMIG_ERR_WORKER', `preempt channel thread failed: ${e.message}`, { channel: 'preempt' }));
+      ended();
+    });
+    w.on('exit', () => ended());
+    // Nothing waits on it until a preempt channel exists.
+    w.unref();
+    return w;
+  }
+
+  /** Waits for the thread to finish with its channel, then ends it. */
+  private async stopPreempt(): Promise<void> {
+    if (this.preemptStarted) await this.preemptDone;
+    // A channel the thread never got is still this side's to close.
+    else this.preemptChannel?.sock.destroy();
+    await this.preemptThread?.terminate();
+  }
+
+  /** The preempt connection (`--postcopy-preempt`): handed to its thread at LISTEN. */
+  onPreempt(sock: net.Socket, first: Buffer): void {
+    if (!this.preemptThread || this.preemptChannel) {
+      sock.destroy();
+      this.opts.fatal(new VmigError('VMIG_ERR_CHANNEL', this.preemptChannel ? 'a second preempt channel' : 'a preempt channel, but this side was started without --postcopy-preempt', { channel: 'preempt' }));
+      return;
+    }
+    // Ownership: the accepted handle stops reading and is never closed here; the thread owns the fd.
+    this.preemptChannel = { sock, fd: detachFd(sock), first };
+    this.preemptThread.ref();
+    this.startPreempt();
+  }
+
+  /** Once both the channel and LISTEN are there, the thread starts placing. */
+  private startPreempt(): void {
+    const ch = this.preemptChannel;
+    const ram = this.opts.ram();
+    const missing = this.incoming.placer?.shared;
+    if (this.preemptStarted || !ch || !ram || !this.incoming.placing || !missing) return;
+    this.preemptStarted = true;
+    this.preemptThread!.postMessage({ t: 'start', fd: ch.fd, first: ch.first, ram: ram.toShared(), missing } satisfies PreemptToThread);
   }
 
   /**
@@ -119,7 +154,7 @@ export class PostcopyGuest {
    * ready for it end, and there is nothing to report.
    */
   async finish(ram: GuestRam): Promise<Record<string, unknown> | undefined> {
-    await this.preemptDone;
+    await this.stopPreempt();
     const pool = await this.vcpus;
     if (this.incoming.state !== 'end') {
       await pool?.terminate();
@@ -141,6 +176,8 @@ export class PostcopyGuest {
   /** A failure: blocked vCPUs give up without writing, then every thread ends. */
   async abort(): Promise<void> {
     this.incoming.abort();
+    this.preemptThread?.postMessage({ t: 'stop' } satisfies PreemptToThread);
+    await this.stopPreempt();
     await (await this.vcpus?.catch(() => undefined))?.terminate();
   }
 }

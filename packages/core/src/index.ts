@@ -28,5 +28,7 @@ export * from './stats/latency-samples.js';
 export * from './wire/postcopy.js';
 export * from './postcopy/missing-pages.js';
 export * from './postcopy/postcopy-incoming.js';
+export * from './postcopy/page-placer.js';
+export * from './postcopy/return-path-writer.js';
 export * from './migration/page-requests.js';
 export * from './ram/fault-slots.js';

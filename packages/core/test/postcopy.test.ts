@@ -5,6 +5,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {
+  createReturnPath,
   checkPostcopyAdvise,
   decodePostcopyRamDiscard,
   decodeRpReqPages,
@@ -125,8 +126,8 @@ function packaged(w: MemorySink, inner: (p: MemorySink) => void): void {
 async function load(bytes: Uint8Array, notifiers = new MigrationNotifiers()): Promise<{ err: VmigError | undefined; pc: PostcopyIncoming; ram: GuestRam }> {
   const ram = GuestRam.create([{ idstr: 'pc.ram', size: 64 * P }], { prefault: false });
   ram.blocks[0]!.host.fill(0x5a);
-  const sent: Uint8Array[] = [];
-  const pc = new PostcopyIncoming({ sendRp: (m) => sent.push(m), onRun: () => {}, notifiers });
+  // No vCPU runs here, so nothing is written on the return path.
+  const pc = new PostcopyIncoming({ returnPath: () => createReturnPath(-1), onRun: () => {}, notifiers });
   let err: VmigError | undefined;
   try {
     await qemuLoadVmState(new MemorySource([bytes]), { ram, createRam: () => ram, devices: qemuDevices(), postcopy: pc });

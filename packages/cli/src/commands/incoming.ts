@@ -7,6 +7,7 @@
 import type net from 'node:net';
 import { ByteReader, detachFd, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, type Listener } from '@vmig/channel';
 import {
+  createReturnPath,
   DeviceRegistry,
   EndOfStream,
   encodeRpPong,
@@ -19,6 +20,8 @@ import {
   qemuLoadVmState,
   QEMU_VM_FILE_MAGIC,
   readVmDescription,
+  ReturnPathWriter,
+  type ReturnPathShared,
   StreamError,
   TimerDevice,
   toVmigError,
@@ -108,6 +111,9 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   let firstError: VmigError | undefined;
   let mainSock: net.Socket | undefined;
   let mainReader: ByteReader | undefined;
+  /** Every return-path message is written through this (the vCPUs share it for page requests). */
+  let returnPathShared: ReturnPathShared | undefined;
+  let rp: ReturnPathWriter | undefined;
   let rejectFatal!: (e: VmigError) => void;
   const fatalError = new Promise<never>((_, reject) => (rejectFatal = reject));
   fatalError.catch(() => {});
@@ -116,6 +122,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     // Unblock whatever waits: the accept of the main channel, or the load loop (it fails on
     // its next read).
     rejectFatal(e);
+    // No return-path write may be in flight when the fd closes.
+    rp?.close();
     mainSock?.destroy();
   };
   receiver?.onError(fatal);
@@ -132,7 +140,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     postcopy = new PostcopyGuest({
       ram: () => ram,
       vcpuState,
-      sendRp: (m) => mainSock?.write(m),
+      returnPath: () => returnPathShared,
+      preempt: settings.postcopyPreempt,
       sealMultifd: receiver ? () => receiver.seal() : undefined,
       notifiers,
       blocktime: settings.postcopyBlocktime,
@@ -150,8 +159,11 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     loadStart = performance.now();
     // The main channel reads into a pool of reused buffers (ByteReader.fromFd): from here on
     // `conn` is the connection, and the accepted socket's handle is never used again.
-    const reader = ByteReader.fromFd(detachFd(main.sock), { channel: 'main', initial: main.first });
+    const mainFd = detachFd(main.sock);
+    const reader = ByteReader.fromFd(mainFd, { channel: 'main', initial: main.first });
     const conn = reader.input;
+    returnPathShared = createReturnPath(mainFd);
+    rp = new ReturnPathWriter(returnPathShared);
     mainSock = conn;
     mainReader = reader;
     const its = new ItsTableDevice(() => ram);
@@ -171,7 +183,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       ...(receiver && settings.flushAfterEachSection ? { onEos: () => receiver.sync() } : {}),
       devices,
       onOpenReturnPath: () => (returnPath = true),
-      onPing: (v) => conn.write(encodeRpPong(v)),
+      onPing: (v) => rp!.write(encodeRpPong(v)),
       postcopy: postcopy?.incoming,
       failed: () => firstError,
     });
@@ -179,7 +191,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     const loadMs = performance.now() - loadStart;
     // Loaded (the last barrier put every multifd page in place; in postcopy every page is in
     // the received map): tell the source at once (its downtime ends here).
-    if (returnPath) conn.write(encodeRpShut(0));
+    if (returnPath) rp.write(encodeRpShut(0));
     // Postcopy: this side's vCPUs ran since RUN; they stop and every page is checked against
     // the source's. Precopy: nothing here wrote guest RAM, so the digest is of RAM as loaded.
     const postcopyReport = await postcopy?.finish(ram);
@@ -193,6 +205,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     }
     const dumpFile = values['dump-ram'];
     if (typeof dumpFile === 'string' && dumpFile.length > 0) await dumpRam(ram, dumpFile);
+    rp.close();
     conn.end();
     await listener.close();
     await receiver?.close();
@@ -231,9 +244,11 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     if (postcopy?.incoming.placing) err = postcopySplitError(err);
     await postcopy?.abort();
     if (mainSock && returnPath && !mainSock.destroyed) {
-      mainSock.write(encodeRpShut(1));
+      rp?.write(encodeRpShut(1));
+      rp?.close();
       await drainAndClose(mainSock, mainReader);
     }
+    rp?.close();
     mainSock?.destroy();
     await listener.close().catch(() => {});
     await receiver?.close(0);

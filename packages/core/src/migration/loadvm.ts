@@ -32,6 +32,8 @@ import { getString, getU32, getU8, readFileHeader, readSectionFooter, readSectio
 import { RamLoadState, type RamLoadOptions } from './ram-load.js';
 
 export interface LoadVmOptions extends RamLoadOptions {
+  /** The postcopy state machine (it also places the main channel's pages after LISTEN). */
+  postcopy?: PostcopyIncoming | undefined;
   devices: DeviceRegistry;
   /** MIG_CMD_OPEN_RETURN_PATH: the source wants replies on the return path. */
   onOpenReturnPath?: () => void;

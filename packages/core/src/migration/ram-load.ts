@@ -16,7 +16,7 @@ import {
   RAM_SAVE_FLAG_PAGE,
   RAM_SAVE_FLAG_ZERO,
 } from '../wire/constants.js';
-import type { PostcopyIncoming } from '../postcopy/postcopy-incoming.js';
+import type { PostcopyPlacing } from '../postcopy/page-placer.js';
 import { getU64, getU8, RAM_RECORD_FLAGS_KNOWN, readCountedString, splitRamAddr } from '../wire/main-stream.js';
 
 export interface RamBlockSpec {
@@ -44,7 +44,7 @@ export interface RamLoadOptions {
    * Postcopy: once it is `placing` (after LISTEN), pages go through the received map and
    * multifd markers mean nothing (no page travels on multifd after the switch).
    */
-  postcopy?: PostcopyIncoming | undefined;
+  postcopy?: PostcopyPlacing | undefined;
   channel?: string;
 }
 
@@ -93,9 +93,6 @@ export class RamLoadState {
             pc.placePage(block, offset, s.buf.subarray(s.pos, s.pos + TARGET_PAGE_SIZE));
             s.pos += TARGET_PAGE_SIZE;
             this.normalPages++;
-            // Let the fault doorbell and the preempt channel in: with the stream's bytes
-            // already buffered, awaiting ensure() alone never yields to them.
-            if ((this.normalPages & 31) === 0) await new Promise<void>((r) => setImmediate(r));
           } else {
             await s.ensure(1);
             if (getU8(s) !== 0) this.fail('postcopy zero page record with a non-zero fill byte');

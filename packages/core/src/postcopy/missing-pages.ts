@@ -2,30 +2,36 @@
  * The received map of a postcopy destination: the software twin of userfaultfd's missing
  * faults (architecture.md, seed 003). Both halves live here so every Atomics pairing is in
  * one file: the vCPU side (`MissingPagesVcpu.beforeWrite`, in writer threads) and the
- * placing side (`MissingPagesPlacer`, the destination's load thread).
+ * placing side (`MissingPagesPlacer`, on every thread that places pages: the main channel's
+ * load thread and the preempt channel's thread).
  *
  * Shared state (SharedArrayBuffers):
  * - `received` bitmap, one bit per page (global index over all blocks, in block order).
- * - per-writer fault slots and their doorbell (ram/fault-slots.ts).
- * - control words: ABORT, the "all vCPUs blocked" bookkeeping.
+ * - `claimed` bitmap: a placer owns a page once it set the page's bit here.
+ * - `requested` bitmap: a page request was written for the page.
+ * - the return path (return-path-writer.ts): a faulting vCPU writes its request itself.
+ * - control words: ABORT, the "all vCPUs blocked" bookkeeping, counters.
  * - per-writer fault latency samples (stats/latency-samples.ts).
  *
  * Ordering rules:
- * 1. Placement: the placer copies the WHOLE page into guest RAM, then sets the page's bit
- *    with Atomics.or (release), then notifies the bit's word. A writer tests the bit with
- *    Atomics.load (acquire) before it touches the page, so it never sees a partly placed
- *    page, and a page whose bit is set is never placed again (the placer tests it first):
- *    a write that landed after the bit was set is never overwritten.
- * 2. Fault: the writer posts the page in its fault slot (FaultSlots.post), then
- *    Atomics.waits on the page's word of `received` until its bit is set. The placer's
+ * 1. Placement: a placer claims the page first (Atomics.or on `claimed`; if the bit was set,
+ *    another placer has it, or had it, and this copy is dropped). It then copies the WHOLE
+ *    page into guest RAM, sets the page's bit in `received` with Atomics.or (release) and
+ *    notifies the bit's word. A writer tests `received` with Atomics.load (acquire) before it
+ *    touches the page, so it never sees a partly placed page, and a page is placed at most
+ *    once: a write that landed after its bit was set is never overwritten.
+ * 2. Fault: the writer claims the request (Atomics.or on `requested`; only the first of
+ *    several writers faulting on one page sends it), writes the request on the return path,
+ *    then Atomics.waits on the page's word of `received` until its bit is set. The placer's
  *    notify after the Atomics.or wakes it; the wait's timeout only guards against a lost
- *    wake-up and lets it see ABORT. The writer clears its own slot once woken.
- * 3. Teardown (a failure during postcopy): the placer sets ABORT and notifies every word;
- *    a blocked writer gives up without writing (the guest is split, nothing may land).
+ *    wake-up and lets it see ABORT.
+ * 3. Teardown (a failure during postcopy): ABORT is set and every word notified; a blocked
+ *    writer gives up without writing (the guest is split, nothing may land).
  */
 import { AtomicBitmap } from '../ram/bitmap.js';
-import { createFaultSlots, FaultSlots, type FaultSlotsShared } from '../ram/fault-slots.js';
+import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { LatencySamples, latencySamplesBytes, type LatencySummary } from '../stats/latency-samples.js';
+import { ReturnPathWriter, type ReturnPathShared } from './return-path-writer.js';
 
 // Control words (Int32).
 const ABORT = 0;
@@ -33,33 +39,51 @@ const LOCK = 1;
 const BLOCKED = 2;
 /** vCPUs running (set before they start): "all blocked" means BLOCKED === WRITERS. */
 const WRITERS = 3;
-const CTL_WORDS = 4;
+/** Pages whose `received` bit is clear. */
+const MISSING = 4;
+/** Pages placed after LISTEN, and copies dropped because the page was placed already. */
+const PLACED = 5;
+const DROPPED = 6;
+const CTL_WORDS = 7;
 // Time words (Float64): when every vCPU became blocked, and the total of such spans.
 const ALL_START = 0;
 const ALL_TOTAL = 1;
 
 export interface MissingPagesShared {
   pages: number;
-  /** Fault slots and sample rows: the most vCPUs this map can serve. */
+  /** The RAM blocks in order: a global page index maps to (block, offset) by these. */
+  blocks: { idstr: string; pages: number }[];
+  /** Sample rows: the most vCPUs this map can serve. */
   writers: number;
   /** vCPUs time their faults (--postcopy-blocktime). */
   blocktime: boolean;
   ctl: SharedArrayBuffer;
   times: SharedArrayBuffer;
   received: SharedArrayBuffer;
-  faults: FaultSlotsShared;
+  claimed: SharedArrayBuffer;
+  requested: SharedArrayBuffer;
+  returnPath: ReturnPathShared;
   latency: SharedArrayBuffer;
 }
 
-export function createMissingPages(pages: number, writers: number, blocktime: boolean): MissingPagesShared {
+export function createMissingPages(
+  blocks: readonly { idstr: string; pages: number }[],
+  writers: number,
+  blocktime: boolean,
+  returnPath: ReturnPathShared,
+): MissingPagesShared {
+  const pages = blocks.reduce((n, b) => n + b.pages, 0);
   return {
     pages,
+    blocks: blocks.map((b) => ({ idstr: b.idstr, pages: b.pages })),
     writers,
     blocktime,
     ctl: new SharedArrayBuffer(CTL_WORDS * 4),
     times: new SharedArrayBuffer(2 * 8),
     received: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
-    faults: createFaultSlots(writers),
+    claimed: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
+    requested: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
+    returnPath,
     latency: new SharedArrayBuffer(blocktime ? latencySamplesBytes(writers) : 8),
   };
 }
@@ -68,13 +92,15 @@ class Views {
   readonly ctl: Int32Array;
   readonly times: Float64Array;
   readonly received: AtomicBitmap;
-  readonly faults: FaultSlots;
+  readonly claimed: AtomicBitmap;
+  readonly requested: AtomicBitmap;
   readonly latency: LatencySamples;
   constructor(readonly s: MissingPagesShared) {
     this.ctl = new Int32Array(s.ctl);
     this.times = new Float64Array(s.times);
     this.received = new AtomicBitmap(s.received, s.pages);
-    this.faults = new FaultSlots(s.faults);
+    this.claimed = new AtomicBitmap(s.claimed, s.pages);
+    this.requested = new AtomicBitmap(s.requested, s.pages);
     this.latency = new LatencySamples(s.latency, s.blocktime ? s.writers : 0);
   }
 
@@ -99,12 +125,30 @@ const clock = (): number => performance.timeOrigin + performance.now();
 /** The vCPU half, in a writer thread. `page` is the global page index. */
 export class MissingPagesVcpu {
   private readonly v: Views;
+  private readonly rp: ReturnPathWriter;
+  /** First global page of each block. */
+  private readonly bases: number[] = [];
 
   constructor(
     shared: MissingPagesShared,
     private readonly writer: number,
   ) {
     this.v = new Views(shared);
+    this.rp = new ReturnPathWriter(shared.returnPath);
+    let base = 0;
+    for (const b of shared.blocks) {
+      this.bases.push(base);
+      base += b.pages;
+    }
+  }
+
+  /** Rule 2's request, by the first writer to fault on `page`. */
+  private request(page: number): void {
+    if (this.v.requested.testAndSet(page)) return;
+    let b = this.bases.length - 1;
+    while (this.bases[b]! > page) b--;
+    // A failed write (the source is gone) leaves the writer waiting for ABORT.
+    this.rp.requestPage(b, this.v.s.blocks[b]!.idstr, (page - this.bases[b]!) * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
   }
 
   /**
@@ -117,8 +161,7 @@ export class MissingPagesVcpu {
     const timed = v.s.blocktime;
     const t0 = timed ? clock() : 0;
     if (timed) v.blockedDelta(1, t0);
-    // Rule 2: post the fault (which rings the doorbell), wait on the page's word.
-    v.faults.post(this.writer, page);
+    this.request(page);
     const words = v.received.words;
     const w = page >>> 5;
     const bit = 1 << (page & 31);
@@ -132,7 +175,6 @@ export class MissingPagesVcpu {
       }
       Atomics.wait(words, w, cur, 20);
     }
-    v.faults.clear(this.writer);
     if (timed) {
       const t1 = clock();
       v.blockedDelta(-1, t1);
@@ -153,21 +195,15 @@ export interface PostcopyBlocktime {
   faultLatencyMaxMs: number;
 }
 
-/** The placing half, on the destination's load thread. */
+/**
+ * The placing half: one per placing thread (the main channel's load thread, the preempt
+ * channel's thread), all over the same shared map.
+ */
 export class MissingPagesPlacer {
   private readonly v: Views;
-  /** Pages requested and not yet placed: a second fault on one is not requested again. */
-  private readonly requested = new Set<number>();
-  private seenSeq = 0;
-  placed = 0;
-  /** Pages that arrived although already in place (sent in the background and on request). */
-  dropped = 0;
-  /** Pages whose bit is clear (kept by this thread, the only one that changes bits). */
-  private missingCount: number;
 
   constructor(readonly shared: MissingPagesShared) {
     this.v = new Views(shared);
-    this.missingCount = shared.pages;
   }
 
   isReceived(page: number): boolean {
@@ -177,12 +213,17 @@ export class MissingPagesPlacer {
   /** Every page received: precopy delivered them all before the switch (no writer runs yet). */
   markAllReceived(): void {
     this.v.received.setAll();
-    this.missingCount = 0;
+    this.v.claimed.setAll();
+    Atomics.store(this.v.ctl, MISSING, 0);
   }
 
   /** Marks [start, start+n) not received (POSTCOPY_RAM_DISCARD; no writer runs yet). */
   markMissing(start: number, n: number): void {
-    for (let p = start; p < start + n; p++) if (this.v.received.testAndClear(p)) this.missingCount++;
+    const v = this.v;
+    for (let p = start; p < start + n; p++) {
+      v.claimed.clear(p);
+      if (v.received.testAndClear(p)) Atomics.add(v.ctl, MISSING, 1);
+    }
   }
 
   /** How many vCPUs run (before they start). */
@@ -193,54 +234,51 @@ export class MissingPagesPlacer {
 
   /** Pages not received yet. */
   missing(): number {
-    return this.missingCount;
+    return Atomics.load(this.v.ctl, MISSING);
+  }
+
+  /** Pages placed after LISTEN, on every thread. */
+  get placed(): number {
+    return Atomics.load(this.v.ctl, PLACED);
+  }
+
+  /** Pages that arrived although already placed (sent in the background and on request). */
+  get dropped(): number {
+    return Atomics.load(this.v.ctl, DROPPED);
+  }
+
+  /** Page requests the vCPUs wrote on the return path. */
+  get requests(): number {
+    return new ReturnPathWriter(this.shared.returnPath).requests;
   }
 
   /**
-   * Rule 1: places one page unless it is in place already. `copy` must write the whole page
-   * into guest RAM before it returns. Returns false if the page was dropped.
+   * Rule 1: places one page unless another placer claimed it. `copy` must write the whole
+   * page into guest RAM before it returns. Returns false if the page was dropped.
    */
   place(page: number, copy: () => void): boolean {
     const v = this.v;
-    if (v.received.test(page)) {
-      this.dropped++;
+    if (v.claimed.testAndSet(page)) {
+      Atomics.add(v.ctl, DROPPED, 1);
       return false;
     }
     copy();
     v.received.set(page);
     Atomics.notify(v.received.words, page >>> 5);
-    this.requested.delete(page);
-    this.placed++;
-    this.missingCount--;
+    Atomics.add(v.ctl, PLACED, 1);
+    Atomics.sub(v.ctl, MISSING, 1);
     return true;
-  }
-
-  /**
-   * Waits (up to `ms`) for the doorbell, then returns the pages faulted on that are neither
-   * in place nor requested yet; they count as requested from now on.
-   */
-  async takeFaults(ms: number): Promise<number[]> {
-    const v = this.v;
-    await v.faults.wait(this.seenSeq, ms);
-    this.seenSeq = v.faults.seq;
-    const posted: number[] = [];
-    // The writers clear their own slots once their page is in: read, do not take.
-    v.faults.peek(posted);
-    const out: number[] = [];
-    for (const p of posted) {
-      if (this.requested.has(p) || v.received.test(p)) continue;
-      this.requested.add(p);
-      out.push(p);
-    }
-    return out;
   }
 
   /** Rule 3. */
   abort(): void {
     const v = this.v;
     Atomics.store(v.ctl, ABORT, 1);
-    v.faults.ring();
     for (let w = 0; w < v.received.words.length; w++) Atomics.notify(v.received.words, w);
+  }
+
+  get aborted(): boolean {
+    return Atomics.load(this.v.ctl, ABORT) !== 0;
   }
 
   blocktime(): PostcopyBlocktime {

@@ -1,14 +1,16 @@
 /**
  * The destination's postcopy (QEMU's loadvm_postcopy_handle_* and postcopy-ram.c): the
  * incoming state machine NONE -> ADVISE -> DISCARD -> LISTENING -> RUNNING -> END, the
- * received map, placing pages that arrive after LISTEN, and turning vCPU faults into page
- * requests on the return path.
+ * received map and placing pages that arrive after LISTEN. vCPUs that fault request their
+ * pages themselves on the shared return path (missing-pages.ts).
  */
 import { StreamError, VmigError } from '../errors.js';
 import type { MigrationNotifiers, PostcopyNotifyReason } from '../lifecycle/notifiers.js';
 import { type GuestRam, type RamBlock, TARGET_PAGE_SIZE } from '../ram/ram-block.js';
-import { checkPostcopyAdvise, decodePostcopyRamDiscard, encodeRpReqPages } from '../wire/postcopy.js';
+import { checkPostcopyAdvise, decodePostcopyRamDiscard } from '../wire/postcopy.js';
 import { createMissingPages, MissingPagesPlacer, type MissingPagesShared, type PostcopyBlocktime } from './missing-pages.js';
+import { RamPagePlacer, type PostcopyPlacing } from './page-placer.js';
+import type { ReturnPathShared } from './return-path-writer.js';
 
 export type PostcopyIncomingState = 'none' | 'advise' | 'discard' | 'listening' | 'running' | 'end';
 
@@ -16,11 +18,13 @@ export type PostcopyIncomingState = 'none' | 'advise' | 'discard' | 'listening' 
 const MAX_VCPUS = 256;
 
 export interface PostcopyIncomingOptions {
-  /** Writes a return-path message (page requests). */
-  sendRp: (msg: Uint8Array) => void;
+  /** The return path, shared with the vCPUs (they write their page requests on it). */
+  returnPath: () => ReturnPathShared | undefined;
   /** POSTCOPY_RUN: start the vCPUs, which must check `shared` before each write. */
   onRun: (shared: MissingPagesShared, placer: MissingPagesPlacer) => void;
   notifiers?: MigrationNotifiers | undefined;
+  /** At LISTEN, once pages go through the received map (the preempt thread may start). */
+  onListen?: (() => void) | undefined;
   /** At LISTEN: multifd channels stop writing guest RAM (and any still writing finish first). */
   sealMultifd?: (() => Promise<void>) | undefined;
   /** --postcopy-blocktime: vCPUs time their faults. */
@@ -39,16 +43,13 @@ export interface PostcopyIncomingStats {
   discardedPages: number;
 }
 
-export class PostcopyIncoming {
+export class PostcopyIncoming implements PostcopyPlacing {
   state: PostcopyIncomingState = 'none';
   private ram: GuestRam | undefined;
   private readonly blockBase = new Map<RamBlock, number>();
   private placerImpl: MissingPagesPlacer | undefined;
-  private faultLoop: Promise<void> | undefined;
-  private stopFaults = false;
-  private requests = 0;
+  private pagePlacer: RamPagePlacer | undefined;
   private discarded = 0;
-  private lastRequestBlock: RamBlock | undefined;
 
   constructor(private readonly opts: PostcopyIncomingOptions) {}
 
@@ -99,7 +100,10 @@ export class PostcopyIncoming {
    */
   prepare(): MissingPagesShared {
     if (!this.ram) this.fail('postcopy: the received map needs the RAM block list');
-    this.placerImpl ??= new MissingPagesPlacer(createMissingPages(this.ram.totalPages, MAX_VCPUS, this.opts.blocktime ?? false));
+    const rp = this.opts.returnPath();
+    if (!rp) this.fail('postcopy needs the return path');
+    const blocks = this.ram.blocks.map((b) => ({ idstr: b.idstr, pages: b.pages }));
+    this.placerImpl ??= new MissingPagesPlacer(createMissingPages(blocks, MAX_VCPUS, this.opts.blocktime ?? false, rp));
     return this.placerImpl.shared;
   }
 
@@ -140,7 +144,7 @@ export class PostcopyIncoming {
     await this.opts.sealMultifd?.();
     this.state = 'listening';
     this.notify('INBOUND_LISTEN');
-    this.faultLoop = this.serveFaults(placer);
+    this.opts.onListen?.();
   }
 
   /** POSTCOPY_RUN: the vCPUs start here, before all pages arrived. */
@@ -150,28 +154,10 @@ export class PostcopyIncoming {
     this.opts.onRun(this.placerImpl!.shared, this.placerImpl!);
   }
 
-  /** A page that arrived after LISTEN (main or preempt channel). `data` null: a zero page. */
+  /** A page that arrived on the main channel after LISTEN. `data` null: a zero page. */
   placePage(block: RamBlock, offset: number, data: Uint8Array | null): void {
-    const page = this.blockBase.get(block)! + offset / TARGET_PAGE_SIZE;
-    this.placerImpl!.place(page, () => {
-      if (data) block.host.set(data, offset);
-      else block.host.fill(0, offset, offset + TARGET_PAGE_SIZE);
-    });
-  }
-
-  /** Faulted pages become requests (REQ_PAGES_ID, or REQ_PAGES for the same block again). */
-  private async serveFaults(placer: MissingPagesPlacer): Promise<void> {
-    const ram = this.ram!;
-    while (!this.stopFaults) {
-      const pages = await placer.takeFaults(50);
-      for (const p of pages) {
-        const [b, page] = ram.locate(p);
-        const block = ram.blocks[b]!;
-        this.opts.sendRp(encodeRpReqPages(block === this.lastRequestBlock ? undefined : block.idstr, page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE));
-        this.lastRequestBlock = block;
-        this.requests++;
-      }
-    }
+    this.pagePlacer ??= new RamPagePlacer(this.ram!, this.placerImpl!);
+    this.pagePlacer.placePage(block, offset, data);
   }
 
   /**
@@ -186,15 +172,12 @@ export class PostcopyIncoming {
       if (err) throw err;
       await new Promise((r) => setTimeout(r, 5));
     }
-    this.stopFaults = true;
-    await this.faultLoop;
     this.state = 'end';
     this.notify('INBOUND_END');
   }
 
-  /** A failure while postcopy runs: release blocked vCPUs (they give up), stop requesting. */
+  /** A failure while postcopy runs: release blocked vCPUs (they give up). */
   abort(): void {
-    this.stopFaults = true;
     this.placerImpl?.abort();
   }
 
@@ -205,7 +188,7 @@ export class PostcopyIncoming {
   stats(): PostcopyIncomingStats {
     return {
       state: this.state,
-      postcopyRequests: this.requests,
+      postcopyRequests: this.placerImpl?.requests ?? 0,
       postcopyPages: this.placerImpl?.placed ?? 0,
       duplicatePages: this.placerImpl?.dropped ?? 0,
       discardedPages: this.discarded,
