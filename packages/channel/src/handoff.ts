@@ -49,10 +49,12 @@ interface HandleWithFd {
 }
 
 /**
- * Stops all reading on `sock` in this thread and returns its fd for a worker to own. Call it
- * right after readFirstBytes resolved (the socket is paused, nothing more was read).
+ * Stops all reading on `sock`'s handle for good and returns its fd, for a thread that reads
+ * it another way (sync-fd.ts). The handle stays this thread's: it may still write, and it is
+ * the one that closes the fd. Whatever the handle had read and not yet delivered comes back
+ * as `leftover` (nothing, unless the peer spoke first).
  */
-export function detachFd(sock: net.Socket): number {
+export function stopReading(sock: net.Socket): { fd: number; leftover: Buffer } {
   const handle = (sock as unknown as { _handle: HandleWithFd | null })._handle;
   if (!handle || typeof handle.fd !== 'number' || handle.fd < 0) {
     throw new VmigError('VMIG_ERR_CHANNEL', 'cannot hand this connection to a worker (no fd)', { channel: 'listen' });
@@ -61,8 +63,19 @@ export function detachFd(sock: net.Socket): number {
   // Make sure the stream machinery never starts reading on this handle again.
   (sock as unknown as { _read: () => void })._read = () => {};
   sock.removeAllListeners('data');
+  const parts: Buffer[] = [];
+  for (let b: Buffer | null; (b = sock.read() as Buffer | null) !== null; ) parts.push(b);
+  return { fd: handle.fd, leftover: Buffer.concat(parts) };
+}
+
+/**
+ * Stops all reading on `sock` in this thread and returns its fd for a worker to own. Call it
+ * right after readFirstBytes resolved (the socket is paused, nothing more was read).
+ */
+export function detachFd(sock: net.Socket): number {
+  const { fd } = stopReading(sock);
   sock.unref();
-  return handle.fd;
+  return fd;
 }
 
 /** Where a socket's reads land (Node's `onread` with a buffer function). */

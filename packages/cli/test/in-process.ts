@@ -19,6 +19,7 @@ import {
   type VmigError,
 } from '@vmig/core';
 import { fillRam, VcpuPool, type WriterOptions } from '@vmig/test-harness';
+import { ReturnPathThread } from '../src/return-path-thread.js';
 
 export interface InProcessOptions {
   ramBytes: number;
@@ -78,10 +79,11 @@ export async function migrateInProcess(o: InProcessOptions): Promise<InProcessRe
   const sock = net.connect(port, '127.0.0.1');
   await new Promise<void>((r, j) => sock.once('connect', r).once('error', j));
   const abort = new AbortController();
+  const returnPath = new ReturnPathThread(sock, srcRam);
   const mig = new PrecopyMigration({
     ram: srcRam,
     sink: new BufferedWriter(sock, { channel: 'main' }),
-    returnPath: new ByteReader(sock, { channel: 'return-path' }),
+    returnPath,
     vm: vcpus,
     devices: o.srcDevices?.(srcRam, vcpus) ?? new DeviceRegistry(),
     params: { ...DEFAULT_PARAMS, ...o.params },
@@ -91,6 +93,7 @@ export async function migrateInProcess(o: InProcessOptions): Promise<InProcessRe
   sock.on('error', (e) => mig.fail(e));
   o.prepare?.(mig, { srcRam, vcpus, abort, destroyDestination: () => dstSock?.destroy() });
   const info = await mig.run();
+  await returnPath.close();
   sock.destroy();
   const dstError = await destination;
   server.close();

@@ -127,6 +127,14 @@ export class MemorySink implements StreamSink {
   bytes(): Uint8Array {
     return this.buf.slice(0, this.len);
   }
+  /** Everything written, without a copy: valid until the next put or reset(). */
+  view(): Uint8Array {
+    return this.buf.subarray(0, this.len);
+  }
+  /** Empties the sink and keeps its buffer for reuse. */
+  reset(): void {
+    this.len = 0;
+  }
 }
 
 /**

@@ -227,21 +227,98 @@ describe('the source serving page requests (RamSaver.saveRequestedPage)', () => 
     const saver = new RamSaver(ram, new MigrationStats(), 'legacy');
     saver.setup();
     const w = new MemorySink();
-    expect(saver.saveRequestedPage(w, 0, 40, false)).toBe(true);
+    expect(saver.saveRequestedPage(w, 0, 40)).toBe(true);
     expect(saver.dirtyPages).toBe(63);
     saver.savePages(w, 3);
     // The requested page, then the scan goes on right after it.
     expect(pagesIn(w.bytes())).toEqual([40, 41, 42, 43]);
-    // Already sent: not again on the main stream (it is on its way there)...
+    // Already sent: not again on the main stream (it is on its way there).
     const again = new MemorySink();
-    expect(saver.saveRequestedPage(again, 0, 41, false)).toBe(false);
+    expect(saver.saveRequestedPage(again, 0, 41)).toBe(false);
     expect(again.bytes().length).toBe(0);
-    // ...but again on the preempt channel, named in full, since its first copy may wait
-    // behind background pages; the destination keeps whichever copy lands first.
-    const pre = new MemorySink();
-    expect(saver.saveRequestedPage(pre, 0, 41, true)).toBe(true);
-    expect(pagesIn(pre.bytes())).toEqual([41]);
     expect(saver.dirtyPages).toBe(60);
+  });
+});
+
+describe('requested pages sent by the return-path thread (urgent-pages.ts)', () => {
+  const records = (bytes: Uint8Array): { page: number; idstr: string | undefined; zero: boolean }[] => {
+    const out: { page: number; idstr: string | undefined; zero: boolean }[] = [];
+    for (let p = 0; p + 8 <= bytes.length; ) {
+      const addr = Number(Buffer.from(bytes).readBigUInt64BE(p));
+      const flags = addr % P;
+      p += 8;
+      let idstr: string | undefined;
+      if (!(flags & 0x20) && flags & 0x0a) {
+        idstr = Buffer.from(bytes.subarray(p + 1, p + 1 + bytes[p]!)).toString();
+        p += 1 + bytes[p]!;
+      }
+      if (flags & 0x08) p += P;
+      else if (flags & 0x02) p += 1;
+      if (flags & 0x0a) out.push({ page: (addr - flags) / P, idstr, zero: (flags & 0x02) !== 0 });
+    }
+    return out;
+  };
+
+  it('names each page in full, clears and counts a dirty page once, sends an already-sent page again, and moves the scan', async () => {
+    const { RamSaver, MigrationStats, createUrgentPages, UrgentPageSender, UrgentPagesTally } = await import('../src/index.js');
+    const ram = GuestRam.create([{ idstr: 'a', size: 8 * P }, { idstr: 'b', size: 16 * P }], { prefault: false });
+    for (let p = 1; p < 16; p++) ram.blocks[1]!.host.fill(p, p * P, (p + 1) * P);
+    const saver = new RamSaver(ram, new MigrationStats(), 'legacy');
+    saver.setup();
+    const shared = createUrgentPages(saver.bitmaps, true);
+    const sender = new UrgentPageSender(ram, shared);
+    const tally = new UrgentPagesTally(shared);
+    const w = new MemorySink();
+    sender.serve(w, MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('b', 4 * P, 2 * P).subarray(4));
+    // REQ_PAGES: the block of the request before it; page 0 of 'b' is all zeros.
+    sender.serve(w, MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 0, P).subarray(4));
+    expect(records(w.bytes())).toEqual([
+      { page: 4, idstr: 'b', zero: false },
+      { page: 5, idstr: 'b', zero: false },
+      { page: 0, idstr: 'b', zero: true },
+    ]);
+    let t = tally.take();
+    expect(t).toMatchObject({ cleared: 3, next: { block: 1, page: 1 }, requests: 2, normal: 2, zero: 1 });
+    saver.clearedElsewhere(t.cleared);
+    expect(saver.dirtyPages).toBe(24 - 3);
+    // Sent already (here or by the scan): sent again, counted as a page but not cleared again.
+    const again = new MemorySink();
+    sender.serve(again, MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('b', 5 * P, P).subarray(4));
+    expect(records(again.bytes())).toEqual([{ page: 5, idstr: 'b', zero: false }]);
+    t = tally.take();
+    expect(t).toMatchObject({ cleared: 0, next: { block: 1, page: 6 }, requests: 1, normal: 1 });
+    // Nothing new: no hint, no counts.
+    expect(tally.take()).toMatchObject({ cleared: 0, next: undefined, requests: 0 });
+    // The scan skips what the thread sent: every other page goes exactly once.
+    saver.moveScan(1, 6);
+    const rest = new MemorySink();
+    while (saver.dirtyPages > 0) saver.savePages(rest, 4);
+    const sent = records(rest.bytes()).map((r) => `${r.idstr ?? ''}${r.page}`);
+    expect(sent).toHaveLength(21);
+    expect(sent.filter((x) => x === 'b4' || x === 'b5' || x === 'b0')).toEqual([]);
+  });
+
+  it('hostile requests are refused with the queue\'s codes, before any record', async () => {
+    const { RamSaver, MigrationStats, createUrgentPages, UrgentPageSender } = await import('../src/index.js');
+    const ram = GuestRam.create([{ idstr: 'pc.ram', size: 16 * P }], { prefault: false });
+    const saver = new RamSaver(ram, new MigrationStats(), 'legacy');
+    saver.setup();
+    const sender = new UrgentPageSender(ram, createUrgentPages(saver.bitmaps, true));
+    const w = new MemorySink();
+    const code = (type: number, m: Uint8Array): string | undefined => {
+      try {
+        sender.serve(w, type, m.subarray(4));
+      } catch (e) {
+        return (e as VmigError).code;
+      }
+      return undefined;
+    };
+    expect(code(MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 0, P))).toBe('VMIG_ERR_UNKNOWN_BLOCK');
+    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('nope', 0, P))).toBe('VMIG_ERR_UNKNOWN_BLOCK');
+    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 100, P))).toBe('VMIG_ERR_BAD_OFFSET');
+    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 15 * P, 2 * P))).toBe('VMIG_ERR_BAD_OFFSET');
+    expect(w.bytesWritten).toBe(0);
+    expect(saver.bitmaps[0]!.findNextClear(0)).toBe(-1);
   });
 });
 

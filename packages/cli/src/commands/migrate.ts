@@ -2,7 +2,7 @@
  * `vmig migrate URI --ram SIZE ...`: the source. Builds a test guest (RAM + vCPU writers and
  * its devices), migrates it to a destination while the writers run, reports.
  */
-import { BufferedWriter, ByteReader, connect, parseMigrationUri } from '@vmig/channel';
+import { BufferedWriter, connect, parseMigrationUri } from '@vmig/channel';
 import {
   DeviceRegistry,
   GlobalStateDevice,
@@ -11,7 +11,6 @@ import {
   MigrationNotifiers,
   MigrationStats,
   PrecopyMigration,
-  putRamEos,
   TimerDevice,
   toVmigError,
   type MigrationInfo,
@@ -26,6 +25,7 @@ import { MIGRATE_OPTIONS, migrateSettings } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
 import { ProgressLine } from '../progress.js';
 import { resourceUsage } from '../resources.js';
+import { ReturnPathThread } from '../return-path-thread.js';
 
 /** How long the source watches its writers after a failed or cancelled migration. */
 const RESUME_CHECK_MS = 200;
@@ -118,20 +118,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     }
   }
   const sink = new BufferedWriter(sock, { channel: 'main' });
-  // --postcopy-preempt: the channel for requested pages, opened at the switch.
-  let preemptSock: Awaited<ReturnType<typeof connect>> | undefined;
-  const openPreempt = s.postcopyPreempt
-    ? async () => {
-        preemptSock = await connect(uri, { channel: 'preempt' });
-        preemptSock.on('error', (e) => mig?.fail(e));
-        const w = new BufferedWriter(preemptSock, { channel: 'preempt' });
-        // QEMU's preempt channel has no magic; an empty RAM part (EOS) tells it apart at once.
-        putRamEos(w);
-        await w.flush();
-        return w;
-      }
-    : undefined;
-  const returnPath = new ByteReader(sock, { channel: 'return-path' });
+  // The return path on its own thread; with --postcopy-preempt it opens the channel for
+  // requested pages at the switch and sends them there itself.
+  const returnPath = new ReturnPathThread(sock, ram, { preemptUri: s.postcopyPreempt ? uri : undefined, onPreemptError: (e) => mig?.fail(e) });
   const its = new ItsTableDevice(() => ram);
   const devices = new DeviceRegistry()
     .register(new TimerDevice())
@@ -152,7 +141,6 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     devices,
     params: s.params,
     returnPath,
-    openPreempt,
     signal: abort.signal,
     notifiers,
     log,
@@ -180,8 +168,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // or cancel before the postcopy switch they run again: check that they really do. After
   // the switch they stay stopped (the guest is split; the error says so).
   const digest = info.status === 'completed' ? digestRam(ram).digest : undefined;
+  // The thread does no more I/O on the sockets' fds before they close.
+  await returnPath.close();
   sock.destroy();
-  preemptSock?.destroy();
   if (info.status === 'completed') await multifd?.close();
   else await multifd?.destroy();
   let writersResumed: boolean | undefined;

@@ -6,7 +6,7 @@
  */
 import type { DeviceRegistry } from '../devices/device.js';
 import { postcopySplitError, VmigError, toVmigError } from '../errors.js';
-import { EndOfStream, MemorySink, type StreamSink, type StreamSource } from '../io.js';
+import { MemorySink, type StreamSink } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import {
@@ -16,21 +16,18 @@ import {
   MIG_CMD_POSTCOPY_LISTEN,
   MIG_CMD_POSTCOPY_RAM_DISCARD,
   MIG_CMD_POSTCOPY_RUN,
-  MIG_RP_MSG_PONG,
-  MIG_RP_MSG_REQ_PAGES,
-  MIG_RP_MSG_REQ_PAGES_ID,
-  MIG_RP_MSG_SHUT,
 } from '../wire/constants.js';
-import { putCommand, putEof, putFileHeader, putRamEos, putRamMultifdFlush } from '../wire/main-stream.js';
+import { putCommand, putEof, putFileHeader, putRamMultifdFlush } from '../wire/main-stream.js';
 import { discardCommands, encodePackagedLength, encodePostcopyAdvise } from '../wire/postcopy.js';
 import { putDeviceSections, putDeviceSectionsAndEof, putSetupDeviceSections } from './device-sections.js';
-import { readRpMessage } from '../wire/return-path.js';
 import { MigrationNotifiers, type MigrationStateEvent, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
 import { silentLogger, type Logger } from '../log.js';
 import { AutoConverge } from './auto-converge.js';
+import { createUrgentPages, UrgentPagesTally } from '../postcopy/urgent-pages.js';
 import { PageRequestQueue } from './page-requests.js';
 import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
 import { RateLimiter } from './rate-limit.js';
+import type { SourceReturnPath } from './source-return-path.js';
 import { isTerminal, type MigrationStatus } from './state.js';
 import { MigrationStats, type MigrationInfo } from './stats.js';
 
@@ -95,7 +92,7 @@ export interface PrecopyContext {
   /** Multifd channels for normal pages; without it pages go on the main stream. */
   multifd?: MultifdLink | undefined;
   /** The destination's replies; when given, OPEN_RETURN_PATH is sent and SHUT awaited. */
-  returnPath?: StreamSource | undefined;
+  returnPath?: SourceReturnPath | undefined;
   onStatus?: (info: MigrationInfo) => void;
   /** About once a second while iterating. */
   onProgress?: (info: MigrationInfo) => void;
@@ -103,8 +100,6 @@ export interface PrecopyContext {
   /** Notifier chains; a fresh, empty set if omitted. */
   notifiers?: MigrationNotifiers | undefined;
   log?: Logger | undefined;
-  /** --postcopy-preempt: opens the channel that carries requested pages after the switch. */
-  openPreempt?: (() => Promise<StreamSink>) | undefined;
 }
 
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
@@ -141,9 +136,12 @@ export class PrecopyMigration {
    * to the source (its state is split between the two sides).
    */
   private guestSplit = false;
-  private preempt: StreamSink | undefined;
-  /** Page requests from the destination, after the switch. */
+  /** Page requests from the destination for the main stream, after the switch. */
   private readonly requests: PageRequestQueue;
+  /** What the return-path thread sent itself (preempt), after the switch. */
+  private urgent: UrgentPagesTally | undefined;
+  /** Bytes it wrote on the preempt channel, as last counted. */
+  private urgentBytes = 0;
 
   constructor(private readonly ctx: PrecopyContext) {
     this.stats = ctx.stats ?? new MigrationStats();
@@ -303,8 +301,13 @@ export class PrecopyMigration {
     putFileHeader(sink, params.machineName);
     if (returnPath) {
       putCommand(sink, MIG_CMD_OPEN_RETURN_PATH);
-      this.shutStatus = this.readReturnPath(returnPath);
-      this.shutStatus.catch(() => {});
+      this.shutStatus = returnPath.shut;
+      this.shutStatus.then(
+        (status) => {
+          if (status !== 0) this.fail(new VmigError('VMIG_ERR_REMOTE', 'destination failed to load the migration stream', { channel: 'return-path' }));
+        },
+        (e: unknown) => this.fail(e),
+      );
     }
     if (params.postcopy) {
       if (!returnPath) throw new VmigError('VMIG_ERR_POSTCOPY', 'postcopy needs the return path');
@@ -362,33 +365,6 @@ export class PrecopyMigration {
   private async channelsReady(): Promise<void> {
     await this.guard(this.ctx.sink.ready());
     if (this.ctx.multifd) await this.guard(this.ctx.multifd.ready());
-  }
-
-  private async readReturnPath(rp: StreamSource): Promise<number> {
-    try {
-      for (;;) {
-        const msg = await readRpMessage(rp);
-        if (msg.type === MIG_RP_MSG_SHUT) {
-          const status = msg.data.length >= 4 ? ((msg.data[0]! << 24) | (msg.data[1]! << 16) | (msg.data[2]! << 8) | msg.data[3]!) >>> 0 : 1;
-          if (status !== 0) this.fail(new VmigError('VMIG_ERR_REMOTE', 'destination failed to load the migration stream', { channel: 'return-path' }));
-          return status;
-        }
-        if ((msg.type === MIG_RP_MSG_REQ_PAGES || msg.type === MIG_RP_MSG_REQ_PAGES_ID) && this.postcopyListening) {
-          this.queuePages(msg.type, msg.data);
-          continue;
-        }
-        if (msg.type !== MIG_RP_MSG_PONG) {
-          throw new VmigError('VMIG_ERR_STREAM_FORMAT', `unexpected return-path message ${msg.type}`, { channel: 'return-path' });
-        }
-      }
-    } catch (e) {
-      const err =
-        e instanceof EndOfStream
-          ? new VmigError('VMIG_ERR_PEER_CLOSED', 'destination closed the connection', { channel: 'return-path' })
-          : toVmigError(e, 'VMIG_ERR_CHANNEL', { channel: 'return-path' });
-      this.fail(err);
-      throw err;
-    }
   }
 
   private async iterate(): Promise<'complete' | 'postcopy'> {
@@ -509,7 +485,9 @@ export class PrecopyMigration {
   private async postcopy(): Promise<void> {
     const { ctx, stats, saver } = this;
     const { sink, vm, devices } = ctx;
-    if (ctx.openPreempt) this.preempt = await this.guard(ctx.openPreempt());
+    const rp = ctx.returnPath;
+    if (!rp) throw new VmigError('VMIG_ERR_POSTCOPY', 'postcopy needs the return path');
+    if (rp.openPreempt) await this.guard(rp.openPreempt());
     // Multifd writes are not atomic: every page queued on a channel lands before the switch.
     await this.barrierSection();
     const downtimeStart = performance.now();
@@ -533,25 +511,30 @@ export class PrecopyMigration {
     const blob = pkg.bytes();
     putCommand(sink, MIG_CMD_PACKAGED, encodePackagedLength(blob.length));
     sink.putBytes(blob);
+    // Requests are accepted before the package can reach the destination (whose vCPUs ask
+    // for pages only after RUN).
+    const urgent = createUrgentPages(saver.bitmaps, this.params.zeroPageDetection !== 'none');
+    this.urgent = new UrgentPagesTally(urgent);
+    rp.listen(urgent, (type, data) => this.requests.add(type, data));
     this.postcopyListening = true;
     this.guestSplit = true;
     await this.guard(sink.flush());
     stats.downtimeMs = performance.now() - downtimeStart;
     stats.downtimeBytes = this.writtenBytes() - bytesBefore;
     this.setStatus('postcopy-active');
-    const postcopyStart = this.writtenBytes() + (this.preempt?.bytesWritten ?? 0);
+    const postcopyStart = this.writtenBytes();
     // Background pages only; requested pages are never held back.
     const limiter = new RateLimiter(this.params.maxPostcopyBandwidth, BANDWIDTH_PERIOD_MS, performance.now());
     limiter.account(this.writtenBytes());
 
-    while (saver.dirtyPages > 0) {
+    while (this.takeUrgent() > 0) {
       if (this.error) throw this.error;
       limiter.account(this.writtenBytes());
       if (limiter.allowance() <= 0) {
         // Requests keep being served while background pages wait for credit.
-        if (!this.preempt && this.requests.pending > 0) {
+        if (this.requests.pending > 0) {
           saver.writePartHeader(sink, RAM_SECTION_ID, false);
-          this.requests.serve(sink, false);
+          this.requests.serve(sink);
           saver.writeSectionEnd(sink, RAM_SECTION_ID);
           await this.guard(sink.flush());
         }
@@ -559,40 +542,44 @@ export class PrecopyMigration {
         continue;
       }
       saver.writePartHeader(sink, RAM_SECTION_ID, false);
-      this.requests.serve(sink, false);
+      this.requests.serve(sink);
       saver.savePages(sink, POSTCOPY_SLICE_PAGES);
       saver.writeSectionEnd(sink, RAM_SECTION_ID);
       await this.guard(sink.flush());
       // A flush the kernel takes at once resolves without an I/O turn: yield, so that page
       // requests on the return path are read now, not once the socket buffer is full.
       await new Promise<void>((r) => setImmediate(r));
-      stats.transferred = this.writtenBytes() + (this.preempt?.bytesWritten ?? 0);
+      stats.transferred = this.writtenBytes() + this.urgentBytes;
       stats.postcopyBytes = stats.transferred - postcopyStart;
     }
     saver.writePartHeader(sink, RAM_SECTION_ID, true);
     saver.writeSectionEnd(sink, RAM_SECTION_ID);
     putEof(sink);
     await this.guard(sink.flush());
-    if (this.preempt) await this.guard(this.preempt.flush());
-    stats.transferred = this.writtenBytes() + (this.preempt?.bytesWritten ?? 0);
-    stats.postcopyBytes = stats.transferred - postcopyStart;
     stats.remainingPages = 0;
-    // The destination answers once every page is in place.
+    // The destination answers once every page is in place (requested pages the return-path
+    // thread sent included: it has written them before it reads SHUT).
     const status = await this.guard(this.shutStatus!);
+    this.takeUrgent();
+    stats.transferred = this.writtenBytes() + this.urgentBytes;
+    stats.postcopyBytes = stats.transferred - postcopyStart;
     if (status !== 0) throw new VmigError('VMIG_ERR_REMOTE', `destination reported failure ${status}`, { channel: 'return-path' });
   }
 
   /**
-   * A page request from the return path. With a preempt channel the pages go out at once on
-   * it; otherwise they wait for the main loop, ahead of background pages.
+   * Counts what the return-path thread sent itself since the last call, and moves the scan
+   * next to the page it was last asked for. Returns the pages still dirty.
    */
-  private queuePages(type: number, data: Uint8Array): void {
-    this.requests.add(type, data);
-    const pre = this.preempt;
-    if (pre && this.requests.serve(pre, true) > 0) {
-      putRamEos(pre);
-      pre.flush().catch((e: unknown) => this.fail(toVmigError(e, 'VMIG_ERR_CHANNEL', { channel: 'preempt' })));
-    }
+  private takeUrgent(): number {
+    const u = this.urgent!.take();
+    const { stats, saver } = this;
+    saver.clearedElsewhere(u.cleared);
+    if (u.next) saver.moveScan(u.next.block, u.next.page);
+    stats.postcopyRequests += u.requests;
+    stats.normalPages += u.normal;
+    stats.zeroPages += u.zero;
+    this.urgentBytes = u.bytes;
+    return saver.dirtyPages;
   }
 
   private async complete(): Promise<void> {

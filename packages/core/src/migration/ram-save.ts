@@ -133,28 +133,32 @@ export class RamSaver implements PageSender {
   }
 
   /**
-   * A page the destination asked for (ram_save_queue_pages + get_queued_page): sent if it is
-   * still dirty (otherwise it was sent already and is on its way), and the scan moves next
-   * to it. `ownStream`: `w` is not the main stream but the preempt channel, so the record
-   * names its block, and a page already sent goes again: its first copy may sit behind
-   * megabytes of background pages in the main stream's buffers. After the switch the source's
-   * RAM no longer changes, so both copies are the same and the destination keeps whichever
-   * comes first (it drops a page already in place). Returns whether the page was sent.
+   * A page the destination asked for, on the main stream (ram_save_queue_pages +
+   * get_queued_page): sent if it is still dirty (otherwise it was sent already and is on its
+   * way), and the scan moves next to it. Returns whether the page was sent.
    */
-  saveRequestedPage(w: ByteWriter, blockIdx: number, page: number, ownStream: boolean): boolean {
-    if (this.bitmaps[blockIdx]!.testAndClear(page)) {
-      this.dirtyPages--;
-      this.stats.remainingPages = this.dirtyPages;
-    } else if (!ownStream) {
-      return false;
-    }
-    this.blockIdx = blockIdx;
-    this.nextPage = page + 1;
-    const mainLast = this.lastSentBlock;
-    if (ownStream) this.lastSentBlock = undefined;
+  saveRequestedPage(w: ByteWriter, blockIdx: number, page: number): boolean {
+    if (!this.bitmaps[blockIdx]!.testAndClear(page)) return false;
+    this.dirtyPages--;
+    this.stats.remainingPages = this.dirtyPages;
+    this.moveScan(blockIdx, page + 1);
     this.savePageChecked(w, blockIdx, page);
-    if (ownStream) this.lastSentBlock = mainLast;
     return true;
+  }
+
+  /** The scan goes on from `page` of block `blockIdx` (requested pages pull it along). */
+  moveScan(blockIdx: number, page: number): void {
+    this.blockIdx = blockIdx;
+    this.nextPage = page;
+  }
+
+  /**
+   * Pages another thread cleared from the migration bitmaps and sent itself (the return-path
+   * thread, urgent-pages.ts): off the dirty count.
+   */
+  clearedElsewhere(pages: number): void {
+    this.dirtyPages -= pages;
+    this.stats.remainingPages = this.dirtyPages;
   }
 
   writeSetupSection(w: ByteWriter, sectionId: number): void {
@@ -177,7 +181,9 @@ export class RamSaver implements PageSender {
   /**
    * Sends up to `maxPages` dirty pages from the scan position, or until the scan wraps.
    * Clears each page's migration-bitmap bit BEFORE the page is read (here or, with multifd,
-   * by a channel thread later).
+   * by a channel thread later). The clear is a testAndClear: after the postcopy switch the
+   * return-path thread may clear a bit between findNextSet and here, and then it sent and
+   * counted the page (urgent-pages.ts, rule 1).
    */
   savePages(w: ByteWriter, maxPages: number): ScanResult {
     const blocks = this.ram.blocks;
@@ -194,9 +200,9 @@ export class RamSaver implements PageSender {
         }
         continue;
       }
-      bitmap.clear(page);
-      this.dirtyPages--;
       this.nextPage = page + 1;
+      if (!bitmap.testAndClear(page)) continue;
+      this.dirtyPages--;
       this.savePageChecked(w, this.blockIdx, page);
       pages++;
     }

@@ -3,10 +3,10 @@
  * (migration.c MIG_RP_MSG_*): be16 type, be16 len, data.
  */
 import { StreamError } from '../errors.js';
-import { setBe32, type StreamSource } from '../io.js';
+import { setBe32 } from '../io.js';
 import { MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT } from './constants.js';
-import { getU16 } from './main-stream.js';
 
+/** The longest return-path message accepted (the buffer of RpMessageReader holds several). */
 export const MAX_RP_MESSAGE_LEN = 4096;
 
 export interface RpMessage {
@@ -39,15 +39,52 @@ export function encodeRpPong(value: number): Uint8Array {
   return encodeRpMessage(MIG_RP_MSG_PONG, be32(value));
 }
 
-export async function readRpMessage(s: StreamSource): Promise<RpMessage> {
-  await s.ensure(4);
-  const type = getU16(s);
-  const len = getU16(s);
-  if (len > MAX_RP_MESSAGE_LEN) {
-    throw new StreamError('VMIG_ERR_STREAM_FORMAT', `return-path message ${type} of ${len} bytes`, { channel: 'return-path' });
+/** SHUT's status (0: the destination loaded everything); a SHUT without one counts as failure. */
+export function decodeRpShut(data: Uint8Array): number {
+  return data.length >= 4 ? ((data[0]! << 24) | (data[1]! << 16) | (data[2]! << 8) | data[3]!) >>> 0 : 1;
+}
+
+/**
+ * Return-path messages from bytes read in pieces of any size: read into space(), say how
+ * many landed with filled(), then take messages with next() until it gives undefined.
+ * A message's data is a view, valid until the next space().
+ */
+export class RpMessageReader {
+  /** Room for the largest message (4 + MAX_RP_MESSAGE_LEN) several times over. */
+  private readonly buf = new Uint8Array(64 * 1024);
+  private start = 0;
+  private end = 0;
+
+  constructor(initial: Uint8Array = new Uint8Array(0)) {
+    this.buf.set(initial);
+    this.end = initial.length;
   }
-  await s.ensure(len);
-  const data = s.buf.slice(s.pos, s.pos + len);
-  s.pos += len;
-  return { type, data };
+
+  /** Where the next read goes (never empty): what is unread moves to the front first. */
+  space(): Uint8Array {
+    if (this.start > 0) {
+      this.buf.copyWithin(0, this.start, this.end);
+      this.end -= this.start;
+      this.start = 0;
+    }
+    return this.buf.subarray(this.end);
+  }
+
+  filled(n: number): void {
+    this.end += n;
+  }
+
+  /** The next whole message, or undefined until more bytes arrive. Throws on an oversize one. */
+  next(): RpMessage | undefined {
+    const { buf, start, end } = this;
+    if (end - start < 4) return undefined;
+    const type = (buf[start]! << 8) | buf[start + 1]!;
+    const len = (buf[start + 2]! << 8) | buf[start + 3]!;
+    if (len > MAX_RP_MESSAGE_LEN) {
+      throw new StreamError('VMIG_ERR_STREAM_FORMAT', `return-path message ${type} of ${len} bytes`, { channel: 'return-path' });
+    }
+    if (end - start - 4 < len) return undefined;
+    this.start = start + 4 + len;
+    return { type, data: buf.subarray(start + 4, start + 4 + len) };
+  }
 }

@@ -1,0 +1,133 @@
+/**
+ * The source's return path on a thread of its own (return-path.worker.ts), as core's
+ * SourceReturnPath. The migration thread keeps the main connection's handle for writing
+ * the main stream; the thread reads the other direction with `fs.readSync` on the same fd.
+ * With --postcopy-preempt this side opens the preempt channel at the switch and the thread
+ * writes requested pages on it.
+ *
+ * Ownership: both sockets stay the caller's (main) and this object's (preempt) to close,
+ * and only after close(), which waits until the thread does no more I/O on their fds.
+ */
+import type net from 'node:net';
+import { MessageChannel, type MessagePort, receiveMessageOnPort, Worker } from 'node:worker_threads';
+import { connect, stopReading, type MigrationUri } from '@vmig/channel';
+import {
+  createSyncFd,
+  type GuestRam,
+  MemorySink,
+  putRamEos,
+  type RamBlockShared,
+  type SourceReturnPath,
+  SyncFd,
+  type SyncFdShared,
+  type UrgentPagesShared,
+  VmigError,
+  workerUrl,
+} from '@vmig/core';
+
+export interface ReturnPathThreadData {
+  main: SyncFdShared;
+  /** Bytes the main connection's handle had read before the thread took over. */
+  initial: Uint8Array;
+  ram: RamBlockShared[];
+  port: MessagePort;
+}
+
+export type ReturnPathToThread =
+  /** The switch: requests are accepted; with a preempt channel the thread serves them. */
+  | { t: 'listen'; urgent: UrgentPagesShared; preempt: SyncFdShared | undefined }
+  | { t: 'stop' };
+
+export type ReturnPathFromThread =
+  | { t: 'shut'; status: number }
+  /** A page request for the main stream (no preempt channel). */
+  | { t: 'request'; type: number; data: Uint8Array }
+  | { t: 'error'; error: { code: string; message: string } }
+  | { t: 'end' };
+
+export class ReturnPathThread implements SourceReturnPath {
+  readonly shut: Promise<number>;
+  readonly openPreempt: (() => Promise<void>) | undefined;
+  private readonly worker: Worker;
+  private readonly port: MessagePort;
+  private readonly main: SyncFd;
+  private preemptSock: net.Socket | undefined;
+  private preempt: { io: SyncFd; shared: SyncFdShared } | undefined;
+  private queue: ((type: number, data: Uint8Array) => void) | undefined;
+  private settle!: { resolve: (status: number) => void; reject: (e: VmigError) => void };
+  private closed = false;
+
+  /** `sock`: the main connection, nothing read from it yet by anyone else. */
+  constructor(sock: net.Socket, ram: GuestRam, opts: { preemptUri?: MigrationUri | undefined; onPreemptError?: (e: Error) => void } = {}) {
+    this.shut = new Promise<number>((resolve, reject) => (this.settle = { resolve, reject }));
+    this.shut.catch(() => {});
+    const { fd, leftover } = stopReading(sock);
+    const main = createSyncFd(fd);
+    this.main = new SyncFd(main);
+    const { port1, port2 } = new MessageChannel();
+    this.port = port1;
+    this.worker = new Worker(workerUrl(import.meta.url, 'return-path.worker.js'), {
+      workerData: { main, initial: new Uint8Array(leftover), ram: ram.toShared(), port: port2 } satisfies ReturnPathThreadData,
+      transferList: [port2],
+    });
+    port1.on('message', (m: ReturnPathFromThread) => this.onMessage(m));
+    this.worker.on('error', (e) => this.fail(new VmigError('VMIG_ERR_WORKER', `return-path thread failed: ${e.message}`, { channel: 'return-path' })));
+    this.worker.on('exit', () => {
+      // What it said last may still wait in the port: its error says more than this one.
+      for (let r; (r = receiveMessageOnPort(port1)); ) this.onMessage(r.message as ReturnPathFromThread);
+      this.fail(new VmigError('VMIG_ERR_WORKER', 'return-path thread ended before SHUT', { channel: 'return-path' }));
+    });
+    const uri = opts.preemptUri;
+    this.openPreempt = uri
+      ? async () => {
+          const ps = await connect(uri, { channel: 'preempt' });
+          this.preemptSock = ps;
+          ps.on('error', (e) => opts.onPreemptError?.(e));
+          const shared = createSyncFd(stopReading(ps).fd);
+          const io = new SyncFd(shared);
+          this.preempt = { io, shared };
+          // QEMU's preempt channel has no magic; an empty RAM part (EOS) tells it apart at once.
+          const eos = new MemorySink();
+          putRamEos(eos);
+          if (!io.write(eos.view())) throw new VmigError('VMIG_ERR_CONNECT', 'preempt channel: write failed', { channel: 'preempt' });
+        }
+      : undefined;
+  }
+
+  listen(urgent: UrgentPagesShared, queue: (type: number, data: Uint8Array) => void): void {
+    this.queue = queue;
+    this.port.postMessage({ t: 'listen', urgent, preempt: this.preempt?.shared } satisfies ReturnPathToThread);
+  }
+
+  private onMessage(m: ReturnPathFromThread): void {
+    if (m.t === 'shut') this.settle.resolve(m.status);
+    else if (m.t === 'request') {
+      try {
+        this.queue!(m.type, m.data);
+      } catch (e) {
+        this.fail(e as VmigError);
+      }
+    } else if (m.t === 'error') this.fail(new VmigError(m.error.code as never, m.error.message, { channel: 'return-path' }));
+  }
+
+  private fail(e: VmigError): void {
+    // After SHUT (or close) nothing here changes the outcome.
+    this.settle.reject(e);
+  }
+
+  /**
+   * The thread stops reading and writing; then it ends, and so does the preempt channel.
+   * The main connection is the caller's to close, after this.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.fail(new VmigError('VMIG_ERR_CANCELLED', 'return path closed', { channel: 'return-path' }));
+    this.main.close();
+    this.preempt?.io.close();
+    this.port.postMessage({ t: 'stop' } satisfies ReturnPathToThread);
+    await this.worker.terminate();
+    this.port.close();
+    this.preemptSock?.destroy();
+  }
+}

@@ -1,0 +1,133 @@
+/**
+ * The source's return-path thread (QEMU's source_return_path_thread): reads the
+ * destination's messages on the main connection and, after the postcopy switch with a
+ * preempt channel, sends requested pages itself on that channel (urgent-pages.ts), so that
+ * no hop of a page request waits for the migration thread.
+ *
+ * It does its I/O outside any event loop, as a QEMU thread does with blocking calls:
+ * `fs.readSync` / `fs.writeSync` on the fds (sync-fd.ts), a short nap when nothing is
+ * there, and its control messages taken with receiveMessageOnPort between reads.
+ * Ownership: the migration thread owns both sockets and closes them, always after
+ * SyncFd.close(), which waits for any read or write of this thread in progress.
+ */
+import { receiveMessageOnPort, workerData } from 'node:worker_threads';
+import {
+  decodeRpShut,
+  GuestRam,
+  MemorySink,
+  MIG_RP_MSG_PONG,
+  MIG_RP_MSG_REQ_PAGES,
+  MIG_RP_MSG_REQ_PAGES_ID,
+  MIG_RP_MSG_SHUT,
+  putRamEos,
+  READ_CLOSED,
+  READ_EOF,
+  READ_NONE,
+  RpMessageReader,
+  StreamError,
+  SyncFd,
+  toVmigError,
+  UrgentPageSender,
+  VmigError,
+} from '@vmig/core';
+import type { ReturnPathFromThread, ReturnPathThreadData, ReturnPathToThread } from './return-path-thread.js';
+
+/**
+ * Naps between reads that found nothing (ms). Before the switch only PONG and SHUT come (a
+ * SHUT read up to 1 ms late lengthens precopy's measured downtime by as much); after it every
+ * nap is added to a page fault's latency.
+ */
+const IDLE_NAP_MS = 1;
+const POSTCOPY_NAP_MS = 0.1;
+const channel = 'return-path';
+
+const data = workerData as ReturnPathThreadData;
+const port = data.port;
+const main = new SyncFd(data.main);
+const ram = GuestRam.fromShared(data.ram);
+let sender: UrgentPageSender | undefined;
+let preempt: SyncFd | undefined;
+let listening = false;
+let stopped = false;
+
+function post(m: ReturnPathFromThread): void {
+  port.postMessage(m);
+}
+
+function takeControl(): void {
+  for (let r; (r = receiveMessageOnPort(port)); ) {
+    const m = r.message as ReturnPathToThread;
+    if (m.t === 'stop') stopped = true;
+    else {
+      listening = true;
+      if (m.preempt) {
+        preempt = new SyncFd(m.preempt);
+        sender = new UrgentPageSender(ram, m.urgent);
+      }
+    }
+  }
+}
+
+const batch = new MemorySink();
+
+/** One message; false once the return path is done (SHUT). */
+function handle(type: number, body: Uint8Array): boolean {
+  if (type === MIG_RP_MSG_SHUT) {
+    post({ t: 'shut', status: decodeRpShut(body) });
+    return false;
+  }
+  if (type === MIG_RP_MSG_PONG) return true;
+  if (type === MIG_RP_MSG_REQ_PAGES || type === MIG_RP_MSG_REQ_PAGES_ID) {
+    // The switch is posted before the package that lets the destination ask can reach it,
+    // so a request read before the switch was seen may only have overtaken its message.
+    if (!listening) takeControl();
+    if (!listening) throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'page request before the postcopy switch', { channel });
+    if (sender) sender.serve(batch, type, body);
+    else post({ t: 'request', type, data: body.slice() });
+    return true;
+  }
+  throw new StreamError('VMIG_ERR_STREAM_FORMAT', `unexpected return-path message ${type}`, { channel });
+}
+
+/** The urgent pages of one read, with the EOS that ends their RAM part, in one write. */
+function sendBatch(): void {
+  if (batch.bytesWritten === 0) return;
+  putRamEos(batch);
+  const n = batch.bytesWritten;
+  if (!preempt!.write(batch.view())) {
+    if (preempt!.closing) return;
+    throw new VmigError('VMIG_ERR_PEER_CLOSED', 'preempt channel: write failed', { channel: 'preempt' });
+  }
+  sender!.wrote(n);
+  batch.reset();
+}
+
+function run(): void {
+  const reader = new RpMessageReader(data.initial);
+  for (;;) {
+    takeControl();
+    if (stopped) return;
+    let more = true;
+    for (let m = reader.next(); more && m; m = more ? reader.next() : undefined) more = handle(m.type, m.data);
+    sendBatch();
+    if (!more) return;
+    let n: number;
+    try {
+      n = main.readSome(reader.space());
+    } catch (e) {
+      throw new VmigError('VMIG_ERR_PEER_CLOSED', `return path: ${(e as NodeJS.ErrnoException).code ?? String(e)}`, { channel }, { cause: e });
+    }
+    if (n === READ_CLOSED) return;
+    if (n === READ_EOF) throw new VmigError('VMIG_ERR_PEER_CLOSED', 'destination closed the connection', { channel });
+    if (n === READ_NONE) main.nap(listening ? POSTCOPY_NAP_MS : IDLE_NAP_MS);
+    else reader.filled(n);
+  }
+}
+
+try {
+  run();
+  post({ t: 'end' });
+} catch (e) {
+  post({ t: 'error', error: toVmigError(e, 'VMIG_ERR_CHANNEL', { channel }).toJSON() });
+}
+port.close();
