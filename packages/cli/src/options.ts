@@ -19,9 +19,13 @@ export const SHARED_OPTIONS = {
   postcopy: { type: 'boolean' },
   'postcopy-preempt': { type: 'boolean' },
   'postcopy-blocktime': { type: 'boolean' },
+  'postcopy-background-nice': { type: 'string' },
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
+
+/** Nice value of the threads that move background pages after the postcopy switch (thread-priority.ts). */
+export const DEFAULT_POSTCOPY_BACKGROUND_NICE = 19;
 
 export const INCOMING_OPTIONS = {
   ...SHARED_OPTIONS,
@@ -85,6 +89,8 @@ export interface SharedSettings {
   postcopy: boolean;
   postcopyPreempt: boolean;
   postcopyBlocktime: boolean;
+  /** 0: leave priorities alone. */
+  postcopyBackgroundNice: number;
   json: boolean;
   logLevel: LogLevel;
 }
@@ -102,6 +108,8 @@ export function sharedSettings(v: Values): SharedSettings {
   if (legacy && n === 0) throw new InvalidArgumentError('--multifd-flush-after-each-section needs --multifd-channels N');
   const postcopy = v['postcopy'] === true;
   for (const f of ['postcopy-preempt', 'postcopy-blocktime']) if (v[f] === true && !postcopy) throw new InvalidArgumentError(`--${f} needs --postcopy`);
+  const nice = str(v, 'postcopy-background-nice');
+  if (nice !== undefined && !postcopy) throw new InvalidArgumentError('--postcopy-background-nice needs --postcopy');
   return {
     ram: parseRamSpecs(str(v, 'ram'), v['ram-block'] as string[] | undefined),
     multifdChannels: n,
@@ -110,6 +118,7 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopy,
     postcopyPreempt: v['postcopy-preempt'] === true,
     postcopyBlocktime: v['postcopy-blocktime'] === true,
+    postcopyBackgroundNice: nice === undefined ? DEFAULT_POSTCOPY_BACKGROUND_NICE : parseIntFlag('postcopy-background-nice', nice, 0, 19),
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };

@@ -22,6 +22,7 @@ import {
 } from '@vmig/core';
 import { checkStampedRam, VcpuPool, type VcpuState, type VcpuStateDevice } from '@vmig/test-harness';
 import type { PreemptFromThread, PreemptToThread } from './preempt-protocol.js';
+import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from './thread-priority.js';
 
 export interface PostcopyGuestOptions {
   /** Guest RAM once it exists (the destination may build it from the stream). */
@@ -34,6 +35,8 @@ export interface PostcopyGuestOptions {
   sealMultifd: (() => Promise<void>) | undefined;
   notifiers: MigrationNotifiers;
   blocktime: boolean;
+  /** Nice value for the load thread after RUN (thread-priority.ts); 0: unchanged. */
+  backgroundNice: number;
   /** The first failure anywhere: the migration fails with it. */
   fatal: (e: VmigError) => void;
 }
@@ -48,6 +51,7 @@ export class PostcopyGuest {
   private preemptChannel: { sock: net.Socket; fd: number; first: Uint8Array } | undefined;
   private preemptStarted = false;
   private preemptDone: Promise<void> = Promise.resolve();
+  private lowered: PriorityChange | undefined;
 
   constructor(private readonly opts: PostcopyGuestOptions) {
     if (opts.preempt) this.preemptThread = this.startPreemptThread();
@@ -71,6 +75,9 @@ export class PostcopyGuest {
         if (n === 0 || !ram || !st) return;
         this.vcpus ??= this.startVcpus(ram, st, shared, false);
         void this.vcpus.then((p) => p.resume(), () => {});
+        // The guest runs here now: background pages must not delay its faults. The vCPU
+        // threads exist (created above or at setup) and keep their priority.
+        this.lowered = lowerBackgroundThreads(opts.backgroundNice);
       },
     });
     // The vCPU state announced at setup: create the threads now, parked, so that RUN costs
@@ -155,6 +162,7 @@ export class PostcopyGuest {
    */
   async finish(ram: GuestRam): Promise<Record<string, unknown> | undefined> {
     await this.stopPreempt();
+    restoreThreads(this.lowered);
     const pool = await this.vcpus;
     if (this.incoming.state !== 'end') {
       await pool?.terminate();
@@ -176,6 +184,7 @@ export class PostcopyGuest {
   /** A failure: blocked vCPUs give up without writing, then every thread ends. */
   async abort(): Promise<void> {
     this.incoming.abort();
+    restoreThreads(this.lowered);
     this.preemptThread?.postMessage({ t: 'stop' } satisfies PreemptToThread);
     await this.stopPreempt();
     await (await this.vcpus?.catch(() => undefined))?.terminate();

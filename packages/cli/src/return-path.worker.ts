@@ -35,11 +35,18 @@ import type { ReturnPathFromThread, ReturnPathThreadData, ReturnPathToThread } f
 /**
  * Naps between reads that found nothing (ms). Before the switch only PONG and SHUT come (a
  * SHUT read up to 1 ms late lengthens precopy's measured downtime by as much); after it every
- * nap is added to a page fault's latency.
+ * nap is added to a page fault's latency. Each nap-and-read costs ~30 us of CPU, so 0.1 ms
+ * (in practice ~0.2 ms with the kernel's timer slack) costs ~15 % of a core during postcopy;
+ * 0.05 ms gave no clearer gain in fault latency and 0.3 ms raised its median (docs/benchmarks.md).
  */
 const IDLE_NAP_MS = 1;
 const POSTCOPY_NAP_MS = 0.1;
 const channel = 'return-path';
+
+// A read that finds nothing throws EAGAIN, thousands of times a second after the switch:
+// without a stack to capture, a throw costs ~5 us instead of ~9 us. (A timed nap itself
+// costs ~20 us of CPU here: polling is not free, see POSTCOPY_NAP_MS.)
+Error.stackTraceLimit = 0;
 
 const data = workerData as ReturnPathThreadData;
 const port = data.port;

@@ -179,13 +179,16 @@ describe('postcopy between two vmig processes', () => {
     expectSplitFailure(await dst.done);
   });
 
-  it('flags: preempt or blocktime without --postcopy, bad --postcopy-after-rounds: exit 2', async () => {
+  it('flags: preempt, blocktime or background nice without --postcopy, bad --postcopy-after-rounds or nice: exit 2', async () => {
     for (const args of [
       ['incoming', 'tcp:127.0.0.1:0', '--postcopy-preempt'],
       ['migrate', 'tcp:127.0.0.1:1', '--ram', '4M', '--postcopy-blocktime'],
       ['migrate', 'tcp:127.0.0.1:1', '--ram', '4M', '--postcopy-after-rounds', '2'],
       ['migrate', 'tcp:127.0.0.1:1', '--ram', '4M', '--postcopy', '--postcopy-after-rounds', '0'],
       ['migrate', 'tcp:127.0.0.1:1', '--ram', '4M', '--postcopy', '--max-postcopy-bandwidth', 'lots'],
+      ['incoming', 'tcp:127.0.0.1:0', '--postcopy-background-nice', '5'],
+      ['migrate', 'tcp:127.0.0.1:1', '--ram', '4M', '--postcopy', '--postcopy-background-nice', '20'],
+      ['incoming', 'tcp:127.0.0.1:0', '--postcopy', '--postcopy-background-nice', '-1'],
     ]) {
       const run = await spawnCli(CLI_MAIN, args).done;
       expect(run.code, args.join(' ')).toBe(2);

@@ -145,6 +145,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       sealMultifd: receiver ? () => receiver.seal() : undefined,
       notifiers,
       blocktime: settings.postcopyBlocktime,
+      backgroundNice: settings.postcopyBackgroundNice,
       fatal,
     });
   }

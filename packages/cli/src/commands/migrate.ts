@@ -26,6 +26,7 @@ import { fmtBytes, Output } from '../output.js';
 import { ProgressLine } from '../progress.js';
 import { resourceUsage } from '../resources.js';
 import { ReturnPathThread } from '../return-path-thread.js';
+import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from '../thread-priority.js';
 
 /** How long the source watches its writers after a failed or cancelled migration. */
 const RESUME_CHECK_MS = 200;
@@ -132,6 +133,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     if (e.reason === 'AFTER_BITMAP_SYNC') control?.event('MIGRATION_PASS', { pass: stats.dirtySyncCount });
   });
   const progress = !s.json && process.stderr.isTTY ? new ProgressLine(ram.totalBytes) : undefined;
+  let lowered: PriorityChange | undefined;
   mig = new PrecopyMigration({
     ram,
     sink,
@@ -146,6 +148,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     log,
     onStatus: (i) => {
       if (i.status !== 'active') progress?.stop();
+      // After the switch this thread only streams background pages; requests are the
+      // return-path thread's (thread-priority.ts).
+      if (i.status === 'postcopy-active') lowered = lowerBackgroundThreads(s.postcopyBackgroundNice);
       control?.event('MIGRATION', { status: i.status });
       log.info({ status: i.status }, 'migration status');
       out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, progress ? undefined : `vmig: status ${i.status}`);
@@ -163,6 +168,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   multifd?.onError((e) => mig?.fail(e));
   const info: MigrationInfo = await mig.run();
   progress?.stop();
+  restoreThreads(lowered);
 
   // After success the vCPUs stay stopped: RAM is exactly what was migrated. After a failure
   // or cancel before the postcopy switch they run again: check that they really do. After
