@@ -76,8 +76,9 @@ export class PostcopyGuest {
         this.vcpus ??= this.startVcpus(ram, st, shared, false);
         void this.vcpus.then((p) => p.resume(), () => {});
         // The guest runs here now: background pages must not delay its faults. The vCPU
-        // threads exist (created above or at setup) and keep their priority.
-        this.lowered = lowerBackgroundThreads(opts.backgroundNice);
+        // threads exist (created above or at setup) and keep their priority. Without
+        // preempt this thread places requested pages too, so it keeps its own.
+        if (opts.preempt) this.lowered = lowerBackgroundThreads(opts.backgroundNice);
       },
     });
     // The vCPU state announced at setup: create the threads now, parked, so that RUN costs

@@ -26,14 +26,18 @@ import {
 } from '@vmig/core';
 
 export interface ReturnPathThreadData {
-  main: SyncFdShared;
-  /** Bytes the main connection's handle had read before the thread took over. */
-  initial: Uint8Array;
-  ram: RamBlockShared[];
   port: MessagePort;
 }
 
 export type ReturnPathToThread =
+  /** The main connection is up: the thread reads it from now on. */
+  | {
+      t: 'start';
+      main: SyncFdShared;
+      /** Bytes the main connection's handle had read before the thread took over. */
+      initial: Uint8Array;
+      ram: RamBlockShared[];
+    }
   /** The switch: requests are accepted; with a preempt channel the thread serves them. */
   | { t: 'listen'; urgent: UrgentPagesShared; preempt: SyncFdShared | undefined }
   | { t: 'stop' };
@@ -50,27 +54,30 @@ export class ReturnPathThread implements SourceReturnPath {
   readonly openPreempt: (() => Promise<void>) | undefined;
   private readonly worker: Worker;
   private readonly port: MessagePort;
-  private readonly main: SyncFd;
+  private main: SyncFd | undefined;
   private preemptSock: net.Socket | undefined;
   private preempt: { io: SyncFd; shared: SyncFdShared } | undefined;
   private queue: ((type: number, data: Uint8Array) => void) | undefined;
   private settle!: { resolve: (status: number) => void; reject: (e: VmigError) => void };
   private closed = false;
 
-  /** `sock`: the main connection, nothing read from it yet by anyone else. */
-  constructor(sock: net.Socket, ram: GuestRam, opts: { preemptUri?: MigrationUri | undefined; onPreemptError?: (e: Error) => void } = {}) {
+  /**
+   * Starts the thread; it reads nothing until attach(). Start it early (booting a thread
+   * costs tens of ms of CPU, which the migration would otherwise pay at its start).
+   */
+  constructor(opts: { preemptUri?: MigrationUri | undefined; onPreemptError?: (e: Error) => void } = {}) {
     this.shut = new Promise<number>((resolve, reject) => (this.settle = { resolve, reject }));
     this.shut.catch(() => {});
-    const { fd, leftover } = stopReading(sock);
-    const main = createSyncFd(fd);
-    this.main = new SyncFd(main);
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
     this.worker = new Worker(workerUrl(import.meta.url, 'return-path.worker.js'), {
-      workerData: { main, initial: new Uint8Array(leftover), ram: ram.toShared(), port: port2 } satisfies ReturnPathThreadData,
+      workerData: { port: port2 } satisfies ReturnPathThreadData,
       transferList: [port2],
     });
     port1.on('message', (m: ReturnPathFromThread) => this.onMessage(m));
+    // Nothing waits on it until attach(): it must not keep the process alive on its own.
+    this.worker.unref();
+    port1.unref();
     this.worker.on('error', (e) => this.fail(new VmigError('VMIG_ERR_WORKER', `return-path thread failed: ${e.message}`, { channel: 'return-path' })));
     this.worker.on('exit', () => {
       // What it said last may still wait in the port: its error says more than this one.
@@ -92,6 +99,18 @@ export class ReturnPathThread implements SourceReturnPath {
           if (!io.write(eos.view())) throw new VmigError('VMIG_ERR_CONNECT', 'preempt channel: write failed', { channel: 'preempt' });
         }
       : undefined;
+  }
+
+  /** `sock`: the main connection, nothing read from it yet by anyone else; `ram`: what requests name. */
+  attach(sock: net.Socket, ram: GuestRam): void {
+    const { fd, leftover } = stopReading(sock);
+    const main = createSyncFd(fd);
+    this.main = new SyncFd(main);
+    this.port.postMessage({ t: 'start', main, initial: new Uint8Array(leftover), ram: ram.toShared() } satisfies ReturnPathToThread);
+    // From here the migration waits on it (SHUT): a main connection that is not reading is
+    // no active handle and would not keep the process alive while it waits.
+    this.worker.ref();
+    this.port.ref();
   }
 
   listen(urgent: UrgentPagesShared, queue: (type: number, data: Uint8Array) => void): void {
@@ -117,13 +136,14 @@ export class ReturnPathThread implements SourceReturnPath {
 
   /**
    * The thread stops reading and writing; then it ends, and so does the preempt channel.
-   * The main connection is the caller's to close, after this.
+   * The main connection is the caller's to close, after this. Also for a thread never
+   * attached (the migration did not start).
    */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     this.fail(new VmigError('VMIG_ERR_CANCELLED', 'return path closed', { channel: 'return-path' }));
-    this.main.close();
+    this.main?.close();
     this.preempt?.io.close();
     this.port.postMessage({ t: 'stop' } satisfies ReturnPathToThread);
     await this.worker.terminate();

@@ -48,10 +48,10 @@ const channel = 'return-path';
 // costs ~20 us of CPU here: polling is not free, see POSTCOPY_NAP_MS.)
 Error.stackTraceLimit = 0;
 
-const data = workerData as ReturnPathThreadData;
-const port = data.port;
-const main = new SyncFd(data.main);
-const ram = GuestRam.fromShared(data.ram);
+const port = (workerData as ReturnPathThreadData).port;
+type Start = Extract<ReturnPathToThread, { t: 'start' }>;
+let main: SyncFd;
+let ram: GuestRam;
 let sender: UrgentPageSender | undefined;
 let preempt: SyncFd | undefined;
 let listening = false;
@@ -65,7 +65,7 @@ function takeControl(): void {
   for (let r; (r = receiveMessageOnPort(port)); ) {
     const m = r.message as ReturnPathToThread;
     if (m.t === 'stop') stopped = true;
-    else {
+    else if (m.t === 'listen') {
       listening = true;
       if (m.preempt) {
         preempt = new SyncFd(m.preempt);
@@ -109,8 +109,10 @@ function sendBatch(): void {
   batch.reset();
 }
 
-function run(): void {
-  const reader = new RpMessageReader(data.initial);
+function run(start: Start): void {
+  main = new SyncFd(start.main);
+  ram = GuestRam.fromShared(start.ram);
+  const reader = new RpMessageReader(start.initial);
   for (;;) {
     takeControl();
     if (stopped) return;
@@ -131,10 +133,16 @@ function run(): void {
   }
 }
 
-try {
-  run();
-  post({ t: 'end' });
-} catch (e) {
-  post({ t: 'error', error: toVmigError(e, 'VMIG_ERR_CHANNEL', { channel }).toJSON() });
-}
-port.close();
+// Booted early; the main connection comes in the first message (or a stop, if it never does).
+// From then on this thread never returns to its event loop until it is done.
+port.once('message', (m: ReturnPathToThread) => {
+  if (m.t === 'start') {
+    try {
+      run(m);
+      post({ t: 'end' });
+    } catch (e) {
+      post({ t: 'error', error: toVmigError(e, 'VMIG_ERR_CHANNEL', { channel }).toJSON() });
+    }
+  }
+  port.close();
+});

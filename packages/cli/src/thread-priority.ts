@@ -1,9 +1,11 @@
 /**
- * After the postcopy switch, the threads that move background pages run at a lower CPU
- * priority (`--postcopy-background-nice`), so that on a busy host the fault path is
- * scheduled first: the destination's vCPUs and preempt thread, the source's return-path
- * thread. Without it, on this project's 2-core machine every hop of a page request waited
- * behind the two main threads and V8's helper threads in the run queue (docs/benchmarks.md).
+ * After the postcopy switch with a preempt channel, the threads that move background pages
+ * run at a lower CPU priority (`--postcopy-background-nice`), so that on a busy host the
+ * fault path is scheduled first: the destination's vCPUs and preempt thread, the source's
+ * return-path thread. Without it, on this project's 2-core machine every hop of a page
+ * request waited behind the two main threads and V8's helper threads in the run queue
+ * (docs/benchmarks.md). Without preempt the main threads serve requests themselves, and
+ * lowering them made faults slower (p99 16-25 -> 13-38 ms), so nothing changes then.
  *
  * Which threads: the main thread (the migration thread on the source, the load thread on the
  * destination) and the runtime's own threads (V8's platform workers, which run the garbage

@@ -79,7 +79,8 @@ export async function migrateInProcess(o: InProcessOptions): Promise<InProcessRe
   const sock = net.connect(port, '127.0.0.1');
   await new Promise<void>((r, j) => sock.once('connect', r).once('error', j));
   const abort = new AbortController();
-  const returnPath = new ReturnPathThread(sock, srcRam);
+  const returnPath = new ReturnPathThread();
+  returnPath.attach(sock, srcRam);
   const mig = new PrecopyMigration({
     ram: srcRam,
     sink: new BufferedWriter(sock, { channel: 'main' }),

@@ -297,55 +297,48 @@ describe('requested pages sent by the return-path thread (urgent-pages.ts)', () 
     expect(sent).toHaveLength(21);
     expect(sent.filter((x) => x === 'b4' || x === 'b5' || x === 'b0')).toEqual([]);
   });
+});
 
-  it('hostile requests are refused with the queue\'s codes, before any record', async () => {
+describe('hostile page requests at the source', () => {
+  /** The code of the VmigError `f` throws, undefined if it does not throw. */
+  const codeOf = (f: () => void): string | undefined => {
+    try {
+      f();
+    } catch (e) {
+      return (e as VmigError).code;
+    }
+    return undefined;
+  };
+  const hostile: [string, number, Uint8Array, string][] = [
+    ['REQ_PAGES first', MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 0, P), 'VMIG_ERR_UNKNOWN_BLOCK'],
+    ['unknown block', MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('nope', 0, P), 'VMIG_ERR_UNKNOWN_BLOCK'],
+    ['misaligned', MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 100, P), 'VMIG_ERR_BAD_OFFSET'],
+    ['empty', MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 0, 0), 'VMIG_ERR_BAD_OFFSET'],
+    ['past the block', MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 15 * P, 2 * P), 'VMIG_ERR_BAD_OFFSET'],
+  ];
+
+  it('the migration thread\'s queue: stable codes, nothing queued; good ones queued and counted', async () => {
+    const { PageRequestQueue, RamSaver, MigrationStats } = await import('../src/index.js');
+    const ram = GuestRam.create([{ idstr: 'pc.ram', size: 16 * P }], { prefault: false });
+    const stats = new MigrationStats();
+    const q = new PageRequestQueue(ram, new RamSaver(ram, stats), stats);
+    for (const [name, type, m, code] of hostile) expect(codeOf(() => q.add(type, m.subarray(4))), name).toBe(code);
+    expect(q.pending).toBe(0);
+    expect(codeOf(() => q.add(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 15 * P, P).subarray(4)))).toBeUndefined();
+    expect(codeOf(() => q.add(MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 2 * P, 2 * P).subarray(4)))).toBeUndefined();
+    expect(q.pending).toBe(3);
+    expect(stats.postcopyRequests).toBe(2);
+  });
+
+  it('the return-path thread\'s sender: the same codes, before any record or bitmap change', async () => {
     const { RamSaver, MigrationStats, createUrgentPages, UrgentPageSender } = await import('../src/index.js');
     const ram = GuestRam.create([{ idstr: 'pc.ram', size: 16 * P }], { prefault: false });
     const saver = new RamSaver(ram, new MigrationStats(), 'legacy');
     saver.setup();
     const sender = new UrgentPageSender(ram, createUrgentPages(saver.bitmaps, true));
     const w = new MemorySink();
-    const code = (type: number, m: Uint8Array): string | undefined => {
-      try {
-        sender.serve(w, type, m.subarray(4));
-      } catch (e) {
-        return (e as VmigError).code;
-      }
-      return undefined;
-    };
-    expect(code(MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 0, P))).toBe('VMIG_ERR_UNKNOWN_BLOCK');
-    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('nope', 0, P))).toBe('VMIG_ERR_UNKNOWN_BLOCK');
-    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 100, P))).toBe('VMIG_ERR_BAD_OFFSET');
-    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 15 * P, 2 * P))).toBe('VMIG_ERR_BAD_OFFSET');
+    for (const [name, type, m, code] of hostile) expect(codeOf(() => sender.serve(w, type, m.subarray(4))), name).toBe(code);
     expect(w.bytesWritten).toBe(0);
     expect(saver.bitmaps[0]!.findNextClear(0)).toBe(-1);
-  });
-});
-
-describe('hostile page requests at the source (PageRequestQueue)', () => {
-  it('unknown block, REQ_PAGES first, misaligned, empty or past the block: stable codes, nothing queued', async () => {
-    const { PageRequestQueue, RamSaver, MigrationStats } = await import('../src/index.js');
-    const ram = GuestRam.create([{ idstr: 'pc.ram', size: 16 * P }], { prefault: false });
-    const stats = new MigrationStats();
-    const q = new PageRequestQueue(ram, new RamSaver(ram, stats), stats);
-    const body = (m: Uint8Array): Uint8Array => m.subarray(4);
-    const code = (type: number, m: Uint8Array): string | undefined => {
-      try {
-        q.add(type, body(m));
-      } catch (e) {
-        return (e as VmigError).code;
-      }
-      return undefined;
-    };
-    expect(code(MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 0, P))).toBe('VMIG_ERR_UNKNOWN_BLOCK');
-    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('nope', 0, P))).toBe('VMIG_ERR_UNKNOWN_BLOCK');
-    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 100, P))).toBe('VMIG_ERR_BAD_OFFSET');
-    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 0, 0))).toBe('VMIG_ERR_BAD_OFFSET');
-    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 15 * P, 2 * P))).toBe('VMIG_ERR_BAD_OFFSET');
-    expect(q.pending).toBe(0);
-    expect(code(MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('pc.ram', 15 * P, P))).toBeUndefined();
-    expect(code(MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 2 * P, 2 * P))).toBeUndefined();
-    expect(q.pending).toBe(3);
-    expect(stats.postcopyRequests).toBe(2);
   });
 });

@@ -73,6 +73,10 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     : undefined;
   if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
 
+  // The return path's thread boots while the guest is built (see return-path-thread.ts);
+  // with --postcopy-preempt it opens the channel for requested pages at the switch and
+  // sends them there itself.
+  const returnPath = new ReturnPathThread({ preemptUri: s.postcopyPreempt ? uri : undefined, onPreemptError: (e) => mig?.fail(e) });
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
   const vcpus = await VcpuPool.start(ram, { writers: s.writers, dirtyRate: s.dirtyRate, pattern: s.pattern, hotPages: s.hotPages, seed: Number(s.seed) || 1 });
@@ -91,6 +95,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   const failEarly = async (e: unknown): Promise<number> => {
     const err = toVmigError(e, 'VMIG_ERR_CONNECT');
     log.error({ error: err.toJSON() }, 'migration could not start');
+    await returnPath.close();
     await vcpus.terminate();
     control?.event('MIGRATION', { status: 'failed' });
     out.report({ role: 'source', status: 'failed', error: err.toJSON() }, `vmig: migration failed: ${err.message} [${err.code}]`);
@@ -119,9 +124,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     }
   }
   const sink = new BufferedWriter(sock, { channel: 'main' });
-  // The return path on its own thread; with --postcopy-preempt it opens the channel for
-  // requested pages at the switch and sends them there itself.
-  const returnPath = new ReturnPathThread(sock, ram, { preemptUri: s.postcopyPreempt ? uri : undefined, onPreemptError: (e) => mig?.fail(e) });
+  returnPath.attach(sock, ram);
   const its = new ItsTableDevice(() => ram);
   const devices = new DeviceRegistry()
     .register(new TimerDevice())
@@ -148,9 +151,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     log,
     onStatus: (i) => {
       if (i.status !== 'active') progress?.stop();
-      // After the switch this thread only streams background pages; requests are the
-      // return-path thread's (thread-priority.ts).
-      if (i.status === 'postcopy-active') lowered = lowerBackgroundThreads(s.postcopyBackgroundNice);
+      // With preempt, after the switch this thread only streams background pages: requests
+      // are the return-path thread's (thread-priority.ts). Without, it serves them itself.
+      if (i.status === 'postcopy-active' && s.postcopyPreempt) lowered = lowerBackgroundThreads(s.postcopyBackgroundNice);
       control?.event('MIGRATION', { status: i.status });
       log.info({ status: i.status }, 'migration status');
       out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, progress ? undefined : `vmig: status ${i.status}`);
