@@ -44,6 +44,17 @@ import { qemuDevices } from './helpers.js';
 
 const P = TARGET_PAGE_SIZE;
 
+
+/** The code of the VmigError `f` throws, undefined if it does not throw. */
+function codeOf(f: () => unknown): string | undefined {
+  try {
+    f();
+  } catch (e) {
+    return (e as VmigError).code;
+  }
+  return undefined;
+}
+
 describe('postcopy wire messages', () => {
   it('discard commands round-trip and cover exactly the set bits, at most 12 ranges each', () => {
     fc.assert(
@@ -73,14 +84,7 @@ describe('postcopy wire messages', () => {
   });
 
   it('malformed messages are rejected with stable codes', () => {
-    const code = (f: () => unknown): string | undefined => {
-      try {
-        f();
-      } catch (e) {
-        return (e as VmigError).code;
-      }
-      return undefined;
-    };
+    const code = codeOf;
     expect(code(() => checkPostcopyAdvise(new Uint8Array(3)))).toBe('VMIG_ERR_STREAM_FORMAT');
     const bigPages = encodePostcopyAdvise();
     bigPages[6] = 0x20; // 2 MiB host pages
@@ -300,15 +304,6 @@ describe('requested pages sent by the return-path thread (urgent-pages.ts)', () 
 });
 
 describe('hostile page requests at the source', () => {
-  /** The code of the VmigError `f` throws, undefined if it does not throw. */
-  const codeOf = (f: () => void): string | undefined => {
-    try {
-      f();
-    } catch (e) {
-      return (e as VmigError).code;
-    }
-    return undefined;
-  };
   const hostile: [string, number, Uint8Array, string][] = [
     ['REQ_PAGES first', MIG_RP_MSG_REQ_PAGES, encodeRpReqPages(undefined, 0, P), 'VMIG_ERR_UNKNOWN_BLOCK'],
     ['unknown block', MIG_RP_MSG_REQ_PAGES_ID, encodeRpReqPages('nope', 0, P), 'VMIG_ERR_UNKNOWN_BLOCK'],
