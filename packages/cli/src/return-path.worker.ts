@@ -34,10 +34,12 @@ import type { ReturnPathFromThread, ReturnPathThreadData, ReturnPathToThread } f
 
 /**
  * Naps between reads that found nothing (ms). Before the switch only PONG and SHUT come (a
- * SHUT read up to 1 ms late lengthens precopy's measured downtime by as much); after it every
- * nap is added to a page fault's latency. Each nap-and-read costs ~30 us of CPU, so 0.1 ms
- * (in practice ~0.2 ms with the kernel's timer slack) costs ~15 % of a core during postcopy;
- * 0.05 ms gave no clearer gain in fault latency and 0.3 ms raised its median (docs/benchmarks.md).
+ * SHUT read up to 1 ms late lengthens precopy's measured downtime by as much). After it, with
+ * a preempt channel, every nap is added to a page fault's latency. Each nap-and-read costs
+ * ~30 us of CPU, so 0.1 ms (in practice ~0.2 ms with the kernel's timer slack) costs ~15 % of
+ * a core during postcopy; 0.05 ms gave no clearer gain in fault latency and 0.3 ms raised its
+ * median (docs/benchmarks.md). Without preempt a requested page waits tens of ms in the main
+ * stream anyway, and the fast naps' CPU only slowed the destination: the idle nap then.
  */
 const IDLE_NAP_MS = 1;
 const POSTCOPY_NAP_MS = 0.1;
@@ -128,7 +130,7 @@ function run(start: Start): void {
     }
     if (n === READ_CLOSED) return;
     if (n === READ_EOF) throw new VmigError('VMIG_ERR_PEER_CLOSED', 'destination closed the connection', { channel });
-    if (n === READ_NONE) main.nap(listening ? POSTCOPY_NAP_MS : IDLE_NAP_MS);
+    if (n === READ_NONE) main.nap(sender ? POSTCOPY_NAP_MS : IDLE_NAP_MS);
     else reader.filled(n);
   }
 }
