@@ -46,8 +46,7 @@ export type ReturnPathFromThread =
   | { t: 'shut'; status: number }
   /** A page request for the main stream (no preempt channel). */
   | { t: 'request'; type: number; data: Uint8Array }
-  | { t: 'error'; error: { code: string; message: string } }
-  | { t: 'end' };
+  | { t: 'error'; error: { code: string; message: string } };
 
 export class ReturnPathThread implements SourceReturnPath {
   readonly shut: Promise<number>;

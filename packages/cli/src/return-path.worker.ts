@@ -54,8 +54,8 @@ const port = (workerData as ReturnPathThreadData).port;
 type Start = Extract<ReturnPathToThread, { t: 'start' }>;
 let main: SyncFd;
 let ram: GuestRam;
-let sender: UrgentPageSender | undefined;
-let preempt: SyncFd | undefined;
+/** With a preempt channel: where requested pages go, and who writes their records. */
+let urgent: { preempt: SyncFd; sender: UrgentPageSender } | undefined;
 let listening = false;
 let stopped = false;
 
@@ -69,10 +69,7 @@ function takeControl(): void {
     if (m.t === 'stop') stopped = true;
     else if (m.t === 'listen') {
       listening = true;
-      if (m.preempt) {
-        preempt = new SyncFd(m.preempt);
-        sender = new UrgentPageSender(ram, m.urgent);
-      }
+      if (m.preempt) urgent = { preempt: new SyncFd(m.preempt), sender: new UrgentPageSender(ram, m.urgent) };
     }
   }
 }
@@ -91,7 +88,7 @@ function handle(type: number, body: Uint8Array): boolean {
     // so a request read before the switch was seen may only have overtaken its message.
     if (!listening) takeControl();
     if (!listening) throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'page request before the postcopy switch', { channel });
-    if (sender) sender.serve(batch, type, body);
+    if (urgent) urgent.sender.serve(batch, type, body);
     else post({ t: 'request', type, data: body.slice() });
     return true;
   }
@@ -100,14 +97,14 @@ function handle(type: number, body: Uint8Array): boolean {
 
 /** The urgent pages of one read, with the EOS that ends their RAM part, in one write. */
 function sendBatch(): void {
-  if (batch.bytesWritten === 0) return;
+  if (!urgent || batch.bytesWritten === 0) return;
   putRamEos(batch);
   const n = batch.bytesWritten;
-  if (!preempt!.write(batch.view())) {
-    if (preempt!.closing) return;
+  if (!urgent.preempt.write(batch.view())) {
+    if (urgent.preempt.closing) return;
     throw new VmigError('VMIG_ERR_PEER_CLOSED', 'preempt channel: write failed', { channel: 'preempt' });
   }
-  sender!.wrote(n);
+  urgent.sender.wrote(n);
   batch.reset();
 }
 
@@ -130,7 +127,7 @@ function run(start: Start): void {
     }
     if (n === READ_CLOSED) return;
     if (n === READ_EOF) throw new VmigError('VMIG_ERR_PEER_CLOSED', 'destination closed the connection', { channel });
-    if (n === READ_NONE) main.nap(sender ? POSTCOPY_NAP_MS : IDLE_NAP_MS);
+    if (n === READ_NONE) main.nap(urgent ? POSTCOPY_NAP_MS : IDLE_NAP_MS);
     else reader.filled(n);
   }
 }
@@ -141,7 +138,6 @@ port.once('message', (m: ReturnPathToThread) => {
   if (m.t === 'start') {
     try {
       run(m);
-      post({ t: 'end' });
     } catch (e) {
       post({ t: 'error', error: toVmigError(e, 'VMIG_ERR_CHANNEL', { channel }).toJSON() });
     }

@@ -29,8 +29,7 @@ const runtimeThreads: number[] = (() => {
 })();
 
 export interface PriorityChange {
-  /** The nice value the threads were given, and what they had before. */
-  nice: number;
+  /** Each lowered thread's nice value before. */
   before: Map<number, number>;
 }
 
@@ -48,7 +47,7 @@ export function lowerBackgroundThreads(nice: number): PriorityChange | undefined
       // The thread has ended, or this platform has no per-thread priority.
     }
   }
-  return before.size > 0 ? { nice, before } : undefined;
+  return before.size > 0 ? { before } : undefined;
 }
 
 /** Gives the threads their old priority back if this process may; false if it may not. */

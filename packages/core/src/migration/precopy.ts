@@ -485,8 +485,8 @@ export class PrecopyMigration {
   private async postcopy(): Promise<void> {
     const { ctx, stats, saver } = this;
     const { sink, vm, devices } = ctx;
-    const rp = ctx.returnPath;
-    if (!rp) throw new VmigError('VMIG_ERR_POSTCOPY', 'postcopy needs the return path');
+    // setup() refused postcopy without a return path.
+    const rp = ctx.returnPath!;
     if (rp.openPreempt) await this.guard(rp.openPreempt());
     // Multifd writes are not atomic: every page queued on a channel lands before the switch.
     await this.barrierSection();
