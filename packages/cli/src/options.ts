@@ -7,6 +7,7 @@ import { FILL_PATTERNS, type FillPattern, type WritePattern } from '@vmig/test-h
 import { COMPRESSION_NAMES, type CompressionName } from '@vmig/multifd';
 import { formatMigrationUri, parseMigrationUri } from '@vmig/channel';
 import { LOG_LEVELS, type LogLevel } from './log.js';
+import { MAX_SLICE_US, MIN_SLICE_US } from './thread-slice.js';
 import { parseChoice, parseIntFlag, parseRamSpecs, parseSize, type RamSpec } from './args.js';
 
 /** Flags both ends understand; demo passes these to `incoming`. */
@@ -20,12 +21,15 @@ export const SHARED_OPTIONS = {
   'postcopy-preempt': { type: 'boolean' },
   'postcopy-blocktime': { type: 'boolean' },
   'postcopy-background-nice': { type: 'string' },
+  'postcopy-fault-slice-us': { type: 'string' },
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
 
 /** Nice value of the threads that move background pages after the postcopy switch (thread-priority.ts). */
 export const DEFAULT_POSTCOPY_BACKGROUND_NICE = 19;
+/** Scheduler slice (us) of the page-fault path's threads after the postcopy switch (thread-slice.ts). */
+export const DEFAULT_POSTCOPY_FAULT_SLICE_US = MIN_SLICE_US;
 
 export const INCOMING_OPTIONS = {
   ...SHARED_OPTIONS,
@@ -91,6 +95,8 @@ export interface SharedSettings {
   postcopyBlocktime: boolean;
   /** 0: leave priorities alone. */
   postcopyBackgroundNice: number;
+  /** 0: the kernel's default slice. */
+  postcopyFaultSliceUs: number;
   json: boolean;
   logLevel: LogLevel;
 }
@@ -110,6 +116,10 @@ export function sharedSettings(v: Values): SharedSettings {
   for (const f of ['postcopy-preempt', 'postcopy-blocktime']) if (v[f] === true && !postcopy) throw new InvalidArgumentError(`--${f} needs --postcopy`);
   const nice = str(v, 'postcopy-background-nice');
   if (nice !== undefined && !postcopy) throw new InvalidArgumentError('--postcopy-background-nice needs --postcopy');
+  const slice = str(v, 'postcopy-fault-slice-us');
+  if (slice !== undefined && !postcopy) throw new InvalidArgumentError('--postcopy-fault-slice-us needs --postcopy');
+  const sliceUs = slice === undefined ? DEFAULT_POSTCOPY_FAULT_SLICE_US : parseIntFlag('postcopy-fault-slice-us', slice, 0, MAX_SLICE_US);
+  if (sliceUs !== 0 && sliceUs < MIN_SLICE_US) throw new InvalidArgumentError(`--postcopy-fault-slice-us must be 0 (the kernel's default) or ${MIN_SLICE_US}..${MAX_SLICE_US}, not ${sliceUs}`);
   return {
     ram: parseRamSpecs(str(v, 'ram'), v['ram-block'] as string[] | undefined),
     multifdChannels: n,
@@ -119,6 +129,7 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopyPreempt: v['postcopy-preempt'] === true,
     postcopyBlocktime: v['postcopy-blocktime'] === true,
     postcopyBackgroundNice: nice === undefined ? DEFAULT_POSTCOPY_BACKGROUND_NICE : parseIntFlag('postcopy-background-nice', nice, 0, 19),
+    postcopyFaultSliceUs: sliceUs,
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };

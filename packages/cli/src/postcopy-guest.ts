@@ -21,7 +21,7 @@ import {
   workerUrl,
 } from '@vmig/core';
 import { checkStampedRam, VcpuPool, type VcpuState, type VcpuStateDevice } from '@vmig/test-harness';
-import type { PreemptFromThread, PreemptToThread } from './preempt-protocol.js';
+import type { PreemptFromThread, PreemptThreadData, PreemptToThread } from './preempt-protocol.js';
 import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from './thread-priority.js';
 
 export interface PostcopyGuestOptions {
@@ -37,6 +37,8 @@ export interface PostcopyGuestOptions {
   blocktime: boolean;
   /** Nice value for the load thread after RUN (thread-priority.ts); 0: unchanged. */
   backgroundNice: number;
+  /** Slice (us) for the preempt thread from LISTEN (thread-slice.ts); 0: the kernel's. */
+  faultSliceUs: number;
   /** The first failure anywhere: the migration fails with it. */
   fatal: (e: VmigError) => void;
 }
@@ -52,6 +54,8 @@ export class PostcopyGuest {
   private preemptStarted = false;
   private preemptDone: Promise<void> = Promise.resolve();
   private lowered: PriorityChange | undefined;
+  /** The preempt thread's slice once it places (us); null: the kernel's. */
+  private faultSliceUs: number | null = null;
 
   constructor(private readonly opts: PostcopyGuestOptions) {
     if (opts.preempt) this.preemptThread = this.startPreemptThread();
@@ -108,10 +112,13 @@ export class PostcopyGuest {
   }
 
   private startPreemptThread(): Worker {
-    const w = new Worker(workerUrl(import.meta.url, 'preempt-channel.worker.js'));
+    const w = new Worker(workerUrl(import.meta.url, 'preempt-channel.worker.js'), {
+      workerData: { faultSliceUs: this.opts.faultSliceUs } satisfies PreemptThreadData,
+    });
     let ended!: () => void;
     this.preemptDone = new Promise<void>((r) => (ended = r));
     w.on('message', (m: PreemptFromThread) => {
+      if (m.t === 'slice') return void (this.faultSliceUs = m.us);
       if (m.t === 'error') this.opts.fatal(new VmigError(m.error.code as never, m.error.message));
       ended();
     });
@@ -179,6 +186,7 @@ export class PostcopyGuest {
       writes,
       ...checkStampedRam(ram, tracks, pool?.count ?? 0),
       ...(this.opts.blocktime ? this.incoming.blocktime() : {}),
+      ...(this.opts.preempt ? { scheduling: { backgroundNice: this.lowered?.nice ?? null, faultSliceUs: this.faultSliceUs } } : {}),
     };
   }
 

@@ -7,15 +7,19 @@
  * the main thread when a page comes both ways).
  * Ownership: from 'start' on, this thread owns the channel's fd and closes it.
  */
-import { parentPort } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 import { ByteReader } from '@vmig/channel';
 import { EndOfStream, GuestRam, MissingPagesPlacer, RamLoadState, RamPagePlacer, StreamError, toVmigError, VmigError } from '@vmig/core';
-import type { PreemptFromThread, PreemptToThread } from './preempt-protocol.js';
+import type { PreemptFromThread, PreemptThreadData, PreemptToThread } from './preempt-protocol.js';
+import { canSetThreadSlice, setThreadSliceUs } from './thread-slice.js';
 
 const port = parentPort!;
 const channel = 'preempt';
 let reader: (ByteReader & { input: { destroy(): void } }) | undefined;
 let finished = false;
+const { faultSliceUs } = workerData as PreemptThreadData;
+// Loaded now, not at LISTEN.
+const sliceable = faultSliceUs > 0 && canSetThreadSlice();
 
 port.on('message', (m: PreemptToThread) => {
   if (m.t === 'start') void run(m);
@@ -23,6 +27,8 @@ port.on('message', (m: PreemptToThread) => {
 });
 
 async function run(m: Extract<PreemptToThread, { t: 'start' }>): Promise<void> {
+  // This thread is on the fault path from now on (thread-slice.ts).
+  port.postMessage({ t: 'slice', us: sliceable ? (setThreadSliceUs(faultSliceUs) ?? null) : null } satisfies PreemptFromThread);
   const r = ByteReader.fromFd(m.fd, { channel, initial: m.first });
   reader = r;
   r.input.on('error', () => {});

@@ -7,4 +7,14 @@ export type PreemptToThread =
   /** A failure elsewhere: stop reading, close the channel. */
   | { t: 'stop' };
 
-export type PreemptFromThread = { t: 'end' } | { t: 'error'; error: { code: string; message: string } };
+/** What the thread is given when it boots. */
+export interface PreemptThreadData {
+  /** The slice (us) to ask for at 'start' (thread-slice.ts); 0: none. */
+  faultSliceUs: number;
+}
+
+export type PreemptFromThread =
+  /** Placing from now on, with this slice (us; null: the kernel's). */
+  | { t: 'slice'; us: number | null }
+  | { t: 'end' }
+  | { t: 'error'; error: { code: string; message: string } };

@@ -27,6 +27,8 @@ import {
 
 export interface ReturnPathThreadData {
   port: MessagePort;
+  /** The slice (us) to ask for once it serves requests on a preempt channel; 0: none. */
+  faultSliceUs: number;
 }
 
 export type ReturnPathToThread =
@@ -44,6 +46,8 @@ export type ReturnPathToThread =
 
 export type ReturnPathFromThread =
   | { t: 'shut'; status: number }
+  /** It serves requests on the preempt channel now, with this slice (us; null: the kernel's). */
+  | { t: 'slice'; us: number | null }
   /** A page request for the main stream (no preempt channel). */
   | { t: 'request'; type: number; data: Uint8Array }
   | { t: 'error'; error: { code: string; message: string } };
@@ -51,6 +55,8 @@ export type ReturnPathFromThread =
 export class ReturnPathThread implements SourceReturnPath {
   readonly shut: Promise<number>;
   readonly openPreempt: (() => Promise<void>) | undefined;
+  /** The slice the thread got when it began serving requests (thread-slice.ts); null: none. */
+  faultSliceUs: number | null = null;
   private readonly worker: Worker;
   private readonly port: MessagePort;
   private main: SyncFd | undefined;
@@ -64,13 +70,13 @@ export class ReturnPathThread implements SourceReturnPath {
    * Starts the thread; it reads nothing until attach(). Start it early (booting a thread
    * costs tens of ms of CPU, which the migration would otherwise pay at its start).
    */
-  constructor(opts: { preemptUri?: MigrationUri | undefined; onPreemptError?: (e: Error) => void } = {}) {
+  constructor(opts: { preemptUri?: MigrationUri | undefined; faultSliceUs?: number; onPreemptError?: (e: Error) => void } = {}) {
     this.shut = new Promise<number>((resolve, reject) => (this.settle = { resolve, reject }));
     this.shut.catch(() => {});
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
     this.worker = new Worker(workerUrl(import.meta.url, 'return-path.worker.js'), {
-      workerData: { port: port2 } satisfies ReturnPathThreadData,
+      workerData: { port: port2, faultSliceUs: opts.faultSliceUs ?? 0 } satisfies ReturnPathThreadData,
       transferList: [port2],
     });
     port1.on('message', (m: ReturnPathFromThread) => this.onMessage(m));
@@ -119,6 +125,7 @@ export class ReturnPathThread implements SourceReturnPath {
 
   private onMessage(m: ReturnPathFromThread): void {
     if (m.t === 'shut') this.settle.resolve(m.status);
+    else if (m.t === 'slice') this.faultSliceUs = m.us;
     else if (m.t === 'request') {
       try {
         this.queue!(m.type, m.data);

@@ -31,6 +31,7 @@ import {
   VmigError,
 } from '@vmig/core';
 import type { ReturnPathFromThread, ReturnPathThreadData, ReturnPathToThread } from './return-path-thread.js';
+import { canSetThreadSlice, setThreadSliceUs } from './thread-slice.js';
 
 /**
  * Naps between reads that found nothing (ms). Before the switch only PONG and SHUT come (a
@@ -50,7 +51,9 @@ const channel = 'return-path';
 // costs ~20 us of CPU here: polling is not free, see POSTCOPY_NAP_MS.)
 Error.stackTraceLimit = 0;
 
-const port = (workerData as ReturnPathThreadData).port;
+const { port, faultSliceUs } = workerData as ReturnPathThreadData;
+// Loaded now, not at the switch.
+const sliceable = faultSliceUs > 0 && canSetThreadSlice();
 type Start = Extract<ReturnPathToThread, { t: 'start' }>;
 let main: SyncFd;
 let ram: GuestRam;
@@ -69,7 +72,11 @@ function takeControl(): void {
     if (m.t === 'stop') stopped = true;
     else if (m.t === 'listen') {
       listening = true;
-      if (m.preempt) urgent = { preempt: new SyncFd(m.preempt), sender: new UrgentPageSender(ram, m.urgent) };
+      if (m.preempt) {
+        urgent = { preempt: new SyncFd(m.preempt), sender: new UrgentPageSender(ram, m.urgent) };
+        // This thread is on the fault path now (thread-slice.ts).
+        post({ t: 'slice', us: sliceable ? (setThreadSliceUs(faultSliceUs) ?? null) : null });
+      }
     }
   }
 }

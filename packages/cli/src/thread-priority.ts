@@ -29,6 +29,8 @@ const runtimeThreads: number[] = (() => {
 })();
 
 export interface PriorityChange {
+  /** The value they were lowered to. */
+  nice: number;
   /** Each lowered thread's nice value before. */
   before: Map<number, number>;
 }
@@ -47,7 +49,7 @@ export function lowerBackgroundThreads(nice: number): PriorityChange | undefined
       // The thread has ended, or this platform has no per-thread priority.
     }
   }
-  return before.size > 0 ? { before } : undefined;
+  return before.size > 0 ? { nice, before } : undefined;
 }
 
 /** Gives the threads their old priority back if this process may; false if it may not. */

@@ -144,6 +144,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
                   blocktimeMs: pc.postcopyBlocktimeMs,
                   vcpuBlocktimeMs: pc.postcopyVcpuBlocktimeMs,
                   destinationWrites: pc.writes,
+                  ...(pc.scheduling ? { scheduling: { source: src?.postcopyScheduling, destination: pc.scheduling } } : {}),
                 },
               }
             : {}),

@@ -146,6 +146,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       notifiers,
       blocktime: settings.postcopyBlocktime,
       backgroundNice: settings.postcopyBackgroundNice,
+      faultSliceUs: settings.postcopyFaultSliceUs,
       fatal,
     });
   }

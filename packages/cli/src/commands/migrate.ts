@@ -76,7 +76,11 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // The return path's thread boots while the guest is built (see return-path-thread.ts);
   // with --postcopy-preempt it opens the channel for requested pages at the switch and
   // sends them there itself.
-  const returnPath = new ReturnPathThread({ preemptUri: s.postcopyPreempt ? uri : undefined, onPreemptError: (e) => mig?.fail(e) });
+  const returnPath = new ReturnPathThread({
+    preemptUri: s.postcopyPreempt ? uri : undefined,
+    faultSliceUs: s.postcopyPreempt ? s.postcopyFaultSliceUs : 0,
+    onPreemptError: (e) => mig?.fail(e),
+  });
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
   const vcpus = await VcpuPool.start(ram, { writers: s.writers, dirtyRate: s.dirtyRate, pattern: s.pattern, hotPages: s.hotPages, seed: Number(s.seed) || 1 });
@@ -137,6 +141,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   });
   const progress = !s.json && process.stderr.isTTY ? new ProgressLine(ram.totalBytes) : undefined;
   let lowered: PriorityChange | undefined;
+  let switched = false;
   mig = new PrecopyMigration({
     ram,
     sink,
@@ -153,7 +158,10 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       if (i.status !== 'active') progress?.stop();
       // With preempt, after the switch this thread only streams background pages: requests
       // are the return-path thread's (thread-priority.ts). Without, it serves them itself.
-      if (i.status === 'postcopy-active' && s.postcopyPreempt) lowered = lowerBackgroundThreads(s.postcopyBackgroundNice);
+      if (i.status === 'postcopy-active' && s.postcopyPreempt) {
+        switched = true;
+        lowered = lowerBackgroundThreads(s.postcopyBackgroundNice);
+      }
       control?.event('MIGRATION', { status: i.status });
       log.info({ status: i.status }, 'migration status');
       out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, progress ? undefined : `vmig: status ${i.status}`);
@@ -193,6 +201,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     ...info,
     writes,
     ...(writersResumed !== undefined ? { writersResumed } : {}),
+    ...(switched ? { postcopyScheduling: { backgroundNice: lowered?.nice ?? null, faultSliceUs: returnPath.faultSliceUs } } : {}),
     devices: { 'vmig-its': its.flushed ?? null },
     resources: resourceUsage(),
     ...(digest ? { ramDigest: digest } : {}),
