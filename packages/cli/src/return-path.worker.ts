@@ -31,26 +31,31 @@ import {
   VmigError,
 } from '@vmig/core';
 import type { ReturnPathFromThread, ReturnPathThreadData, ReturnPathToThread } from './return-path-thread.js';
+import { libc } from './libc.js';
 import { canSetThreadSlice, setThreadSliceUs } from './thread-slice.js';
 
 /**
- * Naps between reads that found nothing (ms). Before the switch only PONG and SHUT come (a
- * SHUT read up to 1 ms late lengthens precopy's measured downtime by as much). After it, with
- * a preempt channel, every nap is added to a page fault's latency. Each nap-and-read costs
- * ~30 us of CPU, so 0.1 ms (in practice ~0.2 ms with the kernel's timer slack) costs ~15 % of
- * a core during postcopy; 0.05 ms gave no clearer gain in fault latency and 0.3 ms raised its
- * median (docs/benchmarks.md). Without preempt a requested page waits tens of ms in the main
- * stream anyway, and the fast naps' CPU only slowed the destination: the idle nap then.
+ * Between reads that found nothing the thread blocks in poll(2) until the destination sends
+ * something (libc.ts), and looks at its control messages at least this often (ms).
+ */
+const POLL_MS = 2;
+/**
+ * Where poll(2) cannot be called, it naps instead (ms). Before the switch only PONG and SHUT
+ * come (a SHUT read up to 1 ms late lengthens precopy's measured downtime by as much). After
+ * it, with a preempt channel, every nap is added to a page fault's latency. Each nap-and-read
+ * costs ~30 us of CPU, so 0.1 ms (in practice ~0.2 ms with the kernel's timer slack) costs
+ * ~15 % of a core during postcopy (docs/benchmarks.md). Without preempt a requested page
+ * waits tens of ms in the main stream anyway: the idle nap then.
  */
 const IDLE_NAP_MS = 1;
 const POSTCOPY_NAP_MS = 0.1;
 const channel = 'return-path';
 
-// A read that finds nothing throws EAGAIN, thousands of times a second after the switch:
-// without a stack to capture, a throw costs ~5 us instead of ~9 us. (A timed nap itself
-// costs ~20 us of CPU here: polling is not free, see POSTCOPY_NAP_MS.)
+// A read that finds nothing throws EAGAIN (thousands of times a second after the switch
+// when the thread naps): without a stack to capture, a throw costs ~5 us instead of ~9 us.
 Error.stackTraceLimit = 0;
 
+const poller = libc()?.pollIn;
 const { port, faultSliceUs } = workerData as ReturnPathThreadData;
 // Loaded now, not at the switch.
 const sliceable = faultSliceUs > 0 && canSetThreadSlice();
@@ -134,7 +139,7 @@ function run(start: Start): void {
     }
     if (n === READ_CLOSED) return;
     if (n === READ_EOF) throw new VmigError('VMIG_ERR_PEER_CLOSED', 'destination closed the connection', { channel });
-    if (n === READ_NONE) main.nap(urgent ? POSTCOPY_NAP_MS : IDLE_NAP_MS);
+    if (n === READ_NONE) main.waitReadable(poller ? POLL_MS : urgent ? POSTCOPY_NAP_MS : IDLE_NAP_MS, poller);
     else reader.filled(n);
   }
 }

@@ -1,6 +1,6 @@
 /**
  * After the postcopy switch with a preempt channel, the threads on the page-fault path ask
- * the kernel for a short time slice (`--postcopy-fault-slice`): the source's return-path
+ * the kernel for a short time slice (`--postcopy-fault-slice-us`): the source's return-path
  * thread and the destination's preempt thread, each for itself. Each of them runs for tens
  * of microseconds per request and then sleeps.
  *
@@ -9,16 +9,16 @@
  * 1.4 ms by default on this project's 2-core machine (0.7 ms x (1 + log2 cores)); the
  * vCPUs and the threads streaming background pages use theirs in full. A thread whose own
  * slice is shorter has an earlier deadline when it wakes and, since Linux 6.12, preempts at
- * once. Measured: p99 fault latency with preempt 4.9-7.8 -> 3.7-4.9 ms (docs/benchmarks.md).
+ * once. Measured: median p99 fault latency with preempt 4.9-5.0 -> 4.0-4.2 ms (docs/benchmarks.md).
  * A short slice is no higher priority: the thread still gets only its fair share of CPU.
  *
  * The slice is sched_attr.sched_runtime, set with sched_setattr(2) for the calling thread
- * (pid 0), which needs no privilege; glibc has no wrapper, so it is the raw syscall through
- * koffi (a foreign-function interface with prebuilt binaries, no compiler needed). The
- * kernel keeps it within 100 us..100 ms. Elsewhere (not Linux, another architecture, an
- * older kernel, koffi not loadable) nothing changes and the caller is told so.
+ * (pid 0), which needs no privilege; glibc has no wrapper, so it is the raw syscall
+ * (libc.ts). The kernel keeps it within 100 us..100 ms. Elsewhere (not Linux, another
+ * architecture, an older kernel, koffi not loadable) nothing changes and the caller is
+ * told so.
  */
-import { createRequire } from 'node:module';
+import { libc } from './libc.js';
 
 /** The kernel's bounds for a SCHED_OTHER slice (us). */
 export const MIN_SLICE_US = 100;
@@ -37,28 +37,15 @@ const SYSCALLS: Partial<Record<NodeJS.Architecture, { setattr: number; getattr: 
   arm64: { setattr: 274, getattr: 275 },
 };
 
-type Syscall = (nr: number, ...typedArgs: unknown[]) => number;
-
 interface Sys {
-  call: Syscall;
+  call: (nr: number, ...typedArgs: unknown[]) => number;
   nr: { setattr: number; getattr: number };
 }
 
-let loaded: Sys | null | undefined;
-
-/** The libc syscall(2) entry, loaded on first use (~10 ms); null where there is none to use. */
 function sys(): Sys | null {
-  if (loaded !== undefined) return loaded;
-  loaded = null;
+  const c = libc();
   const nr = SYSCALLS[process.arch];
-  if (process.platform !== 'linux' || !nr) return loaded;
-  try {
-    const koffi = createRequire(import.meta.url)('koffi') as { load(path: string): { func(decl: string): Syscall } };
-    loaded = { call: koffi.load('libc.so.6').func('long syscall(long nr, ...)'), nr };
-  } catch {
-    // No prebuilt koffi for this platform, or no glibc: the slice stays the kernel's.
-  }
-  return loaded;
+  return c && nr ? { call: c.syscall, nr } : null;
 }
 
 /**

@@ -7,12 +7,14 @@
  * the fd in another thread is not an option: closing either handle closes the fd.)
  *
  * The fd is non-blocking (libuv made it so for its owner's handle): a read or write that
- * cannot proceed fails with EAGAIN, and the caller naps briefly and tries again.
+ * cannot proceed fails with EAGAIN. A reader then waits for data with waitReadable(): with a
+ * poller (poll(2), which Node itself cannot call outside an event loop: the CLI's libc.ts)
+ * it blocks until data comes, else it naps briefly and tries again.
  *
  * Shared state: an Int32 control array.
  * - LOCK (0 free, 1 held): taken with compareExchange, released with store + notify; a
- *   waiter sleeps on the word. Every read and write of the fd happens with it held, so
- *   messages never interleave and close() can wait for the one in progress.
+ *   waiter sleeps on the word. Every read, write and poll of the fd happens with it held,
+ *   so messages never interleave and close() can wait for the one in progress.
  * - CLOSING: set (without the lock) by the owner before it closes the fd; no read or write
  *   starts once it is set, and a writer waiting for room gives up. The fd is never used
  *   after it was closed (its number could name another file by then).
@@ -34,6 +36,9 @@ const WORDS = 4;
 
 /** How long a writer sleeps when the socket buffer is full (ms). */
 const FULL_NAP_MS = 0.2;
+
+/** Blocks until `fd` has something to read or `ms` passed (poll(2) with POLLIN). */
+export type FdPoller = (fd: number, ms: number) => boolean;
 
 export interface SyncFdShared {
   fd: number;
@@ -123,6 +128,21 @@ export class SyncFd {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'EAGAIN') return READ_NONE;
       throw e;
+    } finally {
+      this.unlock();
+    }
+  }
+
+  /**
+   * Waits up to `ms` for something to read: in `poller` if there is one, else a nap. The
+   * poll holds the lock, so the fd cannot be closed under it; close() waits for it to end
+   * (at most `ms`).
+   */
+  waitReadable(ms: number, poller: FdPoller | undefined): void {
+    if (!poller) return this.nap(ms);
+    this.lock();
+    try {
+      if (!this.closing) poller(this.fd, ms);
     } finally {
       this.unlock();
     }

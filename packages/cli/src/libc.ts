@@ -1,0 +1,54 @@
+/**
+ * The few libc calls vmig needs that Node has no API for, through koffi (a foreign-function
+ * interface whose prebuilt binaries come as npm packages: nothing is compiled at install).
+ * Loaded on first use (~10 ms); null where it cannot be: not Linux with glibc, or no koffi
+ * binary for this platform. Every caller has a fallback for that case.
+ *
+ * - syscall(2), for sched_setattr / sched_getattr, which glibc does not wrap (thread-slice.ts);
+ * - poll(2) on one fd, so that a thread of ours can block until a socket has data, as a
+ *   QEMU thread blocks in a read, instead of napping and trying again (sync-fd.ts).
+ */
+import { createRequire } from 'node:module';
+
+type Fn = (...args: unknown[]) => number;
+
+interface Koffi {
+  load(path: string): { func(decl: string): Fn };
+}
+
+export interface Libc {
+  /** syscall(nr, ...): the variadic arguments as (type, value) pairs, koffi's convention. */
+  syscall(nr: number, ...typedArgs: unknown[]): number;
+  /** Blocks until `fd` can be read (data, EOF or an error) or `ms` passed; true if it can. */
+  pollIn(fd: number, ms: number): boolean;
+}
+
+const POLLIN = 0x1;
+
+let loaded: Libc | null | undefined;
+
+export function libc(): Libc | null {
+  if (loaded !== undefined) return loaded;
+  loaded = null;
+  if (process.platform !== 'linux') return loaded;
+  try {
+    const c = (createRequire(import.meta.url)('koffi') as Koffi).load('libc.so.6');
+    const syscall = c.func('long syscall(long nr, ...)');
+    const poll = c.func('int poll(void *fds, unsigned long nfds, int timeout)');
+    // struct pollfd { int fd; short events; short revents; }, one per thread that polls.
+    const pfd = Buffer.alloc(8);
+    loaded = {
+      syscall,
+      pollIn(fd: number, ms: number): boolean {
+        pfd.writeInt32LE(fd, 0);
+        pfd.writeInt16LE(POLLIN, 4);
+        pfd.writeInt16LE(0, 6);
+        // EINTR (-1) is a wake-up like any other: the caller looks again.
+        return poll(pfd, 1, Math.max(0, Math.ceil(ms))) > 0;
+      },
+    };
+  } catch {
+    // No prebuilt koffi for this platform, or no glibc.
+  }
+  return loaded;
+}
