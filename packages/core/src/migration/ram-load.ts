@@ -17,7 +17,7 @@ import {
   RAM_SAVE_FLAG_ZERO,
 } from '../wire/constants.js';
 import type { PostcopyPlacing } from '../postcopy/page-placer.js';
-import { getU64, getU8, RAM_RECORD_FLAGS_KNOWN, readCountedString, splitRamAddr } from '../wire/main-stream.js';
+import { getU64, getU8, RAM_RECORD_FLAGS_KNOWN, readCountedString, splitRamAddr, takeCountedString } from '../wire/main-stream.js';
 
 export interface RamBlockSpec {
   idstr: string;
@@ -80,7 +80,8 @@ export class RamLoadState {
         continue;
       }
       if (flags & (RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_ZERO)) {
-        const block = await this.blockFor(s, flags);
+        // Synchronous unless the block's name is not all here yet: no promise per page.
+        const block = flags & RAM_SAVE_FLAG_CONTINUE ? this.continuedBlock() : this.namedBlock(takeCountedString(s) ?? (await readCountedString(s)));
         if (offset > block.usedLength - TARGET_PAGE_SIZE) {
           this.fail(`page offset 0x${offset.toString(16)} outside block '${block.idstr}' of ${block.usedLength} bytes`, 'VMIG_ERR_BAD_OFFSET');
         }
@@ -94,7 +95,7 @@ export class RamLoadState {
             s.pos += TARGET_PAGE_SIZE;
             this.normalPages++;
           } else {
-            await s.ensure(1);
+            if (s.buf.length - s.pos < 1) await s.ensure(1);
             if (getU8(s) !== 0) this.fail('postcopy zero page record with a non-zero fill byte');
             pc.placePage(block, offset, null);
             this.zeroPages++;
@@ -108,7 +109,7 @@ export class RamLoadState {
           s.pos += TARGET_PAGE_SIZE;
           this.normalPages++;
         } else {
-          await s.ensure(1);
+          if (s.buf.length - s.pos < 1) await s.ensure(1);
           const ch = getU8(s);
           // QEMU's ram_handle_compressed: fill with the byte (always 0 in practice); a page
           // known to be zero needs nothing (RamBlock.loadZeroPage).
@@ -135,12 +136,12 @@ export class RamLoadState {
     }
   }
 
-  private async blockFor(s: StreamSource, flags: number): Promise<RamBlock> {
-    if (flags & RAM_SAVE_FLAG_CONTINUE) {
-      if (!this.lastBlock) this.fail('RAM_SAVE_FLAG_CONTINUE with no previous block');
-      return this.lastBlock;
-    }
-    const idstr = await readCountedString(s);
+  private continuedBlock(): RamBlock {
+    if (!this.lastBlock) this.fail('RAM_SAVE_FLAG_CONTINUE with no previous block');
+    return this.lastBlock;
+  }
+
+  private namedBlock(idstr: string): RamBlock {
     if (!this.ram) this.fail('RAM page before the block list (MEM_SIZE)');
     const block = this.ram.find(idstr);
     if (!block) this.fail(`unknown RAM block '${idstr}'`, 'VMIG_ERR_UNKNOWN_BLOCK');

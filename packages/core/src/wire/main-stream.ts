@@ -168,9 +168,22 @@ export function getString(s: StreamSource, len: number): string {
 
 /** Reads u8 len + bytes. */
 export async function readCountedString(s: StreamSource): Promise<string> {
+  const now = takeCountedString(s);
+  if (now !== undefined) return now;
   await s.ensure(1);
   const len = getU8(s);
   await s.ensure(len);
+  return getString(s, len);
+}
+
+/**
+ * u8 len + bytes if all of it is in the buffer already, else undefined (nothing consumed):
+ * a record's block name without an async call (a promise per page) in the common case.
+ */
+export function takeCountedString(s: StreamSource): string | undefined {
+  const have = s.buf.length - s.pos;
+  if (have < 1 || have < 1 + s.buf[s.pos]!) return undefined;
+  const len = getU8(s);
   return getString(s, len);
 }
 
