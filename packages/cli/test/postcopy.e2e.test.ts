@@ -119,7 +119,12 @@ describe('postcopy between two vmig processes', () => {
     const shared = ['--ram', '96M', '--multifd-channels', '4', '--multifd-compression', 'zlib', '--postcopy'];
     const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', ...shared]);
     const listening = await dst.waitFor((l) => l['event'] === 'listening');
-    const src = spawnCli(CLI_MAIN, ['migrate', String(listening['uri']), '--json', ...shared, '--writers', '2', '--dirty-rate', '0', '--control', `unix:${path}`]);
+    // Background pages after the switch are capped so that postcopy lasts a few seconds
+    // whatever the machine's speed: the destination's writers must get to write.
+    const src = spawnCli(CLI_MAIN, [
+      ...['migrate', String(listening['uri']), '--json', ...shared, '--writers', '2', '--dirty-rate', '0'],
+      ...['--max-postcopy-bandwidth', '32M', '--control', `unix:${path}`],
+    ]);
     await src.waitFor((l) => l['event'] === 'control');
     const c = await ControlClient.connect(path);
     await c.execute('qmp_capabilities');
