@@ -23,6 +23,7 @@ import {
 import { checkStampedRam, VcpuPool, type VcpuState, type VcpuStateDevice } from '@vmig/test-harness';
 import type { PreemptFromThread, PreemptThreadData, PreemptToThread } from './preempt-protocol.js';
 import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from './thread-priority.js';
+import { awaitExit, exitOf } from './worker-exit.js';
 
 export interface PostcopyGuestOptions {
   /** Guest RAM once it exists (the destination may build it from the stream). */
@@ -53,6 +54,7 @@ export class PostcopyGuest {
   private preemptChannel: { sock: net.Socket; fd: number; first: Uint8Array } | undefined;
   private preemptStarted = false;
   private preemptDone: Promise<void> = Promise.resolve();
+  private preemptExited: Promise<void> | undefined;
   private lowered: PriorityChange | undefined;
   /** The preempt thread's slice once it places (us); null: the kernel's. */
   private faultSliceUs: number | null = null;
@@ -115,6 +117,7 @@ export class PostcopyGuest {
     const w = new Worker(workerUrl(import.meta.url, 'preempt-channel.worker.js'), {
       workerData: { faultSliceUs: this.opts.faultSliceUs } satisfies PreemptThreadData,
     });
+    this.preemptExited = exitOf(w);
     let ended!: () => void;
     this.preemptDone = new Promise<void>((r) => (ended = r));
     w.on('message', (m: PreemptFromThread) => {
@@ -132,12 +135,17 @@ export class PostcopyGuest {
     return w;
   }
 
-  /** Waits for the thread to finish with its channel, then ends it. */
+  /** Waits for the thread to finish with its channel, or tells it to stop; then it ends. */
   private async stopPreempt(): Promise<void> {
+    const w = this.preemptThread;
+    if (!w) return;
     if (this.preemptStarted) await this.preemptDone;
-    // A channel the thread never got is still this side's to close.
-    else this.preemptChannel?.sock.destroy();
-    await this.preemptThread?.terminate();
+    else {
+      // A channel the thread never got is still this side's to close.
+      this.preemptChannel?.sock.destroy();
+      w.postMessage({ t: 'stop' } satisfies PreemptToThread);
+    }
+    await awaitExit(w, this.preemptExited!);
   }
 
   /** The preempt connection (`--postcopy-preempt`): handed to its thread at LISTEN. */

@@ -23,6 +23,8 @@ const sliceable = faultSliceUs > 0 && canSetThreadSlice();
 
 port.on('message', (m: PreemptToThread) => {
   if (m.t === 'start') void run(m);
+  // Told to stop before it had a channel: nothing to report; the thread ends.
+  else if (!reader) port.close();
   else finish(new VmigError('VMIG_ERR_CANCELLED', 'load aborted', { channel }));
 });
 

@@ -4,7 +4,7 @@ import type { MissingPagesShared, RamBlockShared } from '@vmig/core';
 export type PreemptToThread =
   /** LISTEN: the channel's fd (the thread owns it from now on), and where its pages go. */
   | { t: 'start'; fd: number; first: Uint8Array; ram: RamBlockShared[]; missing: MissingPagesShared }
-  /** A failure elsewhere: stop reading, close the channel. */
+  /** A failure elsewhere: stop reading, close the channel (before 'start': just end). */
   | { t: 'stop' };
 
 /** What the thread is given when it boots. */

@@ -24,6 +24,7 @@ import {
   VmigError,
   workerUrl,
 } from '@vmig/core';
+import { awaitExit, exitOf } from './worker-exit.js';
 
 export interface ReturnPathThreadData {
   port: MessagePort;
@@ -58,6 +59,7 @@ export class ReturnPathThread implements SourceReturnPath {
   /** The slice the thread got when it began serving requests (thread-slice.ts); null: none. */
   faultSliceUs: number | null = null;
   private readonly worker: Worker;
+  private readonly exited: Promise<void>;
   private readonly port: MessagePort;
   private main: SyncFd | undefined;
   private preemptSock: net.Socket | undefined;
@@ -79,6 +81,7 @@ export class ReturnPathThread implements SourceReturnPath {
       workerData: { port: port2, faultSliceUs: opts.faultSliceUs ?? 0 } satisfies ReturnPathThreadData,
       transferList: [port2],
     });
+    this.exited = exitOf(this.worker);
     port1.on('message', (m: ReturnPathFromThread) => this.onMessage(m));
     // Nothing waits on it until attach(): it must not keep the process alive on its own.
     this.worker.unref();
@@ -152,7 +155,8 @@ export class ReturnPathThread implements SourceReturnPath {
     this.main?.close();
     this.preempt?.io.close();
     this.port.postMessage({ t: 'stop' } satisfies ReturnPathToThread);
-    await this.worker.terminate();
+    // It reads 'stop' between reads (or, not attached, as its first message) and ends.
+    await awaitExit(this.worker, this.exited);
     this.port.close();
     this.preemptSock?.destroy();
   }
