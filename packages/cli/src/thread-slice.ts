@@ -42,10 +42,15 @@ interface Sys {
   nr: { setattr: number; getattr: number };
 }
 
+let cached: Sys | null | undefined;
+
 function sys(): Sys | null {
-  const c = libc();
-  const nr = SYSCALLS[process.arch];
-  return c && nr ? { call: c.syscall, nr } : null;
+  if (cached === undefined) {
+    const c = libc();
+    const nr = SYSCALLS[process.arch];
+    cached = c && nr ? { call: c.syscall, nr } : null;
+  }
+  return cached;
 }
 
 /**
@@ -53,7 +58,7 @@ function sys(): Sys | null {
  * slice at a moment that counts (the switch) calls this when it starts.
  */
 export function canSetThreadSlice(): boolean {
-  return sys() !== null && threadSliceUs() !== undefined;
+  return threadSliceUs() !== undefined;
 }
 
 /** The calling thread's sched_attr, or undefined. */
