@@ -9,10 +9,11 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { ByteReader } from '@vmig/channel';
-import { EndOfStream, GuestRam, MissingPagesPlacer, RamLoadState, RamPagePlacer, StreamError, toVmigError, VmigError } from '@vmig/core';
+import { EndOfStream, GuestRam, MissingPagesPlacer, RamLoadState, RamPagePlacer, setThreadName, StreamError, toVmigError, VmigError } from '@vmig/core';
 import type { PreemptFromThread, PreemptThreadData, PreemptToThread } from './preempt-protocol.js';
 import { canSetThreadSlice, setThreadSliceUs } from './thread-slice.js';
 
+setThreadName('mig/dst/preempt');
 const port = parentPort!;
 const channel = 'preempt';
 let reader: (ByteReader & { input: { destroy(): void } }) | undefined;

@@ -5,8 +5,9 @@
  * no hop of a page request waits for the migration thread.
  *
  * It does its I/O outside any event loop, as a QEMU thread does with blocking calls:
- * `fs.readSync` / `fs.writeSync` on the fds (sync-fd.ts), a short nap when nothing is
- * there, and its control messages taken with receiveMessageOnPort between reads.
+ * `fs.readSync` / `fs.writeSync` on the fds (sync-fd.ts), poll(2) when nothing is there
+ * (a short nap where poll cannot be called), and its control messages taken with
+ * receiveMessageOnPort between reads.
  * Ownership: the migration thread owns both sockets and closes them, always after
  * SyncFd.close(), which waits for any read or write of this thread in progress.
  */
@@ -25,6 +26,7 @@ import {
   READ_NONE,
   RpMessageReader,
   StreamError,
+  setThreadName,
   SyncFd,
   toVmigError,
   UrgentPageSender,
@@ -55,6 +57,7 @@ const channel = 'return-path';
 // when the thread naps): without a stack to capture, a throw costs ~5 us instead of ~9 us.
 Error.stackTraceLimit = 0;
 
+setThreadName('mig/src/rp');
 const poller = libc()?.pollIn;
 const { port, faultSliceUs } = workerData as ReturnPathThreadData;
 // Loaded now, not at the switch.

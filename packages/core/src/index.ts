@@ -31,6 +31,7 @@ export * from './postcopy/postcopy-incoming.js';
 export * from './postcopy/page-placer.js';
 export * from './postcopy/return-path-writer.js';
 export * from './sync-fd.js';
+export * from './thread-name.js';
 export * from './migration/page-requests.js';
 export * from './ram/fault-slots.js';
 export * from './migration/source-return-path.js';

@@ -11,7 +11,7 @@
 import type net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
 import { socketReadingInto } from '@vmig/channel';
-import { GuestRam, StreamError, toVmigError, VmigError } from '@vmig/core';
+import { GuestRam, setThreadName, StreamError, toVmigError, VmigError } from '@vmig/core';
 import { PacketReceiver } from './packet-receiver.js';
 import { ABORT, APPLYING, POSTED, RELEASED, SEALED } from './recv-control.js';
 import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
@@ -19,6 +19,7 @@ import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-pr
 const cfg = workerData as RecvThreadConfig;
 const port = parentPort!;
 const channel = `multifd/${cfg.id}`;
+setThreadName(`mig/dst/recv_${cfg.id}`);
 const ctl = new Int32Array(cfg.control);
 
 let ram: GuestRam | undefined;

@@ -12,7 +12,7 @@
  */
 import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
-import { GuestRam, isZeroPage, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
+import { GuestRam, isZeroPage, setThreadName, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
 import { compressionByName } from './compress/registry.js';
 import { JOB_PACKETS, type SendChannelConfig, type SendToChannel } from './send-protocol.js';
 import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_MAX_PAYLOAD, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE, MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
@@ -23,6 +23,7 @@ const ram = GuestRam.fromShared(cfg.ram);
 const hosts = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
 const compressor = compressionByName(cfg.compression)?.createSender();
 const channel = `multifd/${cfg.id}`;
+setThreadName(`mig/src/send_${cfg.id}`);
 const ZERO_RUN = Buffer.alloc(MULTIFD_PACKET_SIZE);
 
 // A job's header buffer is reused once the socket reports it written (fresh memory faults).

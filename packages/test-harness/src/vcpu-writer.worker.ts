@@ -13,13 +13,15 @@
  * exit so the destination can check every write survived (postcopy-verify.ts).
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import { GuestRam, MissingPagesVcpu, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core/vcpu';
+import { GuestRam, MissingPagesVcpu, setThreadName, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core/vcpu';
 import { xorshift } from './rng.js';
 import { SLOT_BYTES, SLOT_WORDS, stampSlot, writeStamp } from './stamp.js';
 import { PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 import type { WriterConfig, WriterTrack } from './vcpu-pool.js';
 
 const cfg = workerData as WriterConfig;
+// QEMU's vCPU threads are "CPU n/KVM".
+setThreadName(`CPU ${cfg.index}/vmig`);
 const ram = GuestRam.fromShared(cfg.ram);
 const ctl = new Int32Array(cfg.control);
 const rng = xorshift(cfg.seed * 7919 + cfg.index + 1);
