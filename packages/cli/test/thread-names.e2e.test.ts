@@ -5,10 +5,9 @@
  * worker of a child process, names that thread only.
  */
 import { readdirSync, readFileSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { spawnCli } from '@vmig/test-harness';
-import { CLI_MAIN } from './cli.js';
+import { CLI_MAIN, runChildScript } from './cli.js';
 
 const coreModule = new URL('../../core/dist/thread-name.js', import.meta.url).href;
 
@@ -44,9 +43,7 @@ await w.terminate();
 
 describe.runIf(process.platform === 'linux')('migration threads are named', () => {
   it('setThreadName names the calling thread only, cut to the kernel limit', () => {
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', CHILD, coreModule], { encoding: 'utf8' });
-    expect(r.status, r.stderr).toBe(0);
-    const out = JSON.parse(r.stdout.trim());
+    const out = runChildScript(CHILD, coreModule);
     expect(out.ok).toBe(true);
     expect(out.worker).toBe('mig/dst/a-name-');
     expect(out.mainAfter).toBe(out.mainBefore);

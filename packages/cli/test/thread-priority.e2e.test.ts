@@ -3,8 +3,8 @@
  * the runtime's threads get the nice value, a worker thread created before keeps its own.
  * A child process, so that the test runner's threads keep theirs.
  */
-import { spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
+import { runChildScript } from './cli.js';
 
 const priorityModule = new URL('../dist/thread-priority.js', import.meta.url).href;
 
@@ -28,9 +28,7 @@ await w.terminate();
 
 describe.runIf(process.platform === 'linux')('lowering the background threads after the postcopy switch', () => {
   it('lowers the main and runtime threads, not a worker thread; restores where allowed', () => {
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', CHILD, priorityModule], { encoding: 'utf8' });
-    expect(r.status, r.stderr).toBe(0);
-    const out = JSON.parse(r.stdout.trim());
+    const out = runChildScript(CHILD, priorityModule);
     expect(out.none).toBe(true);
     expect(out.changed).toBeGreaterThan(1);
     expect(out.after.main).toBe(7);

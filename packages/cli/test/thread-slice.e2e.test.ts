@@ -4,9 +4,8 @@
  * nice value kept; the main thread keeps the default. A child process, so that the test
  * runner's threads keep theirs.
  */
-import { spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
-import { kernelHasCustomSlices } from './cli.js';
+import { kernelHasCustomSlices, runChildScript } from './cli.js';
 
 const sliceModule = new URL('../dist/thread-slice.js', import.meta.url).href;
 
@@ -30,9 +29,7 @@ await w.terminate();
 
 describe.runIf(process.platform === 'linux')('the fault path threads ask for a short slice', () => {
   it('sets the calling thread only, keeps its nice; or says it cannot', () => {
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', CHILD, sliceModule], { encoding: 'utf8' });
-    expect(r.status, r.stderr).toBe(0);
-    const out = JSON.parse(r.stdout.trim());
+    const out = runChildScript(CHILD, sliceModule);
     expect(out.nice).toBe(3);
     if (kernelHasCustomSlices()) {
       expect(out.can).toBe(true);
