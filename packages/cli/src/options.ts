@@ -22,6 +22,7 @@ export const SHARED_OPTIONS = {
   'postcopy-blocktime': { type: 'boolean' },
   'postcopy-background-nice': { type: 'string' },
   'postcopy-fault-slice-us': { type: 'string' },
+  'postcopy-preempt-reader': { type: 'string' },
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
@@ -97,9 +98,14 @@ export interface SharedSettings {
   postcopyBackgroundNice: number;
   /** 0: the kernel's default slice. */
   postcopyFaultSliceUs: number;
+  /** Who reads the preempt channel on the destination (core's postcopy/preempt-reader.ts). */
+  postcopyPreemptReader: PreemptReaderChoice;
   json: boolean;
   logLevel: LogLevel;
 }
+
+export const PREEMPT_READERS = ['vcpu', 'thread'] as const;
+export type PreemptReaderChoice = (typeof PREEMPT_READERS)[number];
 
 type Values = Record<string, string | boolean | string[] | undefined>;
 
@@ -120,6 +126,8 @@ export function sharedSettings(v: Values): SharedSettings {
   if (slice !== undefined && !postcopy) throw new InvalidArgumentError('--postcopy-fault-slice-us needs --postcopy');
   const sliceUs = slice === undefined ? DEFAULT_POSTCOPY_FAULT_SLICE_US : parseIntFlag('postcopy-fault-slice-us', slice, 0, MAX_SLICE_US);
   if (sliceUs !== 0 && sliceUs < MIN_SLICE_US) throw new InvalidArgumentError(`--postcopy-fault-slice-us must be 0 (the kernel's default) or ${MIN_SLICE_US}..${MAX_SLICE_US}, not ${sliceUs}`);
+  const reader = str(v, 'postcopy-preempt-reader');
+  if (reader !== undefined && v['postcopy-preempt'] !== true) throw new InvalidArgumentError('--postcopy-preempt-reader needs --postcopy-preempt');
   return {
     ram: parseRamSpecs(str(v, 'ram'), v['ram-block'] as string[] | undefined),
     multifdChannels: n,
@@ -130,6 +138,7 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopyBlocktime: v['postcopy-blocktime'] === true,
     postcopyBackgroundNice: nice === undefined ? DEFAULT_POSTCOPY_BACKGROUND_NICE : parseIntFlag('postcopy-background-nice', nice, 0, 19),
     postcopyFaultSliceUs: sliceUs,
+    postcopyPreemptReader: reader === undefined ? 'vcpu' : parseChoice('postcopy-preempt-reader', reader, PREEMPT_READERS),
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };

@@ -2,18 +2,22 @@
  * The postcopy side of `vmig incoming`: core's PostcopyIncoming, plus the test guest's part
  * of it. The destination's vCPU threads are the source's (from its `vmig-vcpus` state):
  * created parked when the source announces that state at setup, resumed at RUN. The
- * preempt connection's requested pages are placed on a thread of their own
- * (preempt-channel.worker.ts). At the end the threads stop and their writes are checked
- * (test-harness postcopy-verify.ts).
+ * preempt connection belongs to a thread of its own (preempt-channel.worker.ts); a vCPU
+ * that faults reads the pages it asked for from it (core's postcopy/preempt-reader.ts). At
+ * the end the threads stop and their writes are checked (test-harness postcopy-verify.ts).
  */
 import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
 import { detachFd } from '@vmig/channel';
 import {
+  createPreemptReader,
   type GuestRam,
   type MigrationNotifiers,
   type MissingPagesShared,
   PostcopyIncoming,
+  preemptReaderMode,
+  preemptReads,
+  type PreemptReaderShared,
   type ReturnPathShared,
   TARGET_PAGE_SIZE,
   toVmigError,
@@ -40,6 +44,8 @@ export interface PostcopyGuestOptions {
   backgroundNice: number;
   /** Slice (us) for the preempt thread from LISTEN (thread-slice.ts); 0: the kernel's. */
   faultSliceUs: number;
+  /** With preempt: who reads the preempt channel (core's postcopy/preempt-reader.ts). */
+  preemptReader: 'vcpu' | 'thread';
   /** The first failure anywhere: the migration fails with it. */
   fatal: (e: VmigError) => void;
 }
@@ -55,12 +61,17 @@ export class PostcopyGuest {
   private preemptStarted = false;
   private preemptDone: Promise<void> = Promise.resolve();
   private preemptExited: Promise<void> | undefined;
+  /** The preempt channel's reader role, shared by its thread and the vCPUs. */
+  private readonly preemptReader: PreemptReaderShared | undefined;
   private lowered: PriorityChange | undefined;
   /** The preempt thread's slice once it places (us); null: the kernel's. */
   private faultSliceUs: number | null = null;
 
   constructor(private readonly opts: PostcopyGuestOptions) {
-    if (opts.preempt) this.preemptThread = this.startPreemptThread();
+    if (opts.preempt) {
+      this.preemptThread = this.startPreemptThread();
+      this.preemptReader = createPreemptReader(opts.preemptReader === 'vcpu');
+    }
     this.incoming = new PostcopyIncoming({
       returnPath: opts.returnPath,
       onListen: () => this.startPreempt(),
@@ -106,6 +117,7 @@ export class PostcopyGuest {
       hotPages: st.hotPages ?? 64,
       seed: (st.seed ?? 1) + 1,
       missing: shared,
+      preempt: this.preemptReader,
       track: true,
       startStopped: parked,
     });
@@ -168,7 +180,7 @@ export class PostcopyGuest {
     const missing = this.incoming.placer?.shared;
     if (this.preemptStarted || !ch || !ram || !this.incoming.placing || !missing) return;
     this.preemptStarted = true;
-    this.preemptThread!.postMessage({ t: 'start', fd: ch.fd, first: ch.first, ram: ram.toShared(), missing } satisfies PreemptToThread);
+    this.preemptThread!.postMessage({ t: 'start', fd: ch.fd, first: ch.first, ram: ram.toShared(), missing, reader: this.preemptReader! } satisfies PreemptToThread);
   }
 
   /**
@@ -194,6 +206,7 @@ export class PostcopyGuest {
       writes,
       ...checkStampedRam(ram, tracks, pool?.count ?? 0),
       ...(this.opts.blocktime ? this.incoming.blocktime() : {}),
+      ...(this.preemptReader ? { preemptReader: preemptReaderMode(this.preemptReader), ...preemptReads(this.preemptReader) } : {}),
       ...(this.opts.preempt ? { scheduling: { backgroundNice: this.lowered?.nice ?? null, faultSliceUs: this.faultSliceUs } } : {}),
     };
   }

@@ -1,9 +1,12 @@
 /** Messages between `vmig incoming` and its preempt channel thread (preempt-channel.worker.ts). */
-import type { MissingPagesShared, RamBlockShared } from '@vmig/core';
+import type { MissingPagesShared, PreemptReaderShared, RamBlockShared } from '@vmig/core';
 
 export type PreemptToThread =
-  /** LISTEN: the channel's fd (the thread owns it from now on), and where its pages go. */
-  | { t: 'start'; fd: number; first: Uint8Array; ram: RamBlockShared[]; missing: MissingPagesShared }
+  /**
+   * LISTEN: the channel's fd (the thread owns it from now on), the bytes read from it
+   * already, where its pages go, and the reader role it shares with the vCPUs.
+   */
+  | { t: 'start'; fd: number; first: Uint8Array; ram: RamBlockShared[]; missing: MissingPagesShared; reader: PreemptReaderShared }
   /** A failure elsewhere: stop reading, close the channel (before 'start': just end). */
   | { t: 'stop' };
 

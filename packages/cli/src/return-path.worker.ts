@@ -15,6 +15,7 @@ import { receiveMessageOnPort, workerData } from 'node:worker_threads';
 import {
   decodeRpShut,
   GuestRam,
+  libc,
   MemorySink,
   MIG_RP_MSG_PONG,
   MIG_RP_MSG_REQ_PAGES,
@@ -33,7 +34,6 @@ import {
   VmigError,
 } from '@vmig/core';
 import type { ReturnPathFromThread, ReturnPathThreadData, ReturnPathToThread } from './return-path-thread.js';
-import { libc } from './libc.js';
 import { canSetThreadSlice, setThreadSliceUs } from './thread-slice.js';
 
 /**

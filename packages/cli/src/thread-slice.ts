@@ -18,7 +18,7 @@
  * architecture, an older kernel, koffi not loadable) nothing changes and the caller is
  * told so.
  */
-import { libc } from './libc.js';
+import { libc } from '@vmig/core';
 
 /** The kernel's bounds for a SCHED_OTHER slice (us). */
 export const MIN_SLICE_US = 100;

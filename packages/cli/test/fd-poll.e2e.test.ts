@@ -8,10 +8,8 @@ import net from 'node:net';
 import { Worker } from 'node:worker_threads';
 import { afterEach, describe, expect, it } from 'vitest';
 import { stopReading } from '@vmig/channel';
-import { createSyncFd, READ_CLOSED, READ_NONE, SyncFd } from '@vmig/core';
-import { libc } from '../src/libc.js';
+import { createSyncFd, libc, READ_CLOSED, READ_NONE, SyncFd } from '@vmig/core';
 
-const libcModule = new URL('../dist/libc.js', import.meta.url).href;
 const coreModule = import.meta.resolve('@vmig/core');
 
 async function socketPair(): Promise<{ client: net.Socket; server: net.Socket; close(): void }> {
@@ -35,8 +33,7 @@ async function socketPair(): Promise<{ client: net.Socket; server: net.Socket; c
 /** A worker that waits in waitReadable on the fd, then reads: what it saw, in order. */
 const WAITER = `
 import { parentPort, workerData } from 'node:worker_threads';
-const { libc } = await import(workerData.libcModule);
-const { SyncFd } = await import(workerData.coreModule);
+const { libc, SyncFd } = await import(workerData.coreModule);
 const fd = new SyncFd(workerData.io);
 const polled = new Int32Array(workerData.polled);
 parentPort.postMessage({ t: 'polling' });
@@ -52,7 +49,7 @@ parentPort.postMessage({ t: 'read', n: fd.readSome(buf) });
 
 function startWaiter(io: ReturnType<typeof createSyncFd>, ms: number): { worker: Worker; polled: Int32Array; messages: Promise<{ t: string; n?: number }[]> } {
   const polled = new Int32Array(new SharedArrayBuffer(4));
-  const worker = new Worker(WAITER, { eval: true, workerData: { libcModule, coreModule, io, ms, polled: polled.buffer } });
+  const worker = new Worker(WAITER, { eval: true, workerData: { coreModule, io, ms, polled: polled.buffer } });
   const seen: { t: string; n?: number }[] = [];
   const messages = new Promise<typeof seen>((resolve, reject) => {
     worker.on('message', (m) => {

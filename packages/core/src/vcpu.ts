@@ -5,5 +5,6 @@
  */
 export { GuestRam, TARGET_PAGE_SIZE, type RamBlockShared } from './ram/ram-block.js';
 export { WriteProtectVcpu, type WriteProtectShared } from './snapshot/write-protect.js';
-export { MissingPagesVcpu, type MissingPagesShared } from './postcopy/missing-pages.js';
+export { MissingPagesPlacer, MissingPagesVcpu, type MissingPagesShared } from './postcopy/missing-pages.js';
+export { PreemptReader, type PreemptReaderShared } from './postcopy/preempt-reader.js';
 export { setThreadName } from './thread-name.js';

@@ -20,12 +20,17 @@ import {
   QEMU_VM_SECTION_PART,
   QEMU_VM_SECTION_START,
   qemuLoadVmState,
+  decodeRamRecordHead,
   RAM_SAVE_FLAG_CONTINUE,
+  RAM_SAVE_FLAG_EOS,
   RAM_SAVE_FLAG_PAGE,
+  RAM_SAVE_FLAG_ZERO,
+  type RamRecordAt,
   readVmDescription,
   VmigError,
   TARGET_PAGE_SIZE,
   type ByteWriter,
+  StreamError,
 } from '../src/index.js';
 import { createRamFrom, precopyToMemory, qemuDevices, splitAt } from './helpers.js';
 
@@ -221,5 +226,66 @@ describe('zero pages into RAM created fresh (zeroUnlessLoaded)', () => {
     ram.blocks[0]!.host[6 * TARGET_PAGE_SIZE] = 0x42;
     await qemuLoadVmState(new MemorySource([stream]), { ram, createRam: createRamFrom, devices: qemuDevices() });
     expect(ram.blocks[0]!.page(6).every((x) => x === 0)).toBe(true);
+  });
+});
+
+describe('decodeRamRecordHead (RAM records read without waiting: the preempt channel)', () => {
+  type Rec = { kind: 'page' | 'zero'; page: number; same: boolean; idstr: string } | { kind: 'eos' };
+  const rec = fc.oneof(
+    fc.record({ kind: fc.constantFrom<'page' | 'zero'>('page', 'zero'), page: fc.nat(1 << 20), same: fc.boolean(), idstr: fc.constantFrom('pc.ram', 'vga.vram', 'x'.repeat(255)) }),
+    fc.constant<Rec>({ kind: 'eos' }),
+  );
+
+  it('finds each record of any sequence exactly when all its bytes are there, never before', () => {
+    fc.assert(
+      fc.property(fc.array(rec, { minLength: 1, maxLength: 6 }), (recs) => {
+        const w = new MemorySink();
+        const ends: number[] = [];
+        for (const r of recs) {
+          if (r.kind === 'eos') putRamEos(w);
+          else if (r.kind === 'page') putRamPage(w, r.page * TARGET_PAGE_SIZE, r.idstr, r.same, PAGE);
+          else putRamZeroPage(w, r.page * TARGET_PAGE_SIZE, r.idstr, r.same);
+          ends.push(w.bytesWritten);
+        }
+        const bytes = w.bytes();
+        const h: RamRecordAt = { offset: 0, flags: 0, idstr: undefined, headBytes: 0, bodyBytes: 0 };
+        let pos = 0;
+        recs.forEach((r, i) => {
+          // One byte short of the record: not there yet, at every cut from its start.
+          for (const cut of [pos, pos + 1, pos + 8, pos + 9, ends[i]! - 1]) {
+            if (cut < ends[i]!) expect(decodeRamRecordHead(bytes, pos, Math.max(pos, cut), h)).toBe(false);
+          }
+          expect(decodeRamRecordHead(bytes, pos, ends[i]!, h)).toBe(true);
+          expect(pos + h.headBytes + h.bodyBytes).toBe(ends[i]);
+          if (r.kind === 'eos') {
+            expect(h.flags).toBe(RAM_SAVE_FLAG_EOS);
+          } else {
+            expect(h.offset).toBe(r.page * TARGET_PAGE_SIZE);
+            expect(h.flags & (RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_ZERO)).toBe(r.kind === 'page' ? RAM_SAVE_FLAG_PAGE : RAM_SAVE_FLAG_ZERO);
+            expect(h.idstr).toBe(r.same ? undefined : r.idstr);
+            expect(h.bodyBytes).toBe(r.kind === 'page' ? TARGET_PAGE_SIZE : 1);
+          }
+          pos = ends[i]!;
+        });
+      }),
+    );
+  });
+
+  it('rejects unknown flag bits and an address beyond 2^53 with VMIG_ERR_STREAM_FORMAT', () => {
+    const h: RamRecordAt = { offset: 0, flags: 0, idstr: undefined, headBytes: 0, bodyBytes: 0 };
+    for (const head of [[0, 0x400], [0xffffffff, RAM_SAVE_FLAG_PAGE]]) {
+      const w = new MemorySink();
+      w.put32(head[0]!);
+      w.put32(head[1]!);
+      let err: unknown;
+      try {
+        decodeRamRecordHead(w.bytes(), 0, 8, h, 'preempt');
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(StreamError);
+      expect((err as StreamError).code).toBe('VMIG_ERR_STREAM_FORMAT');
+      expect((err as StreamError).channel).toBe('preempt');
+    }
   });
 });

@@ -3,7 +3,7 @@
  * protocol in vcpu-control.ts. Implements core's VmRunControl (vm_stop / vm_start).
  */
 import { Worker } from 'node:worker_threads';
-import { type GuestRam, InvalidArgumentError, type MissingPagesShared, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl, type WriteProtectShared } from '@vmig/core';
+import { type GuestRam, InvalidArgumentError, type MissingPagesShared, type PreemptReaderShared, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl, type WriteProtectShared } from '@vmig/core';
 import { controlBytes, PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 
 export type WritePattern = 'uniform' | 'hot';
@@ -20,6 +20,8 @@ export interface WriterOptions {
   writeProtect?: WriteProtectShared;
   /** Postcopy destination: writers check this received map before each write. */
   missing?: MissingPagesShared;
+  /** With `missing` and preempt: the preempt channel, which a faulting writer may read itself. */
+  preempt?: PreemptReaderShared;
   /** Writers remember what they overwrote (postcopy verification); terminate() returns it. */
   track?: boolean;
   /** Writers start parked (vm_start comes later, with resume()). */
@@ -47,6 +49,7 @@ export interface WriterConfig {
   seed: number;
   writeProtect?: WriteProtectShared | undefined;
   missing?: MissingPagesShared | undefined;
+  preempt?: PreemptReaderShared | undefined;
   track?: boolean | undefined;
 }
 
@@ -82,6 +85,7 @@ export class VcpuPool implements VmRunControl {
         seed: opts.seed ?? 1,
         writeProtect: opts.writeProtect,
         missing: opts.missing,
+        preempt: opts.preempt,
         track: opts.track,
       };
       workers.push(new Worker(workerUrl(import.meta.url, 'vcpu-writer.worker.js'), { workerData: cfg }));

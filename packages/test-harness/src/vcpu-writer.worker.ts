@@ -13,7 +13,7 @@
  * exit so the destination can check every write survived (postcopy-verify.ts).
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import { GuestRam, MissingPagesVcpu, setThreadName, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core/vcpu';
+import { GuestRam, MissingPagesPlacer, MissingPagesVcpu, PreemptReader, setThreadName, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core/vcpu';
 import { xorshift } from './rng.js';
 import { SLOT_BYTES, SLOT_WORDS, stampSlot, writeStamp } from './stamp.js';
 import { PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
@@ -34,7 +34,9 @@ const hotStride = Math.max(1, Math.floor(writablePages / hotPages));
 // Background snapshot: every write first asks the write-protect map (core/snapshot/write-protect.ts).
 const writeProtect = cfg.writeProtect ? new WriteProtectVcpu(cfg.writeProtect, cfg.index) : undefined;
 // Postcopy destination: every write first asks the received map.
-const missing = cfg.missing ? new MissingPagesVcpu(cfg.missing, cfg.index) : undefined;
+// With preempt it may read the preempt channel and place pages itself (core's postcopy/preempt-reader.ts).
+const preempt = cfg.missing && cfg.preempt ? new PreemptReader(cfg.preempt, ram, new MissingPagesPlacer(cfg.missing)) : undefined;
+const missing = cfg.missing ? new MissingPagesVcpu(cfg.missing, cfg.index, preempt) : undefined;
 
 function pickPage(): number {
   return cfg.pattern === 'hot' ? (rng() % hotPages) * hotStride : rng() % writablePages;

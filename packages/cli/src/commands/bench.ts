@@ -51,14 +51,15 @@ function scenarios(ram: string): Scenario[] {
     },
     ...(
       [
-        [false, ''],
-        [true, ''],
-        [true, '100M'],
+        [false, '', false],
+        [true, '', false],
+        [true, '', true],
+        [true, '100M', false],
       ] as const
-    ).map(([preempt, cap]) => ({
-      name: `postcopy-hot-2ch${preempt ? '-preempt' : ''}${cap ? `-${cap}` : ''}`,
-      description: `${ram} random RAM, 2 channels, 2 writers dirtying a 128 MiB hot set at 400 MB/s against --max-bandwidth 300M (no convergence), postcopy after 2 rounds, preempt ${preempt ? 'on' : 'off'}, background pages after the switch ${cap ? `capped at ${cap}` : 'unlimited'}`,
-      shared: [...mf(2), '--postcopy', '--postcopy-blocktime', ...(preempt ? ['--postcopy-preempt'] : [])],
+    ).map(([preempt, cap, threadReads]) => ({
+      name: `postcopy-hot-2ch${preempt ? '-preempt' : ''}${threadReads ? '-thread' : ''}${cap ? `-${cap}` : ''}`,
+      description: `${ram} random RAM, 2 channels, 2 writers dirtying a 128 MiB hot set at 400 MB/s against --max-bandwidth 300M (no convergence), postcopy after 2 rounds, preempt ${preempt ? `on (read by ${threadReads ? 'the preempt thread alone' : 'the faulting vCPUs'})` : 'off'}, background pages after the switch ${cap ? `capped at ${cap}` : 'unlimited'}`,
+      shared: [...mf(2), '--postcopy', '--postcopy-blocktime', ...(preempt ? ['--postcopy-preempt'] : []), ...(threadReads ? ['--postcopy-preempt-reader', 'thread'] : [])],
       source: [
         ...['--fill', 'random', '--writers', '2', '--dirty-rate', '400M', '--pattern', 'hot', '--hot-pages', '32768'],
         ...['--max-bandwidth', '300M', '--downtime-limit', '50', '--postcopy-after-rounds', '2'],
@@ -144,6 +145,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
                   blocktimeMs: pc.postcopyBlocktimeMs,
                   vcpuBlocktimeMs: pc.postcopyVcpuBlocktimeMs,
                   destinationWrites: pc.writes,
+                  ...(pc.preemptReader ? { preemptReader: pc.preemptReader, preemptPagesByVcpus: pc.preemptPagesByVcpus, preemptPagesByThread: pc.preemptPagesByThread } : {}),
                   ...(pc.scheduling ? { scheduling: { source: src?.postcopyScheduling, destination: pc.scheduling } } : {}),
                 },
               }

@@ -147,6 +147,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       blocktime: settings.postcopyBlocktime,
       backgroundNice: settings.postcopyBackgroundNice,
       faultSliceUs: settings.postcopyFaultSliceUs,
+      preemptReader: settings.postcopyPreemptReader,
       fatal,
     });
   }

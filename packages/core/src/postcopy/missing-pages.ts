@@ -10,6 +10,9 @@
  * - `claimed` bitmap: a placer owns a page once it set the page's bit here.
  * - `requested` bitmap: a page request was written for the page.
  * - the return path (return-path-writer.ts): a faulting vCPU writes its request itself.
+ * - `waiting`, one Int32 per vCPU: 1 + the page it waits for (0: none). Only that vCPU
+ *   writes its slot; wakeWaiting() reads them all.
+ * - with preempt, the preempt channel's reader role (preempt-reader.ts).
  * - control words: ABORT, the "all vCPUs blocked" bookkeeping, counters.
  * - per-writer fault latency samples (stats/latency-samples.ts).
  *
@@ -24,13 +27,18 @@
  *    several writers faulting on one page sends it), writes the request on the return path,
  *    then Atomics.waits on the page's word of `received` until its bit is set. The placer's
  *    notify after the Atomics.or wakes it; the wait's timeout only guards against a lost
- *    wake-up and lets it see ABORT.
+ *    wake-up and lets it see ABORT. With preempt, a waiting writer that can take the preempt
+ *    channel's reader role reads and places pages itself until its own is in
+ *    (preempt-reader.ts); the others wait as above, and whoever gives the role back wakes
+ *    them (wakeWaiting, through `waiting`: the writer sets its slot before it first tries
+ *    for the role, so a release after that finds it).
  * 3. Teardown (a failure during postcopy): ABORT is set and every word notified; a blocked
  *    writer gives up without writing (the guest is split, nothing may land).
  */
 import { AtomicBitmap } from '../ram/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { LatencySamples, latencySamplesBytes, type LatencySummary } from '../stats/latency-samples.js';
+import type { PreemptReader } from './preempt-reader.js';
 import { ReturnPathWriter, type ReturnPathShared } from './return-path-writer.js';
 
 // Control words (Int32).
@@ -64,6 +72,7 @@ export interface MissingPagesShared {
   requested: SharedArrayBuffer;
   returnPath: ReturnPathShared;
   latency: SharedArrayBuffer;
+  waiting: SharedArrayBuffer;
 }
 
 export function createMissingPages(
@@ -85,6 +94,7 @@ export function createMissingPages(
     requested: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     returnPath,
     latency: new SharedArrayBuffer(blocktime ? latencySamplesBytes(writers) : 8),
+    waiting: new SharedArrayBuffer(Math.max(1, writers) * 4),
   };
 }
 
@@ -95,6 +105,7 @@ class Views {
   readonly claimed: AtomicBitmap;
   readonly requested: AtomicBitmap;
   readonly latency: LatencySamples;
+  readonly waiting: Int32Array;
   constructor(readonly s: MissingPagesShared) {
     this.ctl = new Int32Array(s.ctl);
     this.times = new Float64Array(s.times);
@@ -102,6 +113,7 @@ class Views {
     this.claimed = new AtomicBitmap(s.claimed, s.pages);
     this.requested = new AtomicBitmap(s.requested, s.pages);
     this.latency = new LatencySamples(s.latency, s.blocktime ? s.writers : 0);
+    this.waiting = new Int32Array(s.waiting);
   }
 
   /**
@@ -129,9 +141,11 @@ export class MissingPagesVcpu {
   /** First global page of each block. */
   private readonly bases: number[] = [];
 
+  /** `preempt`: this writer may read the preempt channel itself (rule 2). */
   constructor(
     shared: MissingPagesShared,
     private readonly writer: number,
+    private readonly preempt?: PreemptReader,
   ) {
     this.v = new Views(shared);
     this.rp = new ReturnPathWriter(shared.returnPath);
@@ -165,7 +179,10 @@ export class MissingPagesVcpu {
     const words = v.received.words;
     const w = page >>> 5;
     const bit = 1 << (page & 31);
+    const preempt = this.preempt;
+    const done = (): boolean => (Atomics.load(words, w) & bit) !== 0 || Atomics.load(v.ctl, ABORT) !== 0;
     let ok = true;
+    if (preempt) Atomics.store(v.waiting, this.writer, page + 1);
     for (;;) {
       const cur = Atomics.load(words, w);
       if ((cur & bit) !== 0) break;
@@ -173,8 +190,12 @@ export class MissingPagesVcpu {
         ok = false;
         break;
       }
-      Atomics.wait(words, w, cur, 20);
+      if (preempt?.tryTake()) preempt.readUntil(done);
+      // With the role elsewhere, a shorter timeout bounds a wake-up lost between the failed
+      // take and this wait.
+      else Atomics.wait(words, w, cur, preempt ? 5 : 20);
     }
+    if (preempt) Atomics.store(v.waiting, this.writer, 0);
     if (timed) {
       const t1 = clock();
       v.blockedDelta(-1, t1);
@@ -268,6 +289,16 @@ export class MissingPagesPlacer {
     Atomics.add(v.ctl, PLACED, 1);
     Atomics.sub(v.ctl, MISSING, 1);
     return true;
+  }
+
+  /** Rule 2: every writer waiting for a page looks again (the preempt reader role is free). */
+  wakeWaiting(): void {
+    const v = this.v;
+    const n = Math.min(v.waiting.length, Atomics.load(v.ctl, WRITERS));
+    for (let i = 0; i < n; i++) {
+      const p = Atomics.load(v.waiting, i) - 1;
+      if (p >= 0) Atomics.notify(v.received.words, p >>> 5);
+    }
   }
 
   /** Rule 3. */

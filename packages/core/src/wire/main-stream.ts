@@ -286,3 +286,45 @@ export function splitRamAddr(addr: number): RamRecordHead {
 
 export const RAM_RECORD_FLAGS_KNOWN =
   RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_MEM_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_CONTINUE | RAM_SAVE_FLAG_MULTIFD_FLUSH;
+
+/** A RAM record's head, as decodeRamRecordHead found it in a buffer. */
+export interface RamRecordAt {
+  offset: number;
+  flags: number;
+  /** The block's name; undefined with RAM_SAVE_FLAG_CONTINUE (the previous record's block) or for a record that names none. */
+  idstr: string | undefined;
+  /** Bytes of the head: the address word plus, if named, the block's name. */
+  headBytes: number;
+  /** Bytes after the head: a page, a fill byte, or none. */
+  bodyBytes: number;
+}
+
+/**
+ * The head of the RAM record at buf[pos, end), for a reader that cannot wait for bytes (a
+ * thread reading with fs.readSync): fills `out` and returns true if the whole record
+ * (head and body) is there, false if not yet. Only page and zero-page records name a
+ * block; a record of any other kind is returned with its flags for the caller to judge.
+ * Throws a StreamError for an address beyond 2^53 or unknown flag bits.
+ */
+export function decodeRamRecordHead(buf: Uint8Array, pos: number, end: number, out: RamRecordAt, channel = 'main'): boolean {
+  if (end - pos < 8) return false;
+  const addr = getBe64(buf, pos);
+  if (!Number.isFinite(addr)) throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'RAM record address beyond 2^53', { channel, phase: 'load ram' });
+  const flags = addr % TARGET_PAGE_SIZE;
+  if ((flags & ~RAM_RECORD_FLAGS_KNOWN) !== 0) {
+    throw new StreamError('VMIG_ERR_STREAM_FORMAT', `unknown RAM_SAVE_FLAG bits 0x${(flags & ~RAM_RECORD_FLAGS_KNOWN).toString(16)}`, { channel, phase: 'load ram' });
+  }
+  out.offset = addr - flags;
+  out.flags = flags;
+  out.idstr = undefined;
+  out.headBytes = 8;
+  out.bodyBytes = flags & RAM_SAVE_FLAG_PAGE ? TARGET_PAGE_SIZE : flags & RAM_SAVE_FLAG_ZERO ? 1 : 0;
+  if (out.bodyBytes > 0 && (flags & RAM_SAVE_FLAG_CONTINUE) === 0) {
+    if (end - pos < 9) return false;
+    const len = buf[pos + 8]!;
+    if (end - pos < 9 + len) return false;
+    out.idstr = utf8d.decode(buf.subarray(pos + 9, pos + 9 + len));
+    out.headBytes = 9 + len;
+  }
+  return end - pos >= out.headBytes + out.bodyBytes;
+}
