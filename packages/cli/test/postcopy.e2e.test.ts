@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { libc } from '@vmig/core';
 import { type CliProcess, type CliRun, runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN, kernelHasCustomSlices } from './cli.js';
 import { ControlClient } from './control-client.js';
@@ -54,20 +55,24 @@ describe('postcopy between two vmig processes', () => {
   // Writers dirty pages fast; the switch comes after one round, so a third of RAM or more is
   // still missing when the destination's writers start; background pages are slowed so that
   // they fault.
-  const matrix: [number, boolean][] = [
-    [2, false],
-    [2, true],
-    [4, false],
-    [4, true],
+  // With preempt, the faulting vCPUs read the preempt channel (where poll(2) is there) or,
+  // with `--postcopy-preempt-reader thread`, its thread alone does.
+  const matrix: [number, boolean, 'vcpu' | 'thread'][] = [
+    [2, false, 'vcpu'],
+    [2, true, 'vcpu'],
+    [2, true, 'thread'],
+    [4, false, 'vcpu'],
+    [4, true, 'vcpu'],
   ];
-  for (const [channels, preempt] of matrix) {
+  for (const [channels, preempt, reader] of matrix) {
     // With 4 channels and preempt, the fault path's scheduling is left to the kernel.
     const tuned = channels === 2;
-    it(`${channels} multifd channels, preempt ${preempt ? `on${tuned ? '' : ' (scheduling untouched)'}` : 'off'}, writers on both sides: verified by stamps`, async () => {
+    it(`${channels} multifd channels, preempt ${preempt ? `on${tuned ? '' : ' (scheduling untouched)'}, read by ${reader === 'vcpu' ? 'the vCPUs' : 'its thread'}` : 'off'}, writers on both sides: verified by stamps`, async () => {
       const shared = [
         ...['--ram', '128M', '--multifd-channels', String(channels), '--postcopy', '--postcopy-blocktime'],
         ...(preempt ? ['--postcopy-preempt'] : []),
         ...(preempt && !tuned ? ['--postcopy-background-nice', '0', '--postcopy-fault-slice-us', '0'] : []),
+        ...(preempt && reader === 'thread' ? ['--postcopy-preempt-reader', 'thread'] : []),
       ];
       const { source, destination } = await runMigrationPair(CLI_MAIN, shared, [
         ...shared,
@@ -95,6 +100,18 @@ describe('postcopy between two vmig processes', () => {
       const scheduling = preempt ? (tuned ? { backgroundNice: 19, faultSliceUs: kernelHasCustomSlices() ? 100 : null } : { backgroundNice: null, faultSliceUs: null }) : undefined;
       expect(src.postcopyScheduling).toEqual(scheduling);
       expect(pc.scheduling).toEqual(scheduling);
+      // Who placed the requested pages that came on the preempt channel (copies of pages
+      // already there are dropped, not counted).
+      if (preempt) {
+        const mode = reader === 'vcpu' && libc() !== null ? 'vcpu' : 'thread';
+        expect(pc.preemptReader).toBe(mode);
+        if (mode === 'vcpu') expect(pc.preemptPagesByVcpus).toBeGreaterThan(0);
+        else expect(pc.preemptPagesByVcpus).toBe(0);
+        if (mode === 'thread') expect(pc.preemptPagesByThread).toBeGreaterThan(0);
+        expect(pc.preemptPagesByVcpus + pc.preemptPagesByThread).toBeLessThanOrEqual(pc.postcopyPages);
+      } else {
+        expect(pc.preemptReader).toBeUndefined();
+      }
       // The postcopy notifiers fired on the destination, in order.
       expect(destination.lines.filter((l) => l['event'] === 'postcopy').map((l) => l['reason'])).toEqual(['PROBE', 'INBOUND_ADVISE', 'INBOUND_LISTEN', 'INBOUND_END']);
     });
@@ -194,7 +211,7 @@ describe('postcopy between two vmig processes', () => {
     expectSplitFailure(await dst.done);
   });
 
-  it('flags: preempt, blocktime, background nice or fault slice without --postcopy, bad --postcopy-after-rounds, nice or slice: exit 2', async () => {
+  it('flags: preempt, blocktime, background nice or fault slice without --postcopy, bad --postcopy-after-rounds, nice or slice, a preempt reader without preempt or unknown: exit 2', async () => {
     for (const args of [
       ['incoming', 'tcp:127.0.0.1:0', '--postcopy-preempt'],
       ['migrate', 'tcp:127.0.0.1:1', '--ram', '4M', '--postcopy-blocktime'],
@@ -208,6 +225,8 @@ describe('postcopy between two vmig processes', () => {
       ['migrate', 'tcp:127.0.0.1:1', '--ram', '4M', '--postcopy', '--postcopy-fault-slice-us', '99'],
       ['migrate', 'tcp:127.0.0.1:1', '--ram', '4M', '--postcopy', '--postcopy-fault-slice-us', '100001'],
       ['incoming', 'tcp:127.0.0.1:0', '--postcopy', '--postcopy-fault-slice-us', '1ms'],
+      ['incoming', 'tcp:127.0.0.1:0', '--postcopy', '--postcopy-preempt-reader', 'thread'],
+      ['incoming', 'tcp:127.0.0.1:0', '--postcopy', '--postcopy-preempt', '--postcopy-preempt-reader', 'kernel'],
     ]) {
       const run = await spawnCli(CLI_MAIN, args).done;
       expect(run.code, args.join(' ')).toBe(2);
