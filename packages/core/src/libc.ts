@@ -4,9 +4,12 @@
  * Loaded on first use (~10 ms); null where it cannot be: not Linux with glibc, or no koffi
  * binary for this platform. Every caller has a fallback for that case.
  *
- * - syscall(2), for sched_setattr / sched_getattr, which glibc does not wrap (thread-slice.ts);
+ * - syscall(2), for sched_setattr / sched_getattr, which glibc does not wrap (the CLI's
+ *   thread-slice.ts);
  * - poll(2) on one fd, so that a thread of ours can block until a socket has data, as a
- *   QEMU thread blocks in a read, instead of napping and trying again (sync-fd.ts).
+ *   QEMU thread blocks in a read, instead of napping and trying again (sync-fd.ts, the
+ *   source's return-path thread; postcopy/preempt-reader.ts, a faulting vCPU).
+ * It lives in core because vCPU threads (which load only core's small `vcpu` entry) poll too.
  */
 import { createRequire } from 'node:module';
 

@@ -5,10 +5,11 @@
  * wakes the writer, and the answer to the request that comes after is dropped, not placed
  * over the writer's stamp.
  */
-import net from 'node:net';
+import type net from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createMissingPages, createReturnPath, decodeRpReqPages, GuestRam, MissingPagesPlacer, ReturnPathWriter, type ReturnPathShared, TARGET_PAGE_SIZE } from '@vmig/core';
 import { checkStampedRam, digestRam, VcpuPool } from '../src/index.js';
+import { loopback } from './loopback.js';
 
 const PAGES = 256;
 let pool: VcpuPool | undefined;
@@ -32,13 +33,7 @@ afterEach(async () => {
 
 /** A loopback connection: the destination's end (whose fd the writers write) and the source's. */
 async function connectReturnPath(): Promise<Link> {
-  const server = net.createServer();
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
-  const dst = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-  await new Promise<void>((r) => dst.once('connect', r));
-  const src = await accepted;
-  const fd = (dst as unknown as { _handle: { fd: number } })._handle.fd;
+  const { src, dst, server, fd } = await loopback();
   const shared = createReturnPath(fd);
   return { src, dst, server, shared, writer: new ReturnPathWriter(shared) };
 }

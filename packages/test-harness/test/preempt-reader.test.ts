@@ -5,7 +5,7 @@
  * test's main thread is the channel's owner (the preempt thread's part: attach, service,
  * close).
  */
-import net from 'node:net';
+import type net from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   createMissingPages,
@@ -28,28 +28,10 @@ import {
   TARGET_PAGE_SIZE,
 } from '@vmig/core';
 import { checkStampedRam, digestRam, VcpuPool } from '../src/index.js';
+import { loopback } from './loopback.js';
 
 const PAGES = 256;
 const canPoll = libc() !== null;
-
-interface Pair {
-  /** The destination's end, read (or written) through its fd. */
-  fd: number;
-  /** The source's end. */
-  src: net.Socket;
-  server: net.Server;
-}
-
-async function connect(): Promise<Pair & { dst: net.Socket }> {
-  const server = net.createServer();
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
-  const dst = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-  await new Promise<void>((r) => dst.once('connect', r));
-  const src = await accepted;
-  src.setNoDelay(true);
-  return { fd: (dst as unknown as { _handle: { fd: number } })._handle.fd, dst, src, server };
-}
 
 interface Rig {
   ram: GuestRam;
@@ -73,7 +55,7 @@ afterEach(async () => {
 async function setup(opts: { writers: number; hot: number; missing: number[]; vcpusRead?: boolean }): Promise<Rig> {
   const ram = GuestRam.create([{ idstr: 'pc.ram', size: PAGES * TARGET_PAGE_SIZE }]);
   for (let p = 0; p < PAGES; p++) ram.blocks[0]!.host.fill(p & 0xff, p * TARGET_PAGE_SIZE, (p + 1) * TARGET_PAGE_SIZE);
-  const rp = await connect();
+  const rp = await loopback();
   const rpShared = createReturnPath(rp.fd);
   const requests: number[] = [];
   let pending = Buffer.alloc(0);
@@ -86,7 +68,8 @@ async function setup(opts: { writers: number; hot: number; missing: number[]; vc
       pending = pending.subarray(4 + len);
     }
   });
-  const pc = await connect();
+  const pc = await loopback();
+  pc.src.setNoDelay(true);
   // The reader owns the preempt channel's fd from here on (what @vmig/channel's detachFd
   // does): this handle never reads it again, nor closes it.
   const handle = (pc.dst as unknown as { _handle: { readStop(): number } })._handle;
