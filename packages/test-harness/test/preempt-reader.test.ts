@@ -34,6 +34,8 @@ const PAGES = 256;
 const canPoll = libc() !== null;
 
 interface Rig {
+  /** The preempt channel's fd, for a test that attaches it itself (`attach: false`). */
+  fd: number;
   ram: GuestRam;
   placer: MissingPagesPlacer;
   shared: PreemptReaderShared;
@@ -52,7 +54,7 @@ afterEach(async () => {
 });
 
 /** RAM with every page filled with its own byte; `missing` pages not received; `writers` on a hot set of `hot` pages. */
-async function setup(opts: { writers: number; hot: number; missing: number[]; vcpusRead?: boolean }): Promise<Rig> {
+async function setup(opts: { writers: number; hot: number; missing: number[]; vcpusRead?: boolean; attach?: boolean }): Promise<Rig> {
   const ram = GuestRam.create([{ idstr: 'pc.ram', size: PAGES * TARGET_PAGE_SIZE }]);
   for (let p = 0; p < PAGES; p++) ram.blocks[0]!.host.fill(p & 0xff, p * TARGET_PAGE_SIZE, (p + 1) * TARGET_PAGE_SIZE);
   const rp = await loopback();
@@ -83,7 +85,7 @@ async function setup(opts: { writers: number; hot: number; missing: number[]; vc
   placer.setRunningVcpus(opts.writers);
   const shared = createPreemptReader(opts.vcpusRead ?? true);
   const owner = new PreemptReader(shared, ram, placer);
-  owner.attach(fd, new Uint8Array(0));
+  if (opts.attach !== false) owner.attach(fd, new Uint8Array(0));
   cleanups.push(() => {
     owner.close();
     new ReturnPathWriter(rpShared).close();
@@ -94,7 +96,7 @@ async function setup(opts: { writers: number; hot: number; missing: number[]; vc
     pc.server.close();
   });
   pool = await VcpuPool.start(ram, { writers: opts.writers, dirtyRate: 0, pattern: 'hot', hotPages: opts.hot, missing: placer.shared, preempt: shared, track: true });
-  return { ram, placer, shared, owner, requests, preempt: pc.src };
+  return { fd, ram, placer, shared, owner, requests, preempt: pc.src };
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -151,6 +153,31 @@ describe.runIf(canPoll)('the preempt channel read by the faulting vCPUs', () => 
     await stopAndCheck(rig, 1, new Map([[0, 0xc3]]));
     expect(preemptReads(rig.shared)).toEqual({ preemptPagesByVcpus: 1, preemptPagesByThread: 0 });
     expect(rig.owner.service()).toBe('open');
+  });
+
+  it('a connection that came after its first pages were sent: the records already read with its first bytes are placed at attach', async () => {
+    const rig = await setup({ writers: 2, hot: 1, missing: [0], attach: false });
+    await until(() => rig.requests.length === 1, 'the page was requested');
+    // What the listener read before the channel was handed over: the source's opening EOS
+    // and the whole answer. Nothing more comes from the socket.
+    const w = new MemorySink();
+    putRamEos(w);
+    w.putBytes(pageRecord(0, 0x77));
+    rig.owner.attach(rig.fd, w.bytes());
+    await stopAndCheck(rig, 2, new Map([[0, 0x77]]));
+    expect(preemptReads(rig.shared)).toEqual({ preemptPagesByVcpus: 0, preemptPagesByThread: 1 });
+  });
+
+  it('a connection whose first bytes end inside a record: a vCPU reads the rest from the socket and places it', async () => {
+    const rig = await setup({ writers: 1, hot: 1, missing: [0], attach: false });
+    await until(() => rig.requests.length === 1, 'the page was requested');
+    const rec = pageRecord(0, 0x78);
+    rig.owner.attach(rig.fd, rec.subarray(0, 3000));
+    await sleep(30);
+    expect(pool!.writes).toBe(0);
+    rig.preempt.write(rec.subarray(3000));
+    await stopAndCheck(rig, 1, new Map([[0, 0x78]]));
+    expect(preemptReads(rig.shared)).toEqual({ preemptPagesByVcpus: 1, preemptPagesByThread: 0 });
   });
 
   it('four writers on two missing pages: one reads, the others wait; answered in reverse order, every writer runs on', async () => {

@@ -23,8 +23,10 @@
  *    store(ROLE, 0). Only the holder reads the fd, touches buf, START, END and LAST_BLOCK,
  *    or sets ENDED or FAILED; the atomic take and give order those plain accesses between
  *    holders (the buffer is handed from one to the next with the role).
- * 2. Attach: the owner writes the channel's first bytes into buf, then stores FD (release).
- *    Nobody takes the role while FD is -1.
+ * 2. Attach: the owner writes the channel's first bytes into buf and places the whole
+ *    records among them (the connection may have come after requested pages were sent: those
+ *    bytes will not come again from the socket, and a reader only parses after a read), then
+ *    stores FD (release). Nobody takes the role while FD is -1.
  * 3. Pages are placed through the received map (missing-pages.ts rule 1): a page read here
  *    is claimed, copied whole and its bit set, whoever reads it; a copy of a page placed
  *    already is dropped.
@@ -183,11 +185,16 @@ export class PreemptReader {
 
   /** Rule 2: the channel exists; `first` are the bytes read from it already. */
   attach(fd: number, first: Uint8Array): void {
-    if (first.length > BUF_BYTES) throw new RangeError(`${first.length} bytes read ahead on the preempt channel`);
+    if (first.length > BUF_BYTES - TARGET_PAGE_SIZE) throw new RangeError(`${first.length} bytes read ahead on the preempt channel`);
     this.owner = true;
     this.buf.set(first, 0);
     this.ctl[START] = 0;
     this.ctl[END] = first.length;
+    try {
+      this.parse();
+    } catch (e) {
+      this.fail(e);
+    }
     Atomics.store(this.ctl, FD, fd);
     // Pages may have been requested before the channel came: their vCPUs may read now.
     this.placer.wakeWaiting();
