@@ -11,11 +11,11 @@
  * QEMU's does.
  *
  * Shared state (SharedArrayBuffers):
- * - ctl (Int32): VCPUS_READ (set at creation), ROLE (0 free, 1 held), FD (-1 until the channel is attached), STATE (OPEN,
- *   ENDED, FAILED, CLOSING), START and END (the bytes read but not yet parsed are
- *   buf[START, END)), LAST_BLOCK (the block of the last named record, for
- *   RAM_SAVE_FLAG_CONTINUE; -1: none), NAP (the owner sleeps on it), ERROR_LEN, and
- *   counters: pages placed from this channel by vCPUs and by the owner.
+ * - ctl (Int32): VCPUS_READ (set at creation), ROLE (0 free, 1 held), FD (-1 until the
+ *   channel is attached), STATE (OPEN, ENDED, FAILED, CLOSING), START and END (the bytes
+ *   read but not yet parsed are buf[START, END)), LAST_BLOCK (the block of the last named
+ *   record, for RAM_SAVE_FLAG_CONTINUE; -1: none), NAP (the owner sleeps on it), ERROR_LEN,
+ *   and counters: pages placed from this channel by vCPUs and by the owner.
  * - buf: the read buffer; error: the failure, as JSON.
  *
  * Ordering rules:
@@ -30,9 +30,9 @@
  * 3. Pages are placed through the received map (missing-pages.ts rule 1): a page read here
  *    is claimed, copied whole and its bit set, whoever reads it; a copy of a page placed
  *    already is dropped.
- * 4. Handing on: the holder gives the role back as soon as its own page is in, then wakes
- *    every vCPU still waiting for a page (MissingPagesPlacer.wakeWaiting), so that one of
- *    them takes the role. A holder waits for data in poll(2) for at most POLL_MS, then
+ * 4. Handing on: the holder gives the role back as soon as its own page is in (or, the
+ *    owner, once nothing more is there), then wakes every vCPU still waiting for a page
+ *    (MissingPagesPlacer.wakeWaiting), so that one of them takes the role. A holder waits for data in poll(2) for at most POLL_MS, then
  *    looks at STATE and at the received map again: a closing owner or an abort is seen.
  * 5. Close: the owner sets CLOSING (unless the stream ENDED or FAILED), then takes the role
  *    itself before it closes the fd: no read or poll is in progress then, and none starts.
