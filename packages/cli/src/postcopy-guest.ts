@@ -152,12 +152,10 @@ export class PostcopyGuest {
     const w = this.preemptThread;
     if (!w) return;
     if (this.preemptStarted) await this.preemptDone;
-    else {
-      // A channel the thread never got is still this side's to close.
-      this.preemptChannel?.sock.destroy();
-      w.postMessage({ t: 'stop' } satisfies PreemptToThread);
-    }
+    else w.postMessage({ t: 'stop' } satisfies PreemptToThread);
     await awaitExit(w, this.preemptExited!);
+    // Nobody reads the fd any more (the thread ended; PreemptReader.close made sure no vCPU does).
+    this.preemptChannel?.sock.destroy();
   }
 
   /** The preempt connection (`--postcopy-preempt`): handed to its thread at LISTEN. */
@@ -167,7 +165,8 @@ export class PostcopyGuest {
       this.opts.fatal(new VmigError('VMIG_ERR_CHANNEL', this.preemptChannel ? 'a second preempt channel' : 'a preempt channel, but this side was started without --postcopy-preempt', { channel: 'preempt' }));
       return;
     }
-    // Ownership: the accepted handle stops reading and is never closed here; the thread owns the fd.
+    // Ownership: the accepted handle stops reading; its fd is read by the thread and the
+    // vCPUs (core's postcopy/preempt-reader.ts), and the handle closes it when they are done.
     this.preemptChannel = { sock, fd: detachFd(sock), first };
     this.preemptThread.ref();
     this.startPreempt();

@@ -1,13 +1,14 @@
 /**
  * The destination's preempt channel thread (QEMU's postcopy_preempt_thread, "mig/dst/preempt").
  * It starts with `vmig incoming` (booting one takes tens of ms), gets its channel at LISTEN
- * in a 'start' message, and owns the channel's fd from then on. Requested pages are read and
+ * in a 'start' message, and is the channel's owner from then on. Requested pages are read and
  * placed by the vCPU that waits for them (core's postcopy/preempt-reader.ts); this thread
  * reads only what no vCPU does: copies of pages that came in the background first, the end
  * of the stream; with `--postcopy-preempt-reader thread`, or where vCPUs cannot block in
  * poll(2), everything. A bad record or a
  * truncated stream, found by whichever thread read it, is reported from here.
- * Ownership: from 'start' on, this thread owns the channel's fd and closes it
+ * Ownership: the main thread keeps the connection's handle and closes it once this thread has
+ * ended; before it ends, this thread makes sure nobody reads the fd any more
  * (PreemptReader.close, which waits for a vCPU reading it).
  */
 import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';

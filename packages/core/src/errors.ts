@@ -78,10 +78,11 @@ export function toVmigError(err: unknown, fallback: VmigErrorCode, ctx: VmigErro
 
 /**
  * A failure after the postcopy switch (QEMU's postcopy_pause, without recovery): the
- * destination may have run the guest, so neither side has all of it. Both ends report this.
+ * destination may have run the guest, so neither side has all of it. Both ends report this,
+ * with the cause's stable code and message inside the message.
  */
 export function postcopySplitError(cause: VmigError): VmigError {
-  return new VmigError('VMIG_ERR_POSTCOPY', `postcopy failed after the switch (${cause.message}); the guest's state is split between source and destination and neither can run it`, {
+  return new VmigError('VMIG_ERR_POSTCOPY', `postcopy failed after the switch (${cause.code}: ${cause.message}); the guest's state is split between source and destination and neither can run it`, {
     channel: cause.channel,
     phase: 'postcopy',
   });

@@ -72,8 +72,8 @@ async function setup(opts: { writers: number; hot: number; missing: number[]; vc
   });
   const pc = await loopback();
   pc.src.setNoDelay(true);
-  // The reader owns the preempt channel's fd from here on (what @vmig/channel's detachFd
-  // does): this handle never reads it again, nor closes it.
+  // The readers read the preempt channel's fd from here on (what @vmig/channel's detachFd
+  // does): this handle never reads it again, and closes it after owner.close().
   const handle = (pc.dst as unknown as { _handle: { readStop(): number } })._handle;
   handle.readStop();
   (pc.dst as unknown as { _read: () => void })._read = () => {};
@@ -88,6 +88,7 @@ async function setup(opts: { writers: number; hot: number; missing: number[]; vc
   if (opts.attach !== false) owner.attach(fd, new Uint8Array(0));
   cleanups.push(() => {
     owner.close();
+    pc.dst.destroy();
     new ReturnPathWriter(rpShared).close();
     rp.dst.destroy();
     rp.src.destroy();

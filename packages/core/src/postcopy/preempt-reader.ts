@@ -4,8 +4,8 @@
  * time: the reader role), instead of waiting for the preempt thread to read, place and wake
  * it. A page request then costs the destination one thread wake-up (the vCPU's, when its
  * page arrives) instead of two; on a small machine every wake-up may wait for a core
- * (docs/benchmarks.md). The preempt thread (QEMU's postcopy_preempt_thread) owns the fd and
- * reads only what nobody else does: copies of pages that came in the background first, and
+ * (docs/benchmarks.md). The preempt thread (QEMU's postcopy_preempt_thread) is the channel's
+ * owner here (attach, close) and reads only what nobody else does: copies of pages that came in the background first, and
  * the end of the stream. With `vcpusRead` off, or without poll(2) (libc.ts: a vCPU could
  * only nap and retry), no vCPU takes the role and the preempt thread reads everything, as
  * QEMU's does.
@@ -35,9 +35,10 @@
  *    (MissingPagesPlacer.wakeWaiting), so that one of them takes the role. A holder waits for data in poll(2) for at most POLL_MS, then
  *    looks at STATE and at the received map again: a closing owner or an abort is seen.
  * 5. Close: the owner sets CLOSING (unless the stream ENDED or FAILED), then takes the role
- *    itself before it closes the fd: no read or poll is in progress then, and none starts.
- *    A holder that died with the role (a terminated thread) cannot read either, so the
- *    owner waits for the role at most CLOSE_WAIT_MS.
+ *    itself and stores FD -1: no read or poll is in progress then, and none starts, so
+ *    whoever holds the fd's handle may close it (the CLI's main thread, once the preempt
+ *    thread ended). A holder that died with the role (a terminated thread) cannot read
+ *    either, so the owner waits for the role at most CLOSE_WAIT_MS.
  */
 import fs from 'node:fs';
 import { StreamError, toVmigError, VmigError } from '../errors.js';
@@ -87,7 +88,7 @@ const POLL_MS = 20;
  */
 const OWNER_NAP_MS = 5;
 const ALONE_NAP_MS = 0.5;
-/** How long the owner waits for the role before it closes the fd anyway (ms). */
+/** How long the owner waits for the role before it gives the fd up anyway (ms). */
 const CLOSE_WAIT_MS = 1000;
 
 const channel = 'preempt';
@@ -231,20 +232,15 @@ export class PreemptReader {
     return new VmigError(j.code as never, j.message, { channel });
   }
 
-  /** Rule 5 (the owner, once): no read is in progress or starts; then the fd is closed. */
+  /**
+   * Rule 5 (the owner, once): when this returns no read is in progress and none starts; the
+   * fd's handle may be closed.
+   */
   close(): void {
-    const fd = Atomics.load(this.ctl, FD);
     Atomics.compareExchange(this.ctl, STATE, OPEN, CLOSING);
     const deadline = performance.now() + CLOSE_WAIT_MS;
     while (Atomics.compareExchange(this.ctl, ROLE, 0, 1) !== 0 && performance.now() < deadline) Atomics.wait(this.ctl, ROLE, 1, 1);
     Atomics.store(this.ctl, FD, -1);
-    if (fd >= 0) {
-      try {
-        fs.closeSync(fd);
-      } catch {
-        // Closed already: nothing more to release.
-      }
-    }
   }
 
   /* ------------------------------------------------------------ the role holder's work */
