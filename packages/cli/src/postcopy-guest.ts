@@ -26,6 +26,7 @@ import {
 } from '@vmig/core';
 import { checkStampedRam, VcpuPool, type VcpuState, type VcpuStateDevice } from '@vmig/test-harness';
 import type { PreemptFromThread, PreemptThreadData, PreemptToThread } from './preempt-protocol.js';
+import type { PreemptReaderChoice } from './options.js';
 import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from './thread-priority.js';
 import { awaitExit, exitOf } from './worker-exit.js';
 
@@ -45,7 +46,7 @@ export interface PostcopyGuestOptions {
   /** Slice (us) for the preempt thread from LISTEN (thread-slice.ts); 0: the kernel's. */
   faultSliceUs: number;
   /** With preempt: who reads the preempt channel (core's postcopy/preempt-reader.ts). */
-  preemptReader: 'vcpu' | 'thread';
+  preemptReader: PreemptReaderChoice;
   /** The first failure anywhere: the migration fails with it. */
   fatal: (e: VmigError) => void;
 }
