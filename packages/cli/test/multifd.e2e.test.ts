@@ -11,7 +11,7 @@ import { runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
 
 type Report = Record<string, any>;
-const VECTOR = new URL('../../../../shared/vectors/qemu-7.2-multifd-2ch/', import.meta.url);
+const VECTOR = new URL('./fixtures/qemu-7.2-multifd-2ch/', import.meta.url);
 const vector = (name: string): Buffer => gunzipSync(readFileSync(new URL(name, VECTOR)));
 const tmp = mkdtempSync(join(tmpdir(), 'vmig-multifd-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));

@@ -4,7 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { DeviceRegistry, GlobalStateDevice, MemorySource, qemuLoadVmState, readVmDescription, TARGET_PAGE_SIZE, TimerDevice } from '../src/index.js';
 import { createRamFrom, splitAt } from './helpers.js';
 
-const VECTOR = new URL('../../../../shared/vectors/qemu-7.2-multifd-2ch/', import.meta.url);
+const VECTOR = new URL('../../cli/test/fixtures/qemu-7.2-multifd-2ch/', import.meta.url);
 const load = (name: string): Uint8Array => gunzipSync(readFileSync(new URL(name, VECTOR)));
 
 // The main channel of a real QEMU 7.2 migration (multifd, 2 channels, legacy flush on EOS):
