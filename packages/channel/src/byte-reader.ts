@@ -32,6 +32,11 @@ export interface ByteReaderOptions {
   highWaterMark?: number;
   maxRead?: number;
   initial?: Uint8Array;
+  /**
+   * The longest a read may wait for the peer's next bytes (ms); past it the read fails with
+   * VMIG_ERR_TIMEOUT (a peer stopped, a link frozen). Unbounded if absent.
+   */
+  idleTimeoutMs?: number;
 }
 
 export class ByteReader implements StreamSource {
@@ -161,8 +166,24 @@ export class ByteReader implements StreamSource {
       if (c) return c;
       if (this.error) throw this.error;
       if (this.ended) throw new EndOfStream(1);
-      await new Promise<void>((r) => (this.wake = r));
+      await this.waitForData();
     }
+  }
+
+  /** Until the socket delivers something (or ends, or fails), at most idleTimeoutMs. */
+  private waitForData(): Promise<void> {
+    const ms = this.opts.idleTimeoutMs;
+    if (ms === undefined) return new Promise<void>((r) => (this.wake = r));
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        this.error ??= new VmigError('VMIG_ERR_TIMEOUT', `no data from the peer for ${ms} ms (--channel-timeout)`, { channel: this.opts.channel ?? 'main' });
+        this.notify();
+      }, ms);
+      this.wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
   }
 
   async ensure(n: number): Promise<void> {

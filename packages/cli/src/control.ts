@@ -5,7 +5,7 @@
  * gets `{"return": ..., "id"}` or `{"error": {"class", "desc"}, "id"}`. Events go to every
  * client: `{"event": NAME, "data": {...}, "timestamp": {"seconds", "microseconds"}}`.
  */
-import { unlink } from 'node:fs/promises';
+import { chmod, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import { formatMigrationUri, parseMigrationUri } from '@vmig/channel';
 import { InvalidArgumentError, VmigError, type Logger } from '@vmig/core';
@@ -13,6 +13,8 @@ import { InvalidArgumentError, VmigError, type Logger } from '@vmig/core';
 /** A command handler: returns the `return` value, or throws (InvalidArgumentError → GenericError). */
 export type ControlCommand = (args: Record<string, unknown>) => unknown;
 
+/** How long clients may take to read the last events and hang up, at close (ms). */
+const CLOSE_GRACE_MS = 500;
 /** Longest request line accepted; a client sending more is disconnected. */
 const MAX_LINE = 64 * 1024;
 
@@ -28,20 +30,31 @@ export class ControlServer {
     server.on('connection', (s) => this.accept(s));
   }
 
-  /** Listens on a `unix:PATH` (or `tcp:HOST:PORT`) address. */
+  /**
+   * Listens on a `unix:PATH` address, created mode 0600: only this user may cancel or steer
+   * the migration. A TCP control socket would take commands from anyone who can reach it;
+   * it needs TLS with client certificates, which vmig does not have yet, so it is refused.
+   */
   static async listen(uriText: string, commands: Record<string, ControlCommand>, log: Logger): Promise<ControlServer> {
     const uri = parseMigrationUri(uriText);
+    if (uri.transport !== 'unix') {
+      throw new InvalidArgumentError(`--control ${uriText}: a TCP control socket would take commands from anyone who reaches it (it needs TLS with client certificates, not supported yet); use unix:PATH`);
+    }
     const server = net.createServer();
     await new Promise<void>((resolve, reject) => {
       server.once('error', (e: NodeJS.ErrnoException) =>
         reject(new VmigError('VMIG_ERR_CONTROL', `control socket ${formatMigrationUri(uri)}: ${e.code === 'EADDRINUSE' ? 'address in use' : e.message}`)),
       );
-      if (uri.transport === 'unix') server.listen(uri.path, resolve);
-      else server.listen(uri.port, uri.host, resolve);
+      // The socket file is created inside listen(): with this umask it is never open to others.
+      const umask = process.umask(0o177);
+      try {
+        server.listen(uri.path, resolve);
+      } finally {
+        process.umask(umask);
+      }
     });
-    const addr = server.address();
-    const address = uri.transport === 'unix' ? formatMigrationUri(uri) : `tcp:${uri.host}:${typeof addr === 'object' && addr ? addr.port : uri.port}`;
-    return new ControlServer(server, { ...commands, qmp_capabilities: () => ({}) }, log, address);
+    await chmod(uri.path, 0o600);
+    return new ControlServer(server, { ...commands, qmp_capabilities: () => ({}) }, log, formatMigrationUri(uri));
   }
 
   /** Sends an event to every connected client. */
@@ -52,9 +65,12 @@ export class ControlServer {
   }
 
   async close(): Promise<void> {
-    // Let clients read what was sent (the last events), then close.
+    // Let clients read what was sent (the last events), then close: a client that stays
+    // connected gets a moment, not a say in when this process ends.
+    this.server.close();
     for (const c of this.clients) c.end();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    const deadline = performance.now() + CLOSE_GRACE_MS;
+    while (this.clients.size > 0 && performance.now() < deadline) await new Promise((r) => setTimeout(r, 10));
     for (const c of this.clients) c.destroy();
     const a = this.address;
     if (a.startsWith('unix:')) await unlink(a.slice(5)).catch(() => {});

@@ -2,7 +2,8 @@
  * The flags of each command, named after QEMU's migration parameters, and turning parsed
  * values into typed settings.
  */
-import { DEFAULT_PARAMS, InvalidArgumentError, type MigrationParams, type ZeroPageDetection } from '@vmig/core';
+import { totalmem } from 'node:os';
+import { DEFAULT_CHANNEL_TIMEOUT_MS, DEFAULT_PARAMS, InvalidArgumentError, type MigrationParams, type ZeroPageDetection } from '@vmig/core';
 import { FILL_PATTERNS, type FillPattern, type WritePattern } from '@vmig/test-harness';
 import { COMPRESSION_NAMES, type CompressionName } from '@vmig/multifd';
 import { formatMigrationUri, parseMigrationUri } from '@vmig/channel';
@@ -23,6 +24,7 @@ export const SHARED_OPTIONS = {
   'postcopy-background-nice': { type: 'string' },
   'postcopy-fault-slice-us': { type: 'string' },
   'postcopy-preempt-reader': { type: 'string' },
+  'channel-timeout': { type: 'string' },
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
@@ -35,7 +37,19 @@ export const DEFAULT_POSTCOPY_FAULT_SLICE_US = MIN_SLICE_US;
 export const INCOMING_OPTIONS = {
   ...SHARED_OPTIONS,
   'dump-ram': { type: 'string' },
+  'max-ram': { type: 'string' },
 } as const;
+
+export interface IncomingSettings extends SharedSettings {
+  /** The most guest RAM a stream may declare (bytes), checked before anything is allocated. */
+  maxRam: number;
+}
+
+export function incomingSettings(v: Values): IncomingSettings {
+  const shared = sharedSettings(v);
+  const max = str(v, 'max-ram');
+  return { ...shared, maxRam: max === undefined ? totalmem() : parseSize('max-ram', max) };
+}
 
 /** The test guest a source (or a snapshot) builds: its RAM contents and its writers. */
 const GUEST_OPTIONS = {
@@ -100,6 +114,8 @@ export interface SharedSettings {
   postcopyFaultSliceUs: number;
   /** Who reads the preempt channel on the destination (core's postcopy/preempt-reader.ts). */
   postcopyPreemptReader: PreemptReaderChoice;
+  /** --channel-timeout (ms). */
+  channelTimeoutMs: number;
   json: boolean;
   logLevel: LogLevel;
 }
@@ -139,6 +155,7 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopyBackgroundNice: nice === undefined ? DEFAULT_POSTCOPY_BACKGROUND_NICE : parseIntFlag('postcopy-background-nice', nice, 0, 19),
     postcopyFaultSliceUs: sliceUs,
     postcopyPreemptReader: reader === undefined ? 'vcpu' : parseChoice('postcopy-preempt-reader', reader, PREEMPT_READERS),
+    channelTimeoutMs: str(v, 'channel-timeout') === undefined ? DEFAULT_CHANNEL_TIMEOUT_MS : parseIntFlag('channel-timeout', str(v, 'channel-timeout')!, 100, 3_600_000),
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };
@@ -160,10 +177,18 @@ export function migrateSettings(v: Values): MigrateSettings {
   if (maxPostcopyBw !== undefined && !shared.postcopy) throw new InvalidArgumentError('--max-postcopy-bandwidth needs --postcopy');
   const guest = guestSettings(v);
   const zpd = str(v, 'zero-page-detection');
-  // QEMU >= 9.0 defaults to multifd detection when multifd is on; legacy otherwise.
+  // QEMU >= 9.0 defaults to multifd detection when multifd is on; legacy otherwise, and in
+  // QEMU 7.2's dialect, whose packets have no zero page list.
   const zeroPageDetection: ZeroPageDetection =
-    zpd === undefined ? (shared.multifdChannels > 0 ? 'multifd' : 'legacy') : parseChoice('zero-page-detection', zpd, ['none', 'legacy', 'multifd'] as const);
+    zpd === undefined
+      ? shared.multifdChannels > 0 && !shared.flushAfterEachSection
+        ? 'multifd'
+        : 'legacy'
+      : parseChoice('zero-page-detection', zpd, ['none', 'legacy', 'multifd'] as const);
   if (zeroPageDetection === 'multifd' && shared.multifdChannels === 0) throw new InvalidArgumentError('--zero-page-detection multifd needs --multifd-channels N');
+  if (zeroPageDetection === 'multifd' && shared.flushAfterEachSection) {
+    throw new InvalidArgumentError("--zero-page-detection multifd cannot go with --multifd-flush-after-each-section (QEMU 7.2's packets have no zero page list)");
+  }
   const downtime = str(v, 'downtime-limit');
   const maxBw = str(v, 'max-bandwidth');
   const control = str(v, 'control');

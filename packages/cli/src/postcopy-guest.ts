@@ -135,7 +135,7 @@ export class PostcopyGuest {
     this.preemptDone = new Promise<void>((r) => (ended = r));
     w.on('message', (m: PreemptFromThread) => {
       if (m.t === 'slice') return void (this.faultSliceUs = m.us);
-      if (m.t === 'error') this.opts.fatal(new VmigError(m.error.code as never, m.error.message));
+      if (m.t === 'error') this.opts.fatal(VmigError.fromJSON(m.error));
       ended();
     });
     w.on('error', (e) => {

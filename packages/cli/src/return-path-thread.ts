@@ -67,12 +67,15 @@ export class ReturnPathThread implements SourceReturnPath {
   private queue: ((type: number, data: Uint8Array) => void) | undefined;
   private settle!: { resolve: (status: number) => void; reject: (e: VmigError) => void };
   private closed = false;
+  /** How long a write on the return path's fds may wait for the peer (sync-fd.ts). */
+  private readonly writeTimeoutMs: number | undefined;
 
   /**
    * Starts the thread; it reads nothing until attach(). Start it early (booting a thread
    * costs tens of ms of CPU, which the migration would otherwise pay at its start).
    */
-  constructor(opts: { preemptUri?: MigrationUri | undefined; faultSliceUs?: number; onPreemptError?: (e: Error) => void } = {}) {
+  constructor(opts: { preemptUri?: MigrationUri | undefined; faultSliceUs?: number; onPreemptError?: (e: Error) => void; writeTimeoutMs?: number } = {}) {
+    this.writeTimeoutMs = opts.writeTimeoutMs;
     this.shut = new Promise<number>((resolve, reject) => (this.settle = { resolve, reject }));
     this.shut.catch(() => {});
     const { port1, port2 } = new MessageChannel();
@@ -95,10 +98,10 @@ export class ReturnPathThread implements SourceReturnPath {
     const uri = opts.preemptUri;
     this.openPreempt = uri
       ? async () => {
-          const ps = await connect(uri, { channel: 'preempt' });
+          const ps = await connect(uri, { channel: 'preempt', ...(opts.writeTimeoutMs !== undefined ? { timeoutMs: opts.writeTimeoutMs } : {}) });
           this.preemptSock = ps;
           ps.on('error', (e) => opts.onPreemptError?.(e));
-          const shared = createSyncFd(stopReading(ps).fd);
+          const shared = createSyncFd(stopReading(ps).fd, this.writeTimeoutMs);
           const io = new SyncFd(shared);
           this.preempt = { io, shared };
           // QEMU's preempt channel has no magic; an empty RAM part (EOS) tells it apart at once.
@@ -112,7 +115,7 @@ export class ReturnPathThread implements SourceReturnPath {
   /** `sock`: the main connection, nothing read from it yet by anyone else; `ram`: what requests name. */
   attach(sock: net.Socket, ram: GuestRam): void {
     const { fd, leftover } = stopReading(sock);
-    const main = createSyncFd(fd);
+    const main = createSyncFd(fd, this.writeTimeoutMs);
     this.main = new SyncFd(main);
     this.port.postMessage({ t: 'start', main, initial: new Uint8Array(leftover), ram: ram.toShared() } satisfies ReturnPathToThread);
     // From here the migration waits on it (SHUT): a main connection that is not reading is
@@ -135,7 +138,7 @@ export class ReturnPathThread implements SourceReturnPath {
       } catch (e) {
         this.fail(e as VmigError);
       }
-    } else if (m.t === 'error') this.fail(new VmigError(m.error.code as never, m.error.message, { channel: 'return-path' }));
+    } else if (m.t === 'error') this.fail(VmigError.fromJSON(m.error));
   }
 
   private fail(e: VmigError): void {

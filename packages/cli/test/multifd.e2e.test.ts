@@ -130,13 +130,23 @@ describe('multifd between two vmig processes', () => {
     const { source, destination } = await runMigrationPair(CLI_MAIN, ['--ram', '32M'], ['--ram', '32M', '--multifd-channels', '2']);
     expect(source.report?.status).toBe('failed');
     expect(destination.report?.status).toBe('failed');
-    expect(destination.report?.error.code).toBe('VMIG_ERR_MULTIFD_HANDSHAKE');
+    expect(destination.report?.error.code).toBe('VMIG_ERR_MULTIFD_CHANNELS');
+  });
+
+  it('multifd on the destination only: its channels never come, a clear error within --channel-timeout', async () => {
+    const t0 = performance.now();
+    const { source, destination } = await runMigrationPair(CLI_MAIN, ['--ram', '32M', '--multifd-channels', '2', '--channel-timeout', '1500'], ['--ram', '32M', '--channel-timeout', '1500']);
+    expect(destination.report?.status).toBe('failed');
+    expect(destination.report?.error.code).toBe('VMIG_ERR_MULTIFD_CHANNELS');
+    expect(destination.report?.error.message).toMatch(/channel 0 never connected: 0 of the 2/);
+    expect(source.report?.status).toBe('failed');
+    expect(performance.now() - t0).toBeLessThan(60_000); // a bound on a hang, not a speed figure
   });
 
   it('a channel id the destination does not expect is rejected', async () => {
     const { source, destination } = await runMigrationPair(CLI_MAIN, ['--ram', '32M', '--multifd-channels', '2'], ['--ram', '32M', '--multifd-channels', '4']);
     expect(source.report?.status).toBe('failed');
-    expect(destination.report?.error.code).toBe('VMIG_ERR_MULTIFD_HANDSHAKE');
+    expect(destination.report?.error.code).toBe('VMIG_ERR_MULTIFD_CHANNELS');
     expect(destination.report?.error.message).toMatch(/channel id/);
   });
 });

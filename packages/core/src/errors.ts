@@ -25,12 +25,32 @@ export type VmigErrorCode =
   | 'VMIG_ERR_NOTIFIER'
   | 'VMIG_ERR_CONTROL'
   | 'VMIG_ERR_SNAPSHOT_IO'
-  | 'VMIG_ERR_POSTCOPY';
+  | 'VMIG_ERR_POSTCOPY'
+  /** A wait on a peer or a thread outlasted --channel-timeout. */
+  | 'VMIG_ERR_TIMEOUT'
+  /** The two ends disagree on the number of multifd channels. */
+  | 'VMIG_ERR_MULTIFD_CHANNELS'
+  /** The two ends disagree on how multifd is synced or compressed. */
+  | 'VMIG_ERR_MULTIFD_DIALECT'
+  /** A stream declares more guest RAM than this side accepts (--max-ram). */
+  | 'VMIG_ERR_RAM_LIMIT'
+  /** A precopy stream ended with pages that never arrived. */
+  | 'VMIG_ERR_PAGES_MISSING'
+  /** RAM as loaded differs from what the source sent (the integrity check). */
+  | 'VMIG_ERR_INTEGRITY';
 
 export interface VmigErrorContext {
   /** 'main', 'return-path', 'multifd/3', ... */
   channel?: string;
   /** 'setup', 'iterate', 'complete', 'load', ... */
+  phase?: string;
+}
+
+/** A VmigError as it travels between threads and into reports. */
+export interface VmigErrorJSON {
+  code: VmigErrorCode;
+  message: string;
+  channel?: string;
   phase?: string;
 }
 
@@ -49,8 +69,20 @@ export class VmigError extends Error {
   }
 
   /** The plain object put into reports and sent between processes. */
-  toJSON(): { code: VmigErrorCode; message: string } {
-    return { code: this.code, message: this.message };
+  toJSON(): VmigErrorJSON {
+    return { code: this.code, message: this.message, ...(this.channel ? { channel: this.channel } : {}), ...(this.phase ? { phase: this.phase } : {}) };
+  }
+
+  /**
+   * An error that crossed a thread or process as toJSON() made it: same code, same message
+   * (which already names its channel and phase).
+   */
+  static fromJSON(j: { code: string; message: string; channel?: string | undefined; phase?: string | undefined }): VmigError {
+    const code = (j.code.startsWith('VMIG_ERR_') ? j.code : 'VMIG_ERR_WORKER') as VmigErrorCode;
+    const e = new VmigError(code, j.message) as { -readonly [K in keyof VmigError]: VmigError[K] };
+    e.channel = j.channel;
+    e.phase = j.phase;
+    return e as VmigError;
   }
 }
 

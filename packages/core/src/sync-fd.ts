@@ -34,6 +34,8 @@ const BROKEN = 2;
 const NAP = 3;
 const WORDS = 4;
 
+/** How long a write may wait for room by default (ms): --channel-timeout's default. */
+const DEFAULT_WRITE_TIMEOUT_MS = 30_000;
 /** How long a writer sleeps when the socket buffer is full (ms). */
 const FULL_NAP_MS = 0.2;
 
@@ -43,10 +45,13 @@ export type FdPoller = (fd: number, ms: number) => boolean;
 export interface SyncFdShared {
   fd: number;
   ctl: SharedArrayBuffer;
+  /** The longest a write may wait for room in the socket buffer (ms): past it the stream is broken. */
+  writeTimeoutMs: number;
 }
 
-export function createSyncFd(fd: number): SyncFdShared {
-  return { fd, ctl: new SharedArrayBuffer(WORDS * 4) };
+/** `writeTimeoutMs`: a peer that takes nothing for this long is gone (a stopped process, a frozen link). */
+export function createSyncFd(fd: number, writeTimeoutMs = DEFAULT_WRITE_TIMEOUT_MS): SyncFdShared {
+  return { fd, ctl: new SharedArrayBuffer(WORDS * 4), writeTimeoutMs };
 }
 
 /** What readSome found. */
@@ -57,10 +62,12 @@ export const READ_CLOSED = -2;
 export class SyncFd {
   private readonly ctl: Int32Array;
   readonly fd: number;
+  private readonly writeTimeoutMs: number;
 
   constructor(s: SyncFdShared) {
     this.ctl = new Int32Array(s.ctl);
     this.fd = s.fd;
+    this.writeTimeoutMs = s.writeTimeoutMs;
   }
 
   lock(): void {
@@ -84,15 +91,24 @@ export class SyncFd {
   writeLocked(msg: Uint8Array): boolean {
     if (this.closing || this.broken) return false;
     let off = 0;
+    let waitingSince: number | undefined;
     while (off < msg.length) {
       try {
-        off += fs.writeSync(this.fd, msg, off, msg.length - off);
+        const n = fs.writeSync(this.fd, msg, off, msg.length - off);
+        off += n;
+        if (n > 0) waitingSince = undefined;
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') {
           Atomics.store(this.ctl, BROKEN, 1);
           return false;
         }
-        // The socket buffer is full: the peer is not reading. Wait unless we must stop.
+        // The socket buffer is full: the peer is not reading. Wait unless we must stop, or
+        // the peer took nothing for the whole timeout (then it is gone: nothing may follow).
+        waitingSince ??= performance.now();
+        if (performance.now() - waitingSince > this.writeTimeoutMs) {
+          Atomics.store(this.ctl, BROKEN, 1);
+          return false;
+        }
         if (this.closing) {
           // A message cut short would corrupt the stream: nothing may follow it.
           if (off > 0) Atomics.store(this.ctl, BROKEN, 1);

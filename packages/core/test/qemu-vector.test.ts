@@ -15,18 +15,21 @@ describe('QEMU 7.2 capture, main channel', () => {
     const ramBin = load('ram.bin.gz');
     const globalstate = new GlobalStateDevice('');
     const timer = new TimerDevice();
-    let eosCount = 0;
+    let syncs = 0;
+    let legacy: boolean | undefined;
     const src = new MemorySource(splitAt(conn0, [1, 5, 8, 13, 77, 4096, 4100, 9000, 20000]));
     const res = await qemuLoadVmState(src, {
       createRam: createRamFrom,
       devices: new DeviceRegistry().register(timer).register(globalstate),
-      onEos: async () => void eosCount++,
+      // The dialect is read off the stream: no MULTIFD_FLUSH before the setup EOS.
+      multifd: { sync: async () => void syncs++, setDialect: (l) => (legacy = l) },
     });
     expect(res.machine).toBe('none');
     expect(res.ram.blocks.map((b) => [b.idstr, b.usedLength])).toEqual([['mem', 16 << 20]]);
     expect(res.normalPages).toBe(0); // normal pages travel on the multifd channels
     expect(res.zeroPages).toBeGreaterThan(0);
-    expect(eosCount).toBeGreaterThan(1);
+    expect(legacy).toBe(true);
+    expect(syncs).toBeGreaterThan(1); // every EOS is a barrier in QEMU 7.2's dialect
     expect(globalstate.runstate).toBe('prelaunch');
     // Every page the main channel declared zero is zero in the RAM QEMU sent.
     const host = res.ram.blocks[0]!.host;

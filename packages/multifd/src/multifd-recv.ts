@@ -10,7 +10,8 @@ import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
 import { detachFd } from '@vmig/channel';
 import { FirstError, type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
-import { ABORT, APPLYING, CONTROL_WORDS, MAX_CHANNELS, POSTED, RELEASED, SEALED } from './recv-control.js';
+import { ABORT, APPLYING, CONTROL_WORDS, DIALECT, DIALECT_LEGACY, DIALECT_MODERN, MAX_CHANNELS, POSTED, RELEASED, SEALED } from './recv-control.js';
+import { type CompressionName, compressionByName } from './compress/registry.js';
 import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
 import { decodeMultifdInit, MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
 
@@ -30,10 +31,18 @@ export class MultifdReceiver {
    * `zeroUnlessLoaded`: this side created guest RAM fresh, so a zero page for a page no load
    * wrote needs no work (RamBlock.loadZeroPage).
    */
+  /** Why connections that looked like multifd channels were turned away (for the timeout's message). */
+  private readonly turnedAway: string[] = [];
+  private readonly compressionFlag: number;
+  private readonly timeoutMs: number;
+
   constructor(
     readonly channels: number,
     private readonly zeroUnlessLoaded = false,
+    opts: { compression?: CompressionName; timeoutMs?: number } = {},
   ) {
+    this.compressionFlag = compressionByName(opts.compression ?? 'none')?.flag ?? 0;
+    this.timeoutMs = opts.timeoutMs ?? 30_000;
     if (channels < 1 || channels > MAX_CHANNELS) throw new RangeError(`multifd channels must be 1..${MAX_CHANNELS}`);
     this.attached = new Array<boolean>(channels).fill(false);
     this.workers = Array.from({ length: channels }, (_, id) => this.startThread(id));
@@ -49,6 +58,11 @@ export class MultifdReceiver {
 
   private get error(): VmigError | undefined {
     return this.failure.error;
+  }
+
+  /** Ends the load's use of multifd: every wait here fails with `e` (the first failure anywhere). */
+  abort(e: VmigError): void {
+    this.fail(e);
   }
 
   private fail(e: VmigError): void {
@@ -83,11 +97,20 @@ export class MultifdReceiver {
     this.workers[init.id]!.postMessage({ t: 'channel', fd, leftover } satisfies RecvToChannel);
   }
 
+  /**
+   * A connection that was to be a multifd channel and is not (its init cut short, or not a
+   * multifd init at all): it is dropped; if a channel is then missing, the barrier's
+   * timeout names it, with this reason.
+   */
+  turnAway(reason: string): void {
+    this.turnedAway.push(reason);
+  }
+
   private startThread(id: number): Worker {
-    const cfg: RecvThreadConfig = { id, control: this.control, zeroUnlessLoaded: this.zeroUnlessLoaded };
+    const cfg: RecvThreadConfig = { id, control: this.control, zeroUnlessLoaded: this.zeroUnlessLoaded, compressionFlag: this.compressionFlag };
     const w = new Worker(workerUrl(import.meta.url, 'recv-channel.worker.js'), { workerData: cfg });
     w.on('message', (m: RecvFromChannel) => {
-      if (m.t === 'error') this.fail(new VmigError(m.error.code as never, m.error.message));
+      if (m.t === 'error') this.fail(VmigError.fromJSON(m.error));
       else {
         this.channelStats[id] = { normal: m.normal, zero: m.zero, bytes: m.bytes };
         if (m.t === 'end') this.ended[id] = true;
@@ -112,12 +135,20 @@ export class MultifdReceiver {
    * dialect): wait for every channel's SYNC, then release them all.
    */
   async sync(): Promise<void> {
+    // Bounded: a channel that never connects (the source opened fewer), that ended, or that
+    // sends nothing (a frozen link) fails the load instead of holding it for good.
+    const deadline = performance.now() + this.timeoutMs;
     for (let ch = 0; ch < this.channels; ch++) {
       for (;;) {
         if (this.error) throw this.error;
         const posted = Atomics.load(this.ctl, POSTED + ch);
         if (posted > this.consumed[ch]!) break;
-        await Atomics.waitAsync(this.ctl, POSTED + ch, posted, 200).value;
+        if (this.ended[ch]) {
+          this.fail(new VmigError('VMIG_ERR_PEER_CLOSED', `multifd channel ${ch} ended before its SYNC (the source closed it early)`, { channel: `multifd/${ch}` }));
+          continue;
+        }
+        if (performance.now() > deadline) this.fail(this.syncTimeout(ch));
+        else await Atomics.waitAsync(this.ctl, POSTED + ch, posted, 200).value;
       }
       this.consumed[ch]!++;
     }
@@ -125,6 +156,23 @@ export class MultifdReceiver {
       Atomics.add(this.ctl, RELEASED + ch, 1);
       Atomics.notify(this.ctl, RELEASED + ch);
     }
+  }
+
+  private syncTimeout(ch: number): VmigError {
+    const why = this.turnedAway.length > 0 ? `; connections turned away: ${this.turnedAway.slice(-3).join('; ')}` : '';
+    if (!this.attached[ch]) {
+      return new VmigError(
+        'VMIG_ERR_MULTIFD_CHANNELS',
+        `multifd channel ${ch} never connected: ${this.connected} of the ${this.channels} channels this side expects arrived within ${this.timeoutMs} ms (--multifd-channels must be the same on both ends)${why}`,
+        { channel: `multifd/${ch}` },
+      );
+    }
+    return new VmigError('VMIG_ERR_TIMEOUT', `multifd channel ${ch} sent no SYNC within ${this.timeoutMs} ms (--channel-timeout)`, { channel: `multifd/${ch}` });
+  }
+
+  /** The stream's barrier dialect, read off the main stream: published before the barrier releases anyone. */
+  setDialect(legacy: boolean): void {
+    Atomics.store(this.ctl, DIALECT, legacy ? DIALECT_LEGACY : DIALECT_MODERN);
   }
 
   /**

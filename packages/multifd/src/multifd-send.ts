@@ -115,7 +115,7 @@ export class MultifdSender implements MultifdLink {
         this.stats.multifdBytes += m.bytes;
         break;
       case 'error':
-        this.fail(new VmigError(m.error.code as never, m.error.message, {}));
+        this.fail(VmigError.fromJSON(m.error));
         break;
     }
     this.notify();

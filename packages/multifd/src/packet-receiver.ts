@@ -20,6 +20,7 @@ import { type GuestRam, type RamBlock, StreamError, TARGET_PAGE_SIZE } from '@vm
 import { compressionByFlags } from './compress/registry.js';
 import type { MultifdRecvDecompressor } from './compress/method.js';
 import {
+  checkMultifdExpected,
   checkMultifdOffsets,
   decodeMultifdPacketHeader,
   type MultifdPacketHeader,
@@ -43,6 +44,13 @@ export interface PacketReceiverHooks {
   resume(): void;
   /** The first error; the parser is dead afterwards. */
   fail(e: unknown): void;
+  /**
+   * What this side agreed on with the source, checked on every packet: the compression bits
+   * a packet with pages carries (--multifd-compression), and whether the stream speaks QEMU
+   * 7.2's dialect, in which the word at offset 32 is unused (not zero_pages). Unchecked if
+   * absent.
+   */
+  expected?(): { compressionFlag: number; legacy: boolean };
 }
 
 export interface ReceivedTotals {
@@ -179,6 +187,8 @@ export class PacketReceiver {
 
   private headerDone(): void {
     const h = decodeMultifdPacketHeader(this.header, 0, this.channel);
+    const expected = this.hooks.expected?.();
+    if (expected) checkMultifdExpected(h, expected.compressionFlag, expected.legacy, this.channel);
     this.h = h;
     this.filled = 0;
     if (h.normalPages + h.zeroPages === 0) {
@@ -253,6 +263,7 @@ export class PacketReceiver {
       const block = this.block!;
       for (let i = 0; i < h.normalPages; i++) block.loaded.set(h.offsets[i]! / TARGET_PAGE_SIZE);
       for (let i = h.normalPages; i < h.offsets.length; i++) block.loadZeroPage(h.offsets[i]!, this.zeroUnlessLoaded);
+      for (let i = 0; i < h.offsets.length; i++) block.arrived.set(h.offsets[i]! / TARGET_PAGE_SIZE);
       this.totals.normal += h.normalPages;
       this.totals.zero += h.zeroPages;
       this.applying = false;

@@ -13,7 +13,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { socketReadingInto } from '@vmig/channel';
 import { GuestRam, setThreadName, StreamError, toVmigError, VmigError } from '@vmig/core';
 import { PacketReceiver } from './packet-receiver.js';
-import { ABORT, APPLYING, POSTED, RELEASED, SEALED } from './recv-control.js';
+import { ABORT, APPLYING, DIALECT, DIALECT_LEGACY, POSTED, RELEASED, SEALED } from './recv-control.js';
 import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
 
 const cfg = workerData as RecvThreadConfig;
@@ -55,6 +55,7 @@ const receiver = new PacketReceiver(
       Atomics.notify(ctl, APPLYING);
     },
     sync: syncBarrier,
+    expected: () => ({ compressionFlag: cfg.compressionFlag, legacy: Atomics.load(ctl, DIALECT) === DIALECT_LEGACY }),
     resume: () => sock?.resume(),
     fail: (e) => finish(e),
   },

@@ -18,6 +18,11 @@
  * and every later packet sees SEALED set. The flush-and-sync before the switch means no
  * packet should be left at all; the seal makes a stray one an error instead of a write
  * under a running vCPU.
+ *
+ * The dialect (DIALECT: 0 not known yet, DIALECT_MODERN, DIALECT_LEGACY): the load loop
+ * reads it off the main stream (a RAM_SAVE_FLAG_MULTIFD_FLUSH in the setup section, or an
+ * EOS without one: QEMU 7.2) and stores it before it releases the setup barrier, so every
+ * packet after the first SYNC is parsed knowing it (the release's notify orders the store).
  */
 export const MAX_CHANNELS = 64;
 export const ABORT = 0;
@@ -25,4 +30,7 @@ export const POSTED = 1;
 export const RELEASED = POSTED + MAX_CHANNELS;
 export const SEALED = RELEASED + MAX_CHANNELS;
 export const APPLYING = SEALED + 1;
-export const CONTROL_WORDS = APPLYING + 1;
+export const DIALECT = APPLYING + 1;
+export const CONTROL_WORDS = DIALECT + 1;
+export const DIALECT_MODERN = 1;
+export const DIALECT_LEGACY = 2;

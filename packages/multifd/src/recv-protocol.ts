@@ -7,6 +7,8 @@ export interface RecvThreadConfig {
   control: SharedArrayBuffer;
   /** Guest RAM is zero but for what loads write (RamBlock.loadZeroPage). */
   zeroUnlessLoaded: boolean;
+  /** The compression bits (MULTIFD_FLAG_COMPRESSION_MASK) every packet with pages must carry. */
+  compressionFlag: number;
 }
 
 export type RecvToChannel =

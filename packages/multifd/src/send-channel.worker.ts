@@ -93,6 +93,17 @@ port.on('message', (m: SendToChannel) => {
 });
 
 async function handle(m: SendToChannel): Promise<void> {
+  if (m.t === 'close') {
+    // Orderly end, also after a failure: the thread exits once the socket is closed (a
+    // peer gone already closed it, and end()'s callback would never come).
+    closing = true;
+    if (sock.destroyed) port.close();
+    else {
+      sock.once('close', () => port.close());
+      sock.end(() => port.close());
+    }
+    return;
+  }
   if (failed) return;
   if (m.t === 'job') {
     await sendJob(m.block, m.pages, m.packetNum);
@@ -105,9 +116,6 @@ async function handle(m: SendToChannel): Promise<void> {
       freeHeaders.push(headers);
       port.postMessage({ t: 'synced', bytes: MULTIFD_PACKET_HEADER_SIZE });
     });
-  } else {
-    closing = true;
-    sock.end(() => port.close());
   }
 }
 

@@ -54,7 +54,8 @@ describe('MultiFDInit_t', () => {
     };
     expect(bad((b) => setBe32(b, 0, 0xdeadbeef))).toBe('VMIG_ERR_MULTIFD_HANDSHAKE');
     expect(bad((b) => setBe32(b, 4, 2))).toBe('VMIG_ERR_MULTIFD_HANDSHAKE');
-    expect(bad(() => {}, 1)).toBe('VMIG_ERR_MULTIFD_HANDSHAKE');
+    // An id past this side's channels: the two ends disagree on --multifd-channels.
+    expect(bad(() => {}, 1)).toBe('VMIG_ERR_MULTIFD_CHANNELS');
     expect(() => decodeMultifdInit(new Uint8Array(10), 4)).toThrow(expect.objectContaining({ code: 'VMIG_ERR_MULTIFD_HANDSHAKE' }));
   });
 });

@@ -29,10 +29,11 @@ import {
 } from '@vmig/core';
 import { MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultifdReceiver } from '@vmig/multifd';
 import { digestRam, ItsTableDevice, VcpuStateDevice } from '@vmig/test-harness';
+import type { Logger } from '@vmig/core';
 import { createLogger } from '../log.js';
 import { PostcopyGuest } from '../postcopy-guest.js';
 import { dumpRam } from '../dump-ram.js';
-import { INCOMING_OPTIONS, sharedSettings } from '../options.js';
+import { INCOMING_OPTIONS, incomingSettings } from '../options.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
 import { resourceUsage } from '../resources.js';
@@ -44,38 +45,70 @@ interface MainChannel {
 
 /**
  * Accepts connections until the listener closes: the first QEVM one is the main channel,
- * multifd ones go to the receiver. Anything else is closed.
+ * multifd ones go to the receiver. Anything else is closed, and its reason kept for the
+ * multifd barrier's timeout message (a channel whose init was cut short or corrupted is
+ * then missing). Once a multifd channel arrived, the main channel must follow within
+ * `timeoutMs`.
  */
 function acceptChannels(
   listener: Listener,
   receiver: MultifdReceiver | undefined,
   onFatal: (e: VmigError) => void,
   onPreempt: ((sock: net.Socket, first: Buffer) => void) | undefined,
+  timeoutMs: number,
+  log: Logger,
 ): Promise<MainChannel> {
   return new Promise((resolveMain) => {
     let mainSeen = false;
     let preemptSeen = false;
+    let mainTimer: NodeJS.Timeout | undefined;
+    const turnAway = (sock: net.Socket, reason: string): void => {
+      log.warn({ reason }, 'connection turned away');
+      receiver?.turnAway(reason);
+      sock.destroy();
+    };
     const handle = async (sock: net.Socket): Promise<void> => {
       sock.on('error', () => {});
-      let first = await readFirstBytes(sock, 4);
+      let first: Buffer;
+      try {
+        first = await readFirstBytes(sock, 4, timeoutMs);
+      } catch (e) {
+        turnAway(sock, `a connection without its first bytes (${(e as Error).message})`);
+        return;
+      }
       const magic = first.readUInt32BE(0);
       if (magic === QEMU_VM_FILE_MAGIC && !mainSeen) {
         mainSeen = true;
+        clearTimeout(mainTimer);
         resolveMain({ sock, first });
       } else if (magic === MULTIFD_MAGIC) {
         if (!receiver) {
           sock.destroy();
-          onFatal(new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', 'a multifd channel connected, but this side was started without --multifd-channels', { channel: 'multifd' }));
+          onFatal(new StreamError('VMIG_ERR_MULTIFD_CHANNELS', 'a multifd channel connected, but this side was started without --multifd-channels', { channel: 'multifd' }));
           return;
         }
-        if (first.length < MULTIFD_INIT_SIZE) first = Buffer.concat([first, await readFirstBytes(sock, MULTIFD_INIT_SIZE - first.length)]);
+        if (first.length < MULTIFD_INIT_SIZE) {
+          try {
+            first = Buffer.concat([first, await readFirstBytes(sock, MULTIFD_INIT_SIZE - first.length, timeoutMs)]);
+          } catch (e) {
+            turnAway(sock, `a multifd channel whose MultiFDInit_t was cut short (${(e as Error).message})`);
+            return;
+          }
+        }
         receiver.addChannel(sock, first);
+        if (!mainSeen && !mainTimer) {
+          mainTimer = setTimeout(
+            () => onFatal(new VmigError('VMIG_ERR_TIMEOUT', `a multifd channel connected, but the main channel did not within ${timeoutMs} ms (--channel-timeout)`, { channel: 'main' })),
+            timeoutMs,
+          );
+          mainTimer.unref();
+        }
       } else if (onPreempt && mainSeen && !preemptSeen) {
         // The postcopy preempt channel: no magic, it starts with a RAM record.
         preemptSeen = true;
         onPreempt(sock, first);
       } else {
-        sock.destroy();
+        turnAway(sock, `a connection that began 0x${magic.toString(16).padStart(8, '0')}, neither a migration stream (QEVM) nor a multifd channel`);
       }
     };
     void (async () => {
@@ -84,6 +117,7 @@ function acceptChannels(
         try {
           sock = await listener.accept();
         } catch {
+          clearTimeout(mainTimer);
           return; // listener closed
         }
         handle(sock).catch(() => sock.destroy());
@@ -96,7 +130,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('incoming', argv, INCOMING_OPTIONS);
   if (positionals.length !== 1) throw new InvalidArgumentError('incoming: expected one URI (tcp:HOST:PORT or unix:PATH)');
   const uri = parseMigrationUri(positionals[0]!);
-  const settings = sharedSettings(values);
+  const settings = incomingSettings(values);
   const out = new Output(settings.json);
   const log = createLogger(settings.logLevel, 'destination');
 
@@ -106,7 +140,10 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   out.event({ event: 'listening', uri: formatMigrationUri(listener.uri) }, `vmig: listening on ${formatMigrationUri(listener.uri)}`);
 
   // Guest RAM here is always created fresh (zero) for this migration.
-  const receiver = settings.multifdChannels > 0 ? new MultifdReceiver(settings.multifdChannels, true) : undefined;
+  const receiver =
+    settings.multifdChannels > 0
+      ? new MultifdReceiver(settings.multifdChannels, true, { compression: settings.compression, timeoutMs: settings.channelTimeoutMs })
+      : undefined;
   if (ram) receiver?.setRam(ram);
   let firstError: VmigError | undefined;
   let mainSock: net.Socket | undefined;
@@ -125,8 +162,13 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     // No return-path write may be in flight when the fd closes.
     rp?.close();
     mainSock?.destroy();
+    receiver?.abort(e);
   };
   receiver?.onError(fatal);
+  // Cancel like `migrate` does: clean up and report (a second signal kills at once).
+  const onSignal = (sig: NodeJS.Signals): void => fatal(new VmigError('VMIG_ERR_CANCELLED', `incoming migration cancelled (${sig})`, { channel: 'main' }));
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
 
   // Postcopy (postcopy-guest.ts); its vCPU state device is this side's `vmig-vcpus`.
   const vcpuState = new VcpuStateDevice(() => ({ writers: 0, writes: 0, pattern: '' }));
@@ -153,37 +195,53 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   }
   const onPreempt = settings.postcopyPreempt && postcopy ? postcopy.onPreempt.bind(postcopy) : undefined;
 
+  const stopSignals = (): void => {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  };
   const start = performance.now();
   let loadStart = start;
   let returnPath = false;
   try {
-    const main = await Promise.race([acceptChannels(listener, receiver, fatal, onPreempt), fatalError]);
+    const main = await Promise.race([acceptChannels(listener, receiver, fatal, onPreempt, settings.channelTimeoutMs, log), fatalError]);
     if (firstError) throw firstError;
     loadStart = performance.now();
     // The main channel reads into a pool of reused buffers (ByteReader.fromFd): from here on
     // `conn` is the connection, and the accepted socket's handle is never used again.
     const mainFd = detachFd(main.sock);
-    const reader = ByteReader.fromFd(mainFd, { channel: 'main', initial: main.first });
+    const reader = ByteReader.fromFd(mainFd, { channel: 'main', initial: main.first, idleTimeoutMs: settings.channelTimeoutMs });
     const conn = reader.input;
-    returnPathShared = createReturnPath(mainFd);
+    returnPathShared = createReturnPath(mainFd, settings.channelTimeoutMs);
     rp = new ReturnPathWriter(returnPathShared);
     mainSock = conn;
     mainReader = reader;
     const its = new ItsTableDevice(() => ram);
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its);
-    const noMultifd = async (): Promise<void> => {
-      throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'stream uses multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH) but this side was started without --multifd-channels', { channel: 'main' });
-    };
     const result = await qemuLoadVmState(reader, {
       ram,
       zeroUnlessLoaded: true,
-      createRam: (blocks) => GuestRam.create(blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength }))),
+      createRam: (blocks) => {
+        // What a stream declares is checked before anything is allocated; the blocks are not
+        // pre-faulted (zero pages never touch a fresh page, the recv threads fault in what
+        // they write, in parallel).
+        const total = blocks.reduce((n, b) => n + b.usedLength, 0);
+        if (total > settings.maxRam) {
+          throw new StreamError('VMIG_ERR_RAM_LIMIT', `the stream declares ${fmtBytes(total)} of guest RAM in ${blocks.length} block(s), more than --max-ram ${fmtBytes(settings.maxRam)}`, {
+            channel: 'main',
+            phase: 'load',
+          });
+        }
+        return GuestRam.create(
+          blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })),
+          { prefault: false },
+        );
+      },
       onRamReady: (r) => {
         ram = r;
         receiver?.setRam(r);
       },
-      onMultifdFlush: receiver && !settings.flushAfterEachSection ? () => receiver.sync() : noMultifd,
-      ...(receiver && settings.flushAfterEachSection ? { onEos: () => receiver.sync() } : {}),
+      multifd: receiver,
+      expectLegacyDialect: settings.flushAfterEachSection,
       devices,
       onOpenReturnPath: () => (returnPath = true),
       onPing: (v) => rp!.write(encodeRpPong(v)),
@@ -191,6 +249,9 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       failed: () => firstError,
     });
     ram = result.ram;
+    // A precopy stream sends every page in its first pass: one that never arrived was sent
+    // where this side did not read (multifd channels it was not started for).
+    if (!postcopy?.incoming.placing) checkEveryPageArrived(ram);
     const loadMs = performance.now() - loadStart;
     // Loaded (the last barrier put every multifd page in place; in postcopy every page is in
     // the received map): tell the source at once (its downtime ends here).
@@ -212,6 +273,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     conn.end();
     await listener.close();
     await receiver?.close();
+    stopSignals();
     const mf = receiver?.totals() ?? { normal: 0, zero: 0, bytes: 0 };
     out.report(
       {
@@ -255,6 +317,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     mainSock?.destroy();
     await listener.close().catch(() => {});
     await receiver?.close(0);
+    stopSignals();
     log.error({ error: err.toJSON() }, 'incoming migration failed');
     out.report(
       { role: 'destination', status: 'failed', totalTimeMs: round(performance.now() - start), error: err.toJSON() },
@@ -283,4 +346,15 @@ async function drainAndClose(sock: net.Socket, reader: ByteReader | undefined, m
 
 function round(v: number): number {
   return Math.round(v * 1000) / 1000;
+}
+
+function checkEveryPageArrived(ram: GuestRam): void {
+  const missing = ram.missingPages();
+  if (missing.length === 0) return;
+  const list = missing.map((m) => `${m.missing} of block '${m.idstr}'`).join(', ');
+  throw new StreamError(
+    'VMIG_ERR_PAGES_MISSING',
+    `the stream ended with pages that never arrived (${list}): the source sent them where this side did not read (does it use multifd? then start this side with --multifd-channels N)`,
+    { channel: 'main', phase: 'load' },
+  );
 }

@@ -80,6 +80,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     preemptUri: s.postcopyPreempt ? uri : undefined,
     faultSliceUs: s.postcopyPreempt ? s.postcopyFaultSliceUs : 0,
     onPreemptError: (e) => mig?.fail(e),
+    writeTimeoutMs: s.channelTimeoutMs,
   });
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
@@ -100,15 +101,20 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     const err = toVmigError(e, 'VMIG_ERR_CONNECT');
     log.error({ error: err.toJSON() }, 'migration could not start');
     await returnPath.close();
+    // The vCPUs were never stopped: say that they run, as a failure after setup does.
+    const writersResumed = vcpus.count > 0 && s.dirtyRate > 0 ? await vcpus.keepsWriting(RESUME_CHECK_MS) : undefined;
     await vcpus.terminate();
     control?.event('MIGRATION', { status: 'failed' });
-    out.report({ role: 'source', status: 'failed', error: err.toJSON() }, `vmig: migration failed: ${err.message} [${err.code}]`);
+    out.report(
+      { role: 'source', status: 'failed', error: err.toJSON(), ...(writersResumed !== undefined ? { writersResumed } : {}) },
+      `vmig: migration failed: ${err.message} [${err.code}]`,
+    );
     return finish(1);
   };
 
   let sock;
   try {
-    sock = await connect(uri, { channel: 'main' });
+    sock = await connect(uri, { channel: 'main', timeoutMs: s.channelTimeoutMs });
   } catch (e) {
     return failEarly(e);
   }
@@ -121,6 +127,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
         compression: s.compression,
         zeroPageDetection: s.params.zeroPageDetection,
         flushAfterEachSection: s.flushAfterEachSection,
+        connectTimeoutMs: s.channelTimeoutMs,
       });
     } catch (e) {
       sock.destroy();
@@ -154,6 +161,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     signal: abort.signal,
     notifiers,
     log,
+    channelTimeoutMs: s.channelTimeoutMs,
     onStatus: (i) => {
       if (i.status !== 'active') progress?.stop();
       // With preempt, after the switch this thread only streams background pages: requests

@@ -27,6 +27,7 @@ import { createUrgentPages, UrgentPagesTally } from '../postcopy/urgent-pages.js
 import { PageRequestQueue } from './page-requests.js';
 import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
 import { RateLimiter } from './rate-limit.js';
+import { Watchdog } from './watchdog.js';
 import type { SourceReturnPath } from './source-return-path.js';
 import { isTerminal, type MigrationStatus } from './state.js';
 import { MigrationStats, type MigrationInfo } from './stats.js';
@@ -76,6 +77,11 @@ export const DEFAULT_PARAMS: MigrationParams = {
   maxPostcopyBandwidth: 0,
 };
 
+/** What the bounded waits wait for, as the timeout's message names it. */
+const MAIN = 'the main channel to take more bytes';
+const MULTIFD = 'the multifd channels to take more pages';
+const SHUT = "the destination's answer (SHUT) after the stream ended";
+
 /** Postcopy's automatic switch: rounds in a row in which what is dirty did not shrink by a tenth. */
 const POSTCOPY_STALLED_ROUNDS = 3;
 /** Background pages per postcopy section: requests wait behind at most this many (no preempt). */
@@ -100,7 +106,15 @@ export interface PrecopyContext {
   /** Notifier chains; a fresh, empty set if omitted. */
   notifiers?: MigrationNotifiers | undefined;
   log?: Logger | undefined;
+  /**
+   * The longest any wait on the destination or the vCPUs may last (ms, --channel-timeout):
+   * past it the migration fails with VMIG_ERR_TIMEOUT (before the postcopy switch, with the
+   * guest running here again). Default 30 s.
+   */
+  channelTimeoutMs?: number | undefined;
 }
+
+export const DEFAULT_CHANNEL_TIMEOUT_MS = 30_000;
 
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
 const BANDWIDTH_PERIOD_MS = 100;
@@ -119,6 +133,8 @@ export class PrecopyMigration {
   readonly stats: MigrationStats;
   readonly saver: RamSaver;
   private error: VmigError | undefined;
+  /** Bounds every guard() that waits on a peer or a thread. */
+  private readonly watchdog: Watchdog;
   /** The rejecters of the guard() calls now waiting: fail() rejects them all. */
   private readonly guarded = new Set<(e: VmigError) => void>();
   private shutStatus: Promise<number> | undefined;
@@ -152,6 +168,10 @@ export class PrecopyMigration {
     if (ctx.multifd) this.saver.pageSender = ctx.multifd;
     this.requests = new PageRequestQueue(ctx.ram, this.saver, this.stats);
     this.stats.totalBytes = ctx.ram.totalBytes;
+    const timeoutMs = ctx.channelTimeoutMs ?? DEFAULT_CHANNEL_TIMEOUT_MS;
+    this.watchdog = new Watchdog(timeoutMs, (what) =>
+      this.fail(new VmigError('VMIG_ERR_TIMEOUT', `waited ${timeoutMs} ms for ${what} (--channel-timeout): the peer is stopped or the link is frozen`, { phase: this.stats.status })),
+    );
   }
 
   /** Records the first error; later ones are dropped. Wakes anything in guard(). */
@@ -168,12 +188,22 @@ export class PrecopyMigration {
    * migration guards hundreds of thousands of waits (the source's heap grew past 90 MB and
    * its collections took up to 86 ms).
    */
-  private guard<T>(p: Promise<T>): Promise<T> {
+  private guard<T>(p: Promise<T>, waitingFor: string | null): Promise<T> {
     if (this.error) return Promise.reject(this.error);
     return new Promise<T>((resolve, reject) => {
       this.guarded.add(reject);
-      p.then(resolve, reject).finally(() => this.guarded.delete(reject));
+      // Bounded (watchdog.ts), unless it is a sleep of our own.
+      const w = waitingFor === null ? -1 : this.watchdog.enter(waitingFor);
+      p.then(resolve, reject).finally(() => {
+        this.guarded.delete(reject);
+        if (w >= 0) this.watchdog.leave(w);
+      });
     });
+  }
+
+  /** A sleep of the migration thread's own (rate limit, waiting for dirty pages): cut short by a failure, not bounded. */
+  private nap(ms: number): Promise<void> {
+    return this.guard(sleep(ms), null);
   }
 
   private setStatus(s: MigrationStatus): void {
@@ -223,6 +253,7 @@ export class PrecopyMigration {
     const { ctx, stats } = this;
     const onAbort = (): void => this.cancel();
     ctx.signal?.addEventListener('abort', onAbort, { once: true });
+    this.watchdog.start();
     stats.startTime = performance.now();
     this.setStatus('setup');
     this.notifyState({ type: 'setup', status: 'setup' });
@@ -250,6 +281,7 @@ export class PrecopyMigration {
       }
     } finally {
       ctx.signal?.removeEventListener('abort', onAbort);
+      this.watchdog.stop();
     }
     // migration_cleanup: CLEANUP exactly once, on every path, before the final status. The
     // vCPUs run unthrottled again; the stats keep the throttle the migration ended with.
@@ -319,7 +351,7 @@ export class PrecopyMigration {
     this.saver.writeSectionEnd(sink, RAM_SECTION_ID);
     // Postcopy: what the destination must prepare before the switch (its vCPU threads).
     if (params.postcopy) putSetupDeviceSections(sink, this.ctx.devices, RAM_SECTION_ID + 1);
-    await this.guard(sink.flush());
+    await this.guard(sink.flush(), MAIN);
     this.stats.setupTimeMs = performance.now() - this.stats.startTime;
   }
 
@@ -356,15 +388,15 @@ export class PrecopyMigration {
     // After the postcopy switch multifd carries nothing and syncs nothing.
     if (!mf || this.postcopyListening) return;
     if (!mf.flushAfterEachSection && !always) return;
-    await this.guard(mf.flushAndSync());
+    await this.guard(mf.flushAndSync(), MULTIFD);
     this.unsynced = false;
     if (!mf.flushAfterEachSection) putRamMultifdFlush(this.ctx.sink);
   }
 
   /** Backpressure on every channel. */
   private async channelsReady(): Promise<void> {
-    await this.guard(this.ctx.sink.ready());
-    if (this.ctx.multifd) await this.guard(this.ctx.multifd.ready());
+    await this.guard(this.ctx.sink.ready(), MAIN);
+    if (this.ctx.multifd) await this.guard(this.ctx.multifd.ready(), MULTIFD);
   }
 
   private async iterate(): Promise<'complete' | 'postcopy'> {
@@ -428,7 +460,7 @@ export class PrecopyMigration {
         }
         if (saver.dirtyPages === 0) {
           // Nothing dirty yet and no bandwidth measured: wait for the vCPUs a little.
-          await this.guard(sleep(5));
+          await this.nap(5);
           continue;
         }
       }
@@ -437,7 +469,7 @@ export class PrecopyMigration {
       limiter.account(this.chargedBytes());
       if (limiter.allowance(now) <= 0) {
         // migration_rate_limit: over max-bandwidth, wait for credit.
-        await this.guard(sleep(limiter.waitMs(now)));
+        await this.nap(limiter.waitMs(now));
         continue;
       }
 
@@ -460,7 +492,7 @@ export class PrecopyMigration {
       // Like QEMU's qemu_fflush at the end of ram_save_iterate: the section, and above all
       // a barrier marker in it, must reach the destination now. Multifd channels parked at
       // their SYNC wait for that marker; left in a staging buffer it would deadlock them.
-      await this.guard(sink.flush());
+      await this.guard(sink.flush(), MAIN);
       stats.transferred = this.writtenBytes();
       stats.precopyBytes = stats.transferred;
       await this.channelsReady();
@@ -472,7 +504,7 @@ export class PrecopyMigration {
     this.saver.writePartHeader(this.ctx.sink, RAM_SECTION_ID, false);
     await this.multifdSync(true);
     this.saver.writeSectionEnd(this.ctx.sink, RAM_SECTION_ID);
-    await this.guard(this.ctx.sink.flush());
+    await this.guard(this.ctx.sink.flush(), MAIN);
   }
 
   /**
@@ -487,12 +519,12 @@ export class PrecopyMigration {
     const { sink, vm, devices } = ctx;
     // setup() refused postcopy without a return path.
     const rp = ctx.returnPath!;
-    if (rp.openPreempt) await this.guard(rp.openPreempt());
+    if (rp.openPreempt) await this.guard(rp.openPreempt(), 'the postcopy preempt channel to connect');
     // Multifd writes are not atomic: every page queued on a channel lands before the switch.
     await this.barrierSection();
     const downtimeStart = performance.now();
     const bytesBefore = this.writtenBytes();
-    await this.guard(vm.stop());
+    await this.guard(vm.stop(), 'the vCPUs to stop');
     if (this.error) throw this.error;
     for (const d of devices.list()) d.flushToRam?.();
     // ram_postcopy_send_discard_bitmap: the sync without precopy's notifiers.
@@ -518,7 +550,7 @@ export class PrecopyMigration {
     rp.listen(urgent, (type, data) => this.requests.add(type, data));
     this.postcopyListening = true;
     this.guestSplit = true;
-    await this.guard(sink.flush());
+    await this.guard(sink.flush(), MAIN);
     stats.downtimeMs = performance.now() - downtimeStart;
     stats.downtimeBytes = this.writtenBytes() - bytesBefore;
     this.setStatus('postcopy-active');
@@ -536,16 +568,16 @@ export class PrecopyMigration {
           saver.writePartHeader(sink, RAM_SECTION_ID, false);
           this.requests.serve(sink);
           saver.writeSectionEnd(sink, RAM_SECTION_ID);
-          await this.guard(sink.flush());
+          await this.guard(sink.flush(), MAIN);
         }
-        await this.guard(sleep(Math.min(2, limiter.waitMs())));
+        await this.nap(Math.min(2, limiter.waitMs()));
         continue;
       }
       saver.writePartHeader(sink, RAM_SECTION_ID, false);
       this.requests.serve(sink);
       saver.savePages(sink, POSTCOPY_SLICE_PAGES);
       saver.writeSectionEnd(sink, RAM_SECTION_ID);
-      await this.guard(sink.flush());
+      await this.guard(sink.flush(), MAIN);
       // A flush the kernel takes at once resolves without an I/O turn: yield, so that page
       // requests on the return path are read now, not once the socket buffer is full.
       await new Promise<void>((r) => setImmediate(r));
@@ -555,11 +587,11 @@ export class PrecopyMigration {
     saver.writePartHeader(sink, RAM_SECTION_ID, true);
     saver.writeSectionEnd(sink, RAM_SECTION_ID);
     putEof(sink);
-    await this.guard(sink.flush());
+    await this.guard(sink.flush(), MAIN);
     stats.remainingPages = 0;
     // The destination answers once every page is in place (requested pages the return-path
     // thread sent included: it has written them before it reads SHUT).
-    const status = await this.guard(this.shutStatus!);
+    const status = await this.guard(this.shutStatus!, SHUT);
     this.takeUrgent();
     stats.transferred = this.writtenBytes() + this.urgentBytes;
     stats.postcopyBytes = stats.transferred - postcopyStart;
@@ -587,7 +619,7 @@ export class PrecopyMigration {
     const { stats, saver } = this;
     const downtimeStart = performance.now();
     const bytesBefore = this.writtenBytes();
-    await this.guard(vm.stop());
+    await this.guard(vm.stop(), 'the vCPUs to stop');
     if (this.error) throw this.error;
     this.notifyPrecopy('COMPLETE');
     // The completion hook: devices flush cached state into RAM now, before the final sync.
@@ -604,13 +636,13 @@ export class PrecopyMigration {
     saver.writeSectionEnd(sink, RAM_SECTION_ID);
 
     putDeviceSectionsAndEof(sink, devices, RAM_SECTION_ID + 1);
-    await this.guard(sink.flush());
+    await this.guard(sink.flush(), MAIN);
     stats.transferred = this.writtenBytes();
     stats.downtimeBytes = this.writtenBytes() - bytesBefore;
     stats.remainingPages = 0;
 
     if (this.shutStatus) {
-      const status = await this.guard(this.shutStatus);
+      const status = await this.guard(this.shutStatus, SHUT);
       if (status !== 0) throw new VmigError('VMIG_ERR_REMOTE', `destination reported failure ${status}`, { channel: 'return-path' });
     }
     stats.downtimeMs = performance.now() - downtimeStart;

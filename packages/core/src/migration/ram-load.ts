@@ -29,10 +29,17 @@ export interface RamLoadOptions {
   ram?: GuestRam | undefined;
   /** Creates RAM from the stream's block list when none was given. */
   createRam: (blocks: readonly RamBlockSpec[]) => GuestRam;
-  /** RAM_SAVE_FLAG_MULTIFD_FLUSH: wait for every multifd channel's SYNC. */
-  onMultifdFlush?: () => Promise<void>;
-  /** RAM_SAVE_FLAG_EOS: in the legacy multifd dialect, also a sync point. */
-  onEos?: () => Promise<void>;
+  /**
+   * This side reads multifd channels: the load loop's half of their barrier, and where the
+   * dialect read off the stream is published (multifd-recv.ts). Without it, a stream that
+   * syncs multifd is refused.
+   */
+  multifd?: MultifdBarrier | undefined;
+  /**
+   * The stream must speak QEMU 7.2's dialect (incoming --multifd-flush-after-each-section);
+   * without it the dialect is read from the stream (MultifdDialect).
+   */
+  expectLegacyDialect?: boolean | undefined;
   /**
    * Guest RAM is all zero but for what loads write (this side created it fresh): zero pages
    * for pages never loaded need no work (RamBlock.loadZeroPage).
@@ -48,8 +55,66 @@ export interface RamLoadOptions {
   channel?: string;
 }
 
+/** The load loop's half of the multifd barrier. */
+export interface MultifdBarrier {
+  /** Waits for every channel's SYNC, then releases them all. */
+  sync(): Promise<void>;
+  /** The stream's dialect, known before the first sync releases any channel. */
+  setDialect(legacy: boolean): void;
+}
+
+/**
+ * Where a stream puts the multifd barrier, read off the stream itself: a modern source
+ * writes RAM_SAVE_FLAG_MULTIFD_FLUSH in its setup section, before the setup EOS (QEMU >= 8.0,
+ * and vmig); QEMU 7.2 never writes it and syncs at every EOS instead. So the first of the
+ * two markers decides, and a stream that later mixes them is refused.
+ */
+export class MultifdDialect {
+  legacy: boolean | undefined;
+
+  constructor(
+    private readonly barrier: MultifdBarrier | undefined,
+    private readonly expectLegacy: boolean,
+    private readonly channel: string,
+  ) {}
+
+  /** RAM_SAVE_FLAG_MULTIFD_FLUSH: a barrier in the modern dialect. */
+  async onFlush(): Promise<void> {
+    if (!this.barrier) {
+      throw new StreamError('VMIG_ERR_MULTIFD_CHANNELS', 'the stream uses multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH) but this side was started without --multifd-channels', { channel: this.channel });
+    }
+    if (this.legacy === true) throw this.mixed();
+    this.decide(false);
+    await this.barrier.sync();
+  }
+
+  /** RAM_SAVE_FLAG_EOS: a barrier in QEMU 7.2's dialect; the first one without a flush before it decides that dialect. */
+  async onEos(): Promise<void> {
+    if (!this.barrier) return;
+    if (this.legacy === undefined) this.decide(true);
+    if (this.legacy) await this.barrier.sync();
+  }
+
+  private decide(legacy: boolean): void {
+    if (this.expectLegacy && !legacy) {
+      throw new StreamError(
+        'VMIG_ERR_MULTIFD_DIALECT',
+        'the source syncs multifd with RAM_SAVE_FLAG_MULTIFD_FLUSH, but this side was started with --multifd-flush-after-each-section (QEMU 7.2\'s dialect): drop the flag here, or give it to the source too',
+        { channel: this.channel },
+      );
+    }
+    this.legacy = legacy;
+    this.barrier!.setDialect(legacy);
+  }
+
+  private mixed(): StreamError {
+    return new StreamError('VMIG_ERR_MULTIFD_DIALECT', 'RAM_SAVE_FLAG_MULTIFD_FLUSH in a stream that synced multifd at EOS (QEMU 7.2\'s dialect) so far', { channel: this.channel });
+  }
+}
+
 export class RamLoadState {
   ram: GuestRam | undefined;
+  readonly dialect: MultifdDialect;
   private lastBlock: RamBlock | undefined;
   normalPages = 0;
   zeroPages = 0;
@@ -58,6 +123,7 @@ export class RamLoadState {
   constructor(private readonly opts: RamLoadOptions) {
     this.ram = opts.ram;
     this.channel = opts.channel ?? 'main';
+    this.dialect = new MultifdDialect(opts.multifd, opts.expectLegacyDialect === true, this.channel);
   }
 
   private fail(message: string, code: ConstructorParameters<typeof StreamError>[0] = 'VMIG_ERR_STREAM_FORMAT'): never {
@@ -106,6 +172,7 @@ export class RamLoadState {
           if (s.buf.length - s.pos < TARGET_PAGE_SIZE) await s.ensure(TARGET_PAGE_SIZE);
           block.host.set(s.buf.subarray(s.pos, s.pos + TARGET_PAGE_SIZE), offset);
           block.loaded.set(offset / TARGET_PAGE_SIZE);
+          block.arrived.set(offset / TARGET_PAGE_SIZE);
           s.pos += TARGET_PAGE_SIZE;
           this.normalPages++;
         } else {
@@ -119,17 +186,18 @@ export class RamLoadState {
           } else {
             block.loadZeroPage(offset, this.opts.zeroUnlessLoaded === true);
           }
+          block.arrived.set(offset / TARGET_PAGE_SIZE);
           this.zeroPages++;
         }
         continue;
       }
       if (flags & RAM_SAVE_FLAG_MULTIFD_FLUSH) {
         if (this.opts.postcopy?.placing) this.fail('RAM_SAVE_FLAG_MULTIFD_FLUSH after the postcopy switch');
-        await this.opts.onMultifdFlush?.();
+        await this.dialect.onFlush();
         continue;
       }
       if (flags & RAM_SAVE_FLAG_EOS) {
-        if (!this.opts.postcopy?.placing) await this.opts.onEos?.();
+        if (!this.opts.postcopy?.placing) await this.dialect.onEos();
         return;
       }
       this.fail(`RAM record with flags 0x${flags.toString(16)} and nothing to do`);

@@ -229,7 +229,7 @@ export class PreemptReader {
     if (Atomics.load(this.ctl, STATE) !== FAILED) return undefined;
     const len = Atomics.load(this.ctl, ERROR_LEN);
     const j = JSON.parse(Buffer.from(this.s.error, 0, len).toString('utf8')) as { code: string; message: string };
-    return new VmigError(j.code as never, j.message, { channel });
+    return VmigError.fromJSON(j);
   }
 
   /**

@@ -27,10 +27,11 @@ export interface ReturnPathShared {
   ctl: SharedArrayBuffer;
 }
 
-export function createReturnPath(fd: number): ReturnPathShared {
+/** `writeTimeoutMs`: how long a write may wait for the source to take bytes (sync-fd.ts). */
+export function createReturnPath(fd: number, writeTimeoutMs?: number): ReturnPathShared {
   const ctl = new SharedArrayBuffer(WORDS * 4);
   new Int32Array(ctl)[LAST_BLOCK] = -1;
-  return { io: createSyncFd(fd), ctl };
+  return { io: createSyncFd(fd, writeTimeoutMs), ctl };
 }
 
 export class ReturnPathWriter {

@@ -1,4 +1,4 @@
-import { InvalidArgumentError } from '../errors.js';
+import { InvalidArgumentError, VmigError } from '../errors.js';
 import { AtomicBitmap } from './bitmap.js';
 
 /** QEMU's TARGET_PAGE_BITS / TARGET_PAGE_SIZE for x86: every page here is 4 KiB. */
@@ -6,6 +6,8 @@ export const TARGET_PAGE_BITS = 12;
 export const TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS;
 /** idstr travels as u8 length + bytes. */
 export const MAX_IDSTR_LENGTH = 255;
+/** The largest typed array over a SharedArrayBuffer on Node 20 (and so the largest block today). */
+const MAX_VIEW_BYTES = 2 ** 32;
 /** One block may be at most this large (Node's SharedArrayBuffer limit is far above). */
 export const MAX_BLOCK_BYTES = 64 * 2 ** 30;
 
@@ -16,6 +18,7 @@ export interface RamBlockShared {
   host: SharedArrayBuffer;
   dirtyLog: SharedArrayBuffer;
   loaded: SharedArrayBuffer;
+  arrived: SharedArrayBuffer;
 }
 
 export function validateIdstr(idstr: string): void {
@@ -48,6 +51,13 @@ export class RamBlock {
    * against it by the multifd barrier.
    */
   readonly loaded: AtomicBitmap;
+  /**
+   * Destination: pages that arrived at least once, as data or as a zero page, on any
+   * channel. A precopy stream sends every page in its first pass, so a load that ends with
+   * a clear bit here is missing pages (a multifd channel this side never read). Set after
+   * the page is in place (Atomics.or); read once the last barrier is passed.
+   */
+  readonly arrived: AtomicBitmap;
 
   private constructor(
     readonly idstr: string,
@@ -55,11 +65,13 @@ export class RamBlock {
     readonly hostSab: SharedArrayBuffer,
     dirtyLogSab: SharedArrayBuffer,
     loadedSab: SharedArrayBuffer,
+    arrivedSab: SharedArrayBuffer,
   ) {
     this.pages = usedLength / TARGET_PAGE_SIZE;
     this.host = new Uint8Array(hostSab, 0, usedLength);
     this.dirtyLog = new AtomicBitmap(dirtyLogSab, this.pages);
     this.loaded = new AtomicBitmap(loadedSab, this.pages);
+    this.arrived = new AtomicBitmap(arrivedSab, this.pages);
   }
 
   /**
@@ -69,11 +81,16 @@ export class RamBlock {
   static create(idstr: string, usedLength: number, opts: { prefault?: boolean } = {}): RamBlock {
     validateIdstr(idstr);
     validateBlockSize(usedLength);
+    if (usedLength > MAX_VIEW_BYTES) {
+      // A block is one typed array over one SharedArrayBuffer, and Node 20's stop at 4 GiB.
+      throw new VmigError('VMIG_ERR_RAM_LIMIT', `RAM block '${idstr}' of ${usedLength} bytes: blocks above 4 GiB are not supported yet (split the guest into blocks of at most 4G)`);
+    }
     const pages = usedLength / TARGET_PAGE_SIZE;
     const block = new RamBlock(
       idstr,
       usedLength,
       new SharedArrayBuffer(usedLength),
+      new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
       new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
       new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     );
@@ -82,11 +99,11 @@ export class RamBlock {
   }
 
   static fromShared(s: RamBlockShared): RamBlock {
-    return new RamBlock(s.idstr, s.usedLength, s.host, s.dirtyLog, s.loaded);
+    return new RamBlock(s.idstr, s.usedLength, s.host, s.dirtyLog, s.loaded, s.arrived);
   }
 
   toShared(): RamBlockShared {
-    return { idstr: this.idstr, usedLength: this.usedLength, host: this.hostSab, dirtyLog: this.dirtyLog.sab, loaded: this.loaded.sab };
+    return { idstr: this.idstr, usedLength: this.usedLength, host: this.hostSab, dirtyLog: this.dirtyLog.sab, loaded: this.loaded.sab, arrived: this.arrived.sab };
   }
 
   /**
@@ -132,7 +149,7 @@ export function isZeroPage(host: Uint8Array, offset: number): boolean {
 
 /** Writes one word per page so the kernel maps every page now, not during migration. */
 function prefault(host: Uint8Array): void {
-  const words = new Int32Array(host.buffer, host.byteOffset, host.byteLength >>> 2);
+  const words = new Int32Array(host.buffer, host.byteOffset, Math.floor(host.byteLength / 4));
   for (let i = 0; i < words.length; i += TARGET_PAGE_SIZE >>> 2) words[i] = 0;
 }
 
@@ -191,5 +208,10 @@ export class GuestRam {
 
   get totalPages(): number {
     return this.totalBytes / TARGET_PAGE_SIZE;
+  }
+
+  /** Pages of every block that never arrived (RamBlock.arrived), as [block, count] pairs. */
+  missingPages(): { idstr: string; missing: number }[] {
+    return this.blocks.map((b) => ({ idstr: b.idstr, missing: b.pages - b.arrived.count() })).filter((m) => m.missing > 0);
   }
 }

@@ -55,7 +55,7 @@ export function encodeMultifdInit(init: MultifdInit): Uint8Array {
   return b;
 }
 
-function fail(message: string, channel: string, code: 'VMIG_ERR_MULTIFD_HANDSHAKE' | 'VMIG_ERR_MULTIFD_PACKET' = 'VMIG_ERR_MULTIFD_PACKET'): never {
+function fail(message: string, channel: string, code: 'VMIG_ERR_MULTIFD_HANDSHAKE' | 'VMIG_ERR_MULTIFD_PACKET' | 'VMIG_ERR_MULTIFD_CHANNELS' = 'VMIG_ERR_MULTIFD_PACKET'): never {
   throw new StreamError(code, message, { channel });
 }
 
@@ -67,7 +67,9 @@ export function decodeMultifdInit(b: Uint8Array, channels: number, channel = 'mu
   const version = getBe32(b, 4);
   if (version !== MULTIFD_VERSION) fail(`multifd init: version ${version}, expected ${MULTIFD_VERSION}`, channel, 'VMIG_ERR_MULTIFD_HANDSHAKE');
   const id = b[24]!;
-  if (id >= channels) fail(`multifd init: channel id ${id}, expected 0..${channels - 1}`, channel, 'VMIG_ERR_MULTIFD_HANDSHAKE');
+  if (id >= channels) {
+    fail(`multifd init: channel id ${id}, but this side expects ${channels} channel(s), ids 0..${channels - 1} (--multifd-channels must be the same on both ends)`, channel, 'VMIG_ERR_MULTIFD_CHANNELS');
+  }
   return { uuid: b.slice(8, 24), id };
 }
 
@@ -146,5 +148,26 @@ export function checkMultifdOffsets(h: MultifdPacketHeader, usedLength: number, 
     if (off > usedLength - TARGET_PAGE_SIZE) {
       throw new StreamError('VMIG_ERR_BAD_OFFSET', `packet ${h.packetNum}: offset 0x${off.toString(16)} outside block '${h.ramblock}' of ${usedLength} bytes`, { channel });
     }
+  }
+}
+
+/**
+ * A packet against what this side agreed on (QEMU's multifd_recv_unfill_packet and the recv
+ * methods' flag checks): a packet with pages carries exactly the compression bits of this
+ * side's method, or none (a packet sent raw); in QEMU 7.2's dialect the word at offset 32 is unused and must be 0 (a
+ * 7.2 source sends it zeroed; read as zero_pages it would name pages that were never sent).
+ */
+export function checkMultifdExpected(h: MultifdPacketHeader, compressionFlag: number, legacy: boolean, channel = 'multifd'): void {
+  if (legacy && h.zeroPages !== 0) {
+    throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `packet ${h.packetNum}: word at offset 32 holds ${h.zeroPages}, but it is unused in QEMU 7.2's dialect (no zero pages in packets)`, { channel });
+  }
+  const bits = h.flags & (MULTIFD_FLAG_COMPRESSION_MASK | MULTIFD_FLAG_VMIG_LZ4);
+  // A packet that did not shrink travels raw (vmig's lz4 sends it so): raw is always understood.
+  if (h.normalPages > 0 && bits !== compressionFlag && bits !== MULTIFD_FLAG_NOCOMP) {
+    throw new StreamError(
+      'VMIG_ERR_MULTIFD_DIALECT',
+      `packet ${h.packetNum}: compression flags 0x${bits.toString(16)}, but this side expects 0x${compressionFlag.toString(16)} (--multifd-compression must be the same on both ends)`,
+      { channel },
+    );
   }
 }
