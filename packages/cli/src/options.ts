@@ -25,6 +25,7 @@ export const SHARED_OPTIONS = {
   'postcopy-fault-slice-us': { type: 'string' },
   'postcopy-preempt-reader': { type: 'string' },
   'channel-timeout': { type: 'string' },
+  integrity: { type: 'boolean' },
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
@@ -116,6 +117,8 @@ export interface SharedSettings {
   postcopyPreemptReader: PreemptReaderChoice;
   /** --channel-timeout (ms). */
   channelTimeoutMs: number;
+  /** --integrity: per-range RAM digests checked end to end (core's devices/ram-integrity.ts). */
+  integrity: boolean;
   json: boolean;
   logLevel: LogLevel;
 }
@@ -142,6 +145,7 @@ export function sharedSettings(v: Values): SharedSettings {
   if (slice !== undefined && !postcopy) throw new InvalidArgumentError('--postcopy-fault-slice-us needs --postcopy');
   const sliceUs = slice === undefined ? DEFAULT_POSTCOPY_FAULT_SLICE_US : parseIntFlag('postcopy-fault-slice-us', slice, 0, MAX_SLICE_US);
   if (sliceUs !== 0 && sliceUs < MIN_SLICE_US) throw new InvalidArgumentError(`--postcopy-fault-slice-us must be 0 (the kernel's default) or ${MIN_SLICE_US}..${MAX_SLICE_US}, not ${sliceUs}`);
+  if (v['integrity'] === true && postcopy) throw new InvalidArgumentError('--integrity checks RAM as precopy leaves it; it cannot go with --postcopy (the destination runs before every page arrived)');
   const reader = str(v, 'postcopy-preempt-reader');
   if (reader !== undefined && v['postcopy-preempt'] !== true) throw new InvalidArgumentError('--postcopy-preempt-reader needs --postcopy-preempt');
   return {
@@ -155,6 +159,7 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopyBackgroundNice: nice === undefined ? DEFAULT_POSTCOPY_BACKGROUND_NICE : parseIntFlag('postcopy-background-nice', nice, 0, 19),
     postcopyFaultSliceUs: sliceUs,
     postcopyPreemptReader: reader === undefined ? 'vcpu' : parseChoice('postcopy-preempt-reader', reader, PREEMPT_READERS),
+    integrity: v['integrity'] === true,
     channelTimeoutMs: str(v, 'channel-timeout') === undefined ? DEFAULT_CHANNEL_TIMEOUT_MS : parseIntFlag('channel-timeout', str(v, 'channel-timeout')!, 100, 3_600_000),
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),

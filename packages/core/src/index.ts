@@ -7,6 +7,7 @@ export * from './wire/main-stream.js';
 export * from './wire/return-path.js';
 export * from './devices/device.js';
 export * from './devices/qemu-devices.js';
+export * from './devices/ram-integrity.js';
 export * from './migration/state.js';
 export * from './migration/stats.js';
 export * from './migration/dirty-sync.js';

@@ -19,6 +19,7 @@ import {
   postcopySplitError,
   qemuLoadVmState,
   QEMU_VM_FILE_MAGIC,
+  RamIntegrityDevice,
   readVmDescription,
   ReturnPathWriter,
   type ReturnPathShared,
@@ -216,7 +217,9 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     mainSock = conn;
     mainReader = reader;
     const its = new ItsTableDevice(() => ram);
-    const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its);
+    // A source with --integrity sends its RAM digests; they are checked whenever they come.
+    const integrity = new RamIntegrityDevice(() => ram);
+    const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its).register(integrity);
     const result = await qemuLoadVmState(reader, {
       ram,
       zeroUnlessLoaded: true,
@@ -252,6 +255,9 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     // A precopy stream sends every page in its first pass: one that never arrived was sent
     // where this side did not read (multifd channels it was not started for).
     if (!postcopy?.incoming.placing) checkEveryPageArrived(ram);
+    if (settings.integrity && !integrity.verified) {
+      throw new VmigError('VMIG_ERR_INTEGRITY', 'this side was started with --integrity, but the source sent no RAM digests (start it with --integrity too)', { channel: 'main', phase: 'load' });
+    }
     const loadMs = performance.now() - loadStart;
     // Loaded (the last barrier put every multifd page in place; in postcopy every page is in
     // the received map): tell the source at once (its downtime ends here).
@@ -290,6 +296,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
           blocks: ram.blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })),
         },
         multifdChannels: settings.multifdChannels,
+        integrity: integrity.verified ? { verified: true, ranges: integrity.ranges } : null,
         ...(postcopyReport ? { postcopy: postcopyReport } : {}),
         devices: {
           'vmig-vcpus': vcpuState.loaded ?? null,

@@ -11,6 +11,7 @@ import {
   MigrationNotifiers,
   MigrationStats,
   PrecopyMigration,
+  RamIntegrityDevice,
   TimerDevice,
   toVmigError,
   type MigrationInfo,
@@ -142,6 +143,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     .register(new GlobalStateDevice('running'))
     .register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern, dirtyRate: s.dirtyRate, hotPages: s.hotPages, seed: Number(s.seed) || 1 })))
     .register(its);
+  if (s.integrity) devices.register(new RamIntegrityDevice(() => ram));
   const notifiers = new MigrationNotifiers();
   notifiers.precopy.add((e) => {
     if (e.reason === 'AFTER_BITMAP_SYNC') control?.event('MIGRATION_PASS', { pass: stats.dirtySyncCount });
