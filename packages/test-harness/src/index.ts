@@ -5,6 +5,7 @@ export * from './vcpu-control.js';
 export * from './vcpu-pool.js';
 
 export * from './process-pair.js';
+export * from './fault-proxy.js';
 export * from './guest-devices.js';
 export * from './stamp.js';
 export * from './postcopy-verify.js';
