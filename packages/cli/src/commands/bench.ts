@@ -30,6 +30,7 @@ function scenarios(ram: string): Scenario[] {
     { name: 'multifd-random-1ch', description: `${ram} random RAM, 1 multifd channel`, shared: mf(1), source: ['--fill', 'random'] },
     { name: 'multifd-random-2ch', description: `${ram} random RAM, 2 multifd channels`, shared: mf(2), source: ['--fill', 'random'] },
     { name: 'multifd-random-4ch', description: `${ram} random RAM, 4 multifd channels`, shared: mf(4), source: ['--fill', 'random'] },
+    { name: 'multifd-random-2ch-integrity', description: `${ram} random RAM, 2 multifd channels, --integrity (range digests at the stop, both sides)`, shared: [...mf(2), '--integrity'], source: ['--fill', 'random'] },
     { name: 'multifd-zero-2ch', description: `${ram} zero RAM, 2 multifd channels (zero pages found by the channels)`, shared: mf(2), source: ['--fill', 'zero'] },
     {
       name: 'multifd-text-none-200M',
