@@ -3,3 +3,4 @@ export * from './transport.js';
 export * from './byte-reader.js';
 export * from './buffered-writer.js';
 export * from './handoff.js';
+export * from './tls.js';

@@ -37,7 +37,9 @@ export type VmigErrorCode =
   /** A precopy stream ended with pages that never arrived. */
   | 'VMIG_ERR_PAGES_MISSING'
   /** RAM as loaded differs from what the source sent (the integrity check). */
-  | 'VMIG_ERR_INTEGRITY';
+  | 'VMIG_ERR_INTEGRITY'
+  /** A TLS handshake failed: a plaintext peer, a certificate not trusted, a name not allowed. */
+  | 'VMIG_ERR_TLS';
 
 export interface VmigErrorContext {
   /** 'main', 'return-path', 'multifd/3', ... */

@@ -8,19 +8,23 @@
  */
 import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
-import { detachFd } from '@vmig/channel';
+import { detachFd, type TlsOptions } from '@vmig/channel';
 import { FirstError, type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
 import { ABORT, APPLYING, CONTROL_WORDS, DIALECT, DIALECT_LEGACY, DIALECT_MODERN, MAX_CHANNELS, POSTED, RELEASED, SEALED } from './recv-control.js';
 import { type CompressionName, compressionByName } from './compress/registry.js';
 import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
-import { decodeMultifdInit, MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
+import { decodeMultifdInit, MULTIFD_INIT_SIZE, type MultifdInit } from './wire/multifd-wire.js';
 
 export class MultifdReceiver {
   readonly control = new SharedArrayBuffer(CONTROL_WORDS * 4);
   private readonly ctl = new Int32Array(this.control);
   private readonly workers: Worker[];
-  /** Channel ids whose connection has been handed to their thread. */
+  /** Channel ids whose init was accepted. */
   private readonly attached: boolean[];
+  /** Threads (slots) that own a connection. */
+  private readonly slotBusy: boolean[];
+  /** The channel id each thread serves (its slot, but for TLS connections: see addTlsConnection). */
+  private readonly channelOfSlot: number[] = [];
   private readonly consumed: number[];
   private readonly ended: boolean[];
   private uuid: Uint8Array | undefined;
@@ -45,6 +49,7 @@ export class MultifdReceiver {
     this.timeoutMs = opts.timeoutMs ?? 30_000;
     if (channels < 1 || channels > MAX_CHANNELS) throw new RangeError(`multifd channels must be 1..${MAX_CHANNELS}`);
     this.attached = new Array<boolean>(channels).fill(false);
+    this.slotBusy = new Array<boolean>(channels).fill(false);
     this.workers = Array.from({ length: channels }, (_, id) => this.startThread(id));
     this.consumed = new Array<number>(channels).fill(0);
     this.ended = new Array<boolean>(channels).fill(false);
@@ -79,22 +84,46 @@ export class MultifdReceiver {
   addChannel(sock: net.Socket, first: Buffer): void {
     let init;
     try {
-      init = decodeMultifdInit(first, this.channels, 'multifd');
-      if (this.attached[init.id]) throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: duplicate channel id ${init.id}`, { channel: `multifd/${init.id}` });
-      if (this.uuid && Buffer.compare(Buffer.from(this.uuid), Buffer.from(init.uuid)) !== 0) {
-        throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: channel ${init.id} belongs to another migration (uuid differs)`, { channel: `multifd/${init.id}` });
-      }
+      init = this.checkInit(first);
     } catch (e) {
       sock.destroy();
       this.fail(e as VmigError);
       return;
     }
-    this.uuid ??= init.uuid;
     // Ownership handoff: from this message on the thread owns the fd (handoff.ts).
     const fd = detachFd(sock);
-    this.attached[init.id] = true;
+    this.slotBusy[init.id] = true;
     const leftover = first.subarray(MULTIFD_INIT_SIZE);
     this.workers[init.id]!.postMessage({ t: 'channel', fd, leftover } satisfies RecvToChannel);
+  }
+
+  /**
+   * A connection under TLS, not read yet (its init is encrypted): a free thread takes its fd,
+   * does the handshake, reads the init and posts it; checkInit() then names the channel it
+   * serves. A handshake that fails fails the load (VMIG_ERR_TLS).
+   */
+  addTlsConnection(sock: net.Socket, tls: TlsOptions): void {
+    const slot = this.slotBusy.indexOf(false);
+    if (slot < 0) {
+      this.turnAway('a connection past the channels this side expects');
+      sock.destroy();
+      return;
+    }
+    this.slotBusy[slot] = true;
+    const fd = detachFd(sock);
+    this.workers[slot]!.postMessage({ t: 'tls-channel', fd, tls, timeoutMs: this.timeoutMs } satisfies RecvToChannel);
+  }
+
+  /** MultiFDInit_t: magic, version, an expected and unused id, one migration's uuid. Marks the id attached. */
+  private checkInit(first: Uint8Array): MultifdInit {
+    const init = decodeMultifdInit(first, this.channels, 'multifd');
+    if (this.attached[init.id]) throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: duplicate channel id ${init.id}`, { channel: `multifd/${init.id}` });
+    if (this.uuid && Buffer.compare(Buffer.from(this.uuid), Buffer.from(init.uuid)) !== 0) {
+      throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: channel ${init.id} belongs to another migration (uuid differs)`, { channel: `multifd/${init.id}` });
+    }
+    this.uuid ??= init.uuid;
+    this.attached[init.id] = true;
+    return init;
   }
 
   /**
@@ -109,11 +138,22 @@ export class MultifdReceiver {
   private startThread(id: number): Worker {
     const cfg: RecvThreadConfig = { id, control: this.control, zeroUnlessLoaded: this.zeroUnlessLoaded, compressionFlag: this.compressionFlag };
     const w = new Worker(workerUrl(import.meta.url, 'recv-channel.worker.js'), { workerData: cfg });
+    // `id` is the thread's slot: the channel it serves is the same, but for a TLS connection,
+    // whose id comes with its init.
+    this.channelOfSlot[id] = id;
     w.on('message', (m: RecvFromChannel) => {
       if (m.t === 'error') this.fail(VmigError.fromJSON(m.error));
-      else {
+      else if (m.t === 'init') {
+        try {
+          const init = this.checkInit(m.init);
+          this.channelOfSlot[id] = init.id;
+          w.postMessage({ t: 'adopt', id: init.id } satisfies RecvToChannel);
+        } catch (e) {
+          this.fail(e as VmigError);
+        }
+      } else {
         this.channelStats[id] = { normal: m.normal, zero: m.zero, bytes: m.bytes };
-        if (m.t === 'end') this.ended[id] = true;
+        if (m.t === 'end') this.ended[this.channelOfSlot[id]!] = true;
       }
     });
     w.on('error', (e) => this.fail(new VmigError('VMIG_ERR_WORKER', `multifd recv thread failed: ${e.message}`, { channel: `multifd/${id}` })));

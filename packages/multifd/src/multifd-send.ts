@@ -7,7 +7,7 @@
  */
 import crypto from 'node:crypto';
 import { Worker } from 'node:worker_threads';
-import type { MigrationUri } from '@vmig/channel';
+import type { MigrationUri, TlsOptions } from '@vmig/channel';
 import { type ByteWriter, FirstError, TARGET_PAGE_SIZE, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
 import type { CompressionName } from './compress/registry.js';
 import { JOB_PACKETS, type SendChannelConfig, type SendFromChannel, type SendToChannel } from './send-protocol.js';
@@ -22,6 +22,8 @@ export interface MultifdSendOptions {
   flushAfterEachSection: boolean;
   uuid?: Uint8Array;
   connectTimeoutMs?: number;
+  /** TLS on every channel: each thread does its own handshake. */
+  tls?: TlsOptions | undefined;
 }
 
 const JOB_PAGES = JOB_PACKETS * MULTIFD_PAGE_COUNT;
@@ -72,7 +74,16 @@ export class MultifdSender implements MultifdLink {
   static async start(ram: GuestRam, stats: MigrationStats, opts: MultifdSendOptions): Promise<MultifdSender> {
     const uuid = opts.uuid ?? new Uint8Array(crypto.randomBytes(16));
     const workers = Array.from({ length: opts.channels }, (_, id) => {
-      const cfg: SendChannelConfig = { ram: ram.toShared(), uri: opts.uri, id, uuid, compression: opts.compression, zeroPageDetection: opts.zeroPageDetection };
+      const cfg: SendChannelConfig = {
+        ram: ram.toShared(),
+        uri: opts.uri,
+        id,
+        uuid,
+        compression: opts.compression,
+        zeroPageDetection: opts.zeroPageDetection,
+        tls: opts.tls,
+        tlsTimeoutMs: opts.connectTimeoutMs ?? 10_000,
+      };
       return new Worker(workerUrl(import.meta.url, 'send-channel.worker.js'), { workerData: cfg });
     });
     const s = new MultifdSender(workers, stats, ram, opts);

@@ -86,11 +86,25 @@ export class PacketReceiver {
   private run = 0;
   private applying = false;
 
+  /** `channel`: the name errors carry (a function where it is learned late: TLS channels). */
   constructor(
     private readonly hooks: PacketReceiverHooks,
-    private readonly channel: string,
+    channel: string | (() => string),
     private readonly zeroUnlessLoaded: boolean,
-  ) {}
+  ) {
+    this.channelName = typeof channel === 'string' ? () => channel : channel;
+  }
+
+  private readonly channelName: () => string;
+
+  private get channel(): string {
+    return this.channelName();
+  }
+
+  /** Waiting for an async step (or dead): a transport that feeds by copy should pause. */
+  get paused(): boolean {
+    return this.stopped;
+  }
 
   /** True between packets: the only place a channel may end cleanly. */
   get atPacketBoundary(): boolean {

@@ -8,28 +8,39 @@
  * SharedArrayBuffer with no copy in between. At a SYNC packet the thread takes part in the
  * barrier described in recv-control.ts.
  */
-import type net from 'node:net';
+import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
-import { socketReadingInto } from '@vmig/channel';
+import { socketReadingInto, tlsAccept, type TlsOptions } from '@vmig/channel';
 import { GuestRam, setThreadName, StreamError, toVmigError, VmigError } from '@vmig/core';
 import { PacketReceiver } from './packet-receiver.js';
+import { MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
 import { ABORT, APPLYING, DIALECT, DIALECT_LEGACY, POSTED, RELEASED, SEALED } from './recv-control.js';
 import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
 
 const cfg = workerData as RecvThreadConfig;
 const port = parentPort!;
-const channel = `multifd/${cfg.id}`;
-setThreadName(`mig/dst/recv_${cfg.id}`);
+/**
+ * The channel id this thread serves: its slot, or, for a TLS connection (whose id is inside
+ * the encrypted init), the id the load loop accepted after this thread read the init.
+ */
+let id = cfg.id;
+let channel = `multifd/${id}`;
+setThreadName(`mig/dst/recv_${id}`);
 const ctl = new Int32Array(cfg.control);
 
 let ram: GuestRam | undefined;
 let ramArrived: (() => void) | undefined;
+let adopted: ((id: number) => void) | undefined;
 port.on('message', (m: RecvToChannel) => {
   if (m.t === 'ram') {
     ram = GuestRam.fromShared(m.ram);
     ramArrived?.();
-  } else {
+  } else if (m.t === 'channel') {
     attach(m.fd, m.leftover);
+  } else if (m.t === 'tls-channel') {
+    attachTls(m.fd, m.tls, m.timeoutMs).catch((e: unknown) => finish(e));
+  } else {
+    adopted?.(m.id);
   }
 });
 
@@ -59,7 +70,7 @@ const receiver = new PacketReceiver(
     resume: () => sock?.resume(),
     fail: (e) => finish(e),
   },
-  channel,
+  () => channel,
   cfg.zeroUnlessLoaded,
 );
 
@@ -70,12 +81,12 @@ const receiver = new PacketReceiver(
  */
 function syncBarrier(): void {
   port.postMessage({ t: 'stats', ...receiver.totals } satisfies RecvFromChannel);
-  Atomics.add(ctl, POSTED + cfg.id, 1);
-  Atomics.notify(ctl, POSTED + cfg.id);
+  Atomics.add(ctl, POSTED + id, 1);
+  Atomics.notify(ctl, POSTED + id);
   releases++;
-  while (Atomics.load(ctl, RELEASED + cfg.id) < releases) {
+  while (Atomics.load(ctl, RELEASED + id) < releases) {
     if (Atomics.load(ctl, ABORT) !== 0) throw new VmigError('VMIG_ERR_CANCELLED', 'load aborted', { channel });
-    Atomics.wait(ctl, RELEASED + cfg.id, releases - 1, 200);
+    Atomics.wait(ctl, RELEASED + id, releases - 1, 200);
   }
 }
 
@@ -86,14 +97,61 @@ function attach(fd: number, leftover: Uint8Array): void {
   receiver.feed(leftover);
   const s = socketReadingInto(fd, receiver, { writable: false });
   sock = s;
+  watchEnd(s);
+  s.on('error', (e: NodeJS.ErrnoException) => finish(new VmigError('VMIG_ERR_PEER_CLOSED', `connection failed: ${e.code ?? e.message}`, { channel }, { cause: e })));
+  if (finished) s.destroy(); // the leftover already failed the channel
+}
+
+function watchEnd(s: net.Socket): void {
   s.on('end', () => {
     // A channel ends cleanly only between packets.
     if (receiver.atPacketBoundary) finish();
     else finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel ended inside a packet', { channel }));
   });
   s.on('close', () => finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel closed', { channel })));
-  s.on('error', (e: NodeJS.ErrnoException) => finish(new VmigError('VMIG_ERR_PEER_CLOSED', `connection failed: ${e.code ?? e.message}`, { channel }, { cause: e })));
-  if (finished) s.destroy(); // the leftover already failed the channel
+}
+
+/**
+ * A TLS connection: this thread does the handshake on the socket it owns, reads the
+ * MultiFDInit_t through it, and lets the load loop check it and name the channel id before
+ * any packet is parsed. Packets then go through the parser by copy (TLS decrypts into its
+ * own buffers, so there is no reading straight into guest RAM).
+ */
+async function attachTls(fd: number, opts: TlsOptions, timeoutMs: number): Promise<void> {
+  const raw = new net.Socket({ fd, readable: true, writable: true });
+  raw.on('error', () => {});
+  const t = await tlsAccept(raw, opts, timeoutMs, channel);
+  sock = t;
+  t.on('error', (e: NodeJS.ErrnoException) => finish(new VmigError('VMIG_ERR_PEER_CLOSED', `connection failed: ${e.code ?? e.message}`, { channel }, { cause: e })));
+  const parts: Buffer[] = [];
+  let have = 0;
+  const first = await new Promise<Buffer>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new VmigError('VMIG_ERR_TIMEOUT', `no MultiFDInit_t within ${timeoutMs} ms`, { channel })), timeoutMs);
+    const onData = (c: Buffer): void => {
+      parts.push(c);
+      have += c.length;
+      if (have < MULTIFD_INIT_SIZE) return;
+      clearTimeout(timer);
+      t.off('data', onData);
+      t.pause();
+      resolve(Buffer.concat(parts));
+    };
+    t.on('data', onData);
+    t.once('end', () => reject(new VmigError('VMIG_ERR_MULTIFD_HANDSHAKE', 'channel ended inside its MultiFDInit_t', { channel })));
+  });
+  const accepted = new Promise<number>((resolve) => (adopted = resolve));
+  port.postMessage({ t: 'init', init: new Uint8Array(first.subarray(0, MULTIFD_INIT_SIZE)) } satisfies RecvFromChannel);
+  id = await accepted;
+  channel = `multifd/${id}`;
+  setThreadName(`mig/dst/recv_${id}`);
+  receiver.feed(first.subarray(MULTIFD_INIT_SIZE));
+  t.on('data', (c: Buffer) => {
+    receiver.feed(c);
+    if (receiver.paused) t.pause();
+  });
+  watchEnd(t);
+  if (finished) t.destroy();
+  else if (!receiver.paused) t.resume();
 }
 
 function finish(err?: unknown): void {

@@ -12,6 +12,7 @@
  */
 import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
+import { tlsConnect } from '@vmig/channel';
 import { GuestRam, isZeroPage, setThreadName, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
 import { compressionByName } from './compress/registry.js';
 import { JOB_PACKETS, type SendChannelConfig, type SendToChannel } from './send-protocol.js';
@@ -38,18 +39,27 @@ function fail(err: unknown): void {
   port.postMessage({ t: 'error', error: e.toJSON() });
 }
 
-const sock = net.connect(cfg.uri.transport === 'tcp' ? { host: cfg.uri.host, port: cfg.uri.port } : { path: cfg.uri.path });
-sock.setNoDelay(true);
-sock.on('error', (e: NodeJS.ErrnoException) => fail(new VmigError('VMIG_ERR_PEER_CLOSED', `multifd channel: ${e.code ?? e.message}`, { channel })));
-sock.on('close', () => {
-  if (!closing) fail(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel closed by the peer', { channel }));
-});
-sock.on('data', () => {}); // nothing comes back on a multifd channel
+const raw = net.connect(cfg.uri.transport === 'tcp' ? { host: cfg.uri.host, port: cfg.uri.port } : { path: cfg.uri.path });
+raw.setNoDelay(true);
+/** The channel: the connection itself, or TLS over it (this thread does the handshake). */
+let sock: net.Socket = raw;
 let closing = false;
+function watch(s: net.Socket): void {
+  s.on('error', (e: NodeJS.ErrnoException) => fail(new VmigError('VMIG_ERR_PEER_CLOSED', `multifd channel: ${e.code ?? e.message}`, { channel })));
+  s.on('close', () => {
+    if (!closing) fail(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel closed by the peer', { channel }));
+  });
+  s.on('data', () => {}); // nothing comes back on a multifd channel
+}
+raw.on('error', (e: NodeJS.ErrnoException) => fail(new VmigError('VMIG_ERR_CONNECT', `multifd channel: ${e.code ?? e.message}`, { channel })));
 
-sock.once('connect', () => {
-  sock.write(encodeMultifdInit({ uuid: cfg.uuid, id: cfg.id }));
-  port.postMessage({ t: 'ready' });
+raw.once('connect', () => {
+  void (async () => {
+    if (cfg.tls) sock = await tlsConnect(raw, cfg.uri.transport === 'tcp' ? cfg.uri.host : 'localhost', cfg.tls, cfg.tlsTimeoutMs, channel);
+    watch(sock);
+    sock.write(encodeMultifdInit({ uuid: cfg.uuid, id: cfg.id }));
+    port.postMessage({ t: 'ready' });
+  })().catch(fail);
 });
 
 /**

@@ -1,6 +1,6 @@
 /** Messages between the migration thread and a multifd send channel worker. */
 import type { RamBlockShared } from '@vmig/core';
-import type { MigrationUri } from '@vmig/channel';
+import type { MigrationUri, TlsOptions } from '@vmig/channel';
 
 export interface SendChannelConfig {
   ram: RamBlockShared[];
@@ -9,6 +9,9 @@ export interface SendChannelConfig {
   uuid: Uint8Array;
   compression: string;
   zeroPageDetection: 'none' | 'legacy' | 'multifd';
+  /** TLS on this channel (the thread does the handshake), within tlsTimeoutMs. */
+  tls: TlsOptions | undefined;
+  tlsTimeoutMs: number;
 }
 
 /**

@@ -138,7 +138,6 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   // Pre-fault RAM before anyone connects, so that touching fresh memory is not migration time.
   let ram = settings.ram ? GuestRam.create(settings.ram) : undefined;
   const listener = await listen(uri);
-  out.event({ event: 'listening', uri: formatMigrationUri(listener.uri) }, `vmig: listening on ${formatMigrationUri(listener.uri)}`);
 
   // Guest RAM here is always created fresh (zero) for this migration.
   const receiver =
@@ -170,6 +169,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   const onSignal = (sig: NodeJS.Signals): void => fatal(new VmigError('VMIG_ERR_CANCELLED', `incoming migration cancelled (${sig})`, { channel: 'main' }));
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
+  // Said only now: a client may signal as soon as it reads it.
+  out.event({ event: 'listening', uri: formatMigrationUri(listener.uri) }, `vmig: listening on ${formatMigrationUri(listener.uri)}`);
 
   // Postcopy (postcopy-guest.ts); its vCPU state device is this side's `vmig-vcpus`.
   const vcpuState = new VcpuStateDevice(() => ({ writers: 0, writes: 0, pattern: '' }));

@@ -42,6 +42,10 @@ export async function migrateCommand(argv: string[]): Promise<number> {
 
   // Everything a control client can ask for; `mig` exists once the main channel is up.
   const abort = new AbortController();
+  // Before anything is said on stdout: a client may signal as soon as it reads a line.
+  const onSignal = (): void => abort.abort();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   let mig: PrecopyMigration | undefined;
   const stats = new MigrationStats();
   const control = s.control
@@ -88,9 +92,6 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   const vcpus = await VcpuPool.start(ram, { writers: s.writers, dirtyRate: s.dirtyRate, pattern: s.pattern, hotPages: s.hotPages, seed: Number(s.seed) || 1 });
   out.event({ event: 'guest', ram: ram.totalBytes, writers: s.writers, dirtyRate: s.dirtyRate, fill: s.fill }, `vmig: guest of ${fmtBytes(ram.totalBytes)} (${s.fill}), ${s.writers} writer(s)`);
 
-  const onSignal = (): void => abort.abort();
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
   const finish = async (code: number): Promise<number> => {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
