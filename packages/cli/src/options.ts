@@ -6,7 +6,7 @@ import { totalmem } from 'node:os';
 import { DEFAULT_CHANNEL_TIMEOUT_MS, DEFAULT_PARAMS, InvalidArgumentError, type MigrationParams, type ZeroPageDetection } from '@vmig/core';
 import { FILL_PATTERNS, type FillPattern, type WritePattern } from '@vmig/test-harness';
 import { COMPRESSION_NAMES, type CompressionName } from '@vmig/multifd';
-import { formatMigrationUri, parseMigrationUri } from '@vmig/channel';
+import { formatMigrationUri, loadTlsCreds, parseMigrationUri, type TlsOptions } from '@vmig/channel';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { MAX_SLICE_US, MIN_SLICE_US } from './thread-slice.js';
 import { parseChoice, parseIntFlag, parseRamSpecs, parseSize, type RamSpec } from './args.js';
@@ -26,6 +26,9 @@ export const SHARED_OPTIONS = {
   'postcopy-preempt-reader': { type: 'string' },
   'channel-timeout': { type: 'string' },
   integrity: { type: 'boolean' },
+  'tls-creds': { type: 'string' },
+  'tls-hostname': { type: 'string' },
+  'tls-authz': { type: 'string', multiple: true },
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
@@ -119,6 +122,8 @@ export interface SharedSettings {
   channelTimeoutMs: number;
   /** --integrity: per-range RAM digests checked end to end (core's devices/ram-integrity.ts). */
   integrity: boolean;
+  /** --tls-creds DIR and its companions: TLS on every channel (channel/tls.ts); undefined: plaintext. */
+  tls: { dir: string; hostname: string | undefined; authz: string[] | undefined } | undefined;
   json: boolean;
   logLevel: LogLevel;
 }
@@ -160,10 +165,30 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopyFaultSliceUs: sliceUs,
     postcopyPreemptReader: reader === undefined ? 'vcpu' : parseChoice('postcopy-preempt-reader', reader, PREEMPT_READERS),
     integrity: v['integrity'] === true,
+    tls: tlsFlags(v, postcopy),
     channelTimeoutMs: str(v, 'channel-timeout') === undefined ? DEFAULT_CHANNEL_TIMEOUT_MS : parseIntFlag('channel-timeout', str(v, 'channel-timeout')!, 100, 3_600_000),
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };
+}
+
+function tlsFlags(v: Values, postcopy: boolean): SharedSettings['tls'] {
+  const dir = str(v, 'tls-creds');
+  const hostname = str(v, 'tls-hostname');
+  const authz = v['tls-authz'] as string[] | undefined;
+  if (dir === undefined) {
+    if (hostname !== undefined || authz !== undefined) throw new InvalidArgumentError('--tls-hostname and --tls-authz need --tls-creds DIR');
+    return undefined;
+  }
+  if (!dir) throw new InvalidArgumentError('--tls-creds: empty directory name');
+  if (postcopy) throw new InvalidArgumentError('--tls-creds cannot go with --postcopy yet (the postcopy return path and preempt channel are plaintext-only)');
+  return { dir, hostname, authz };
+}
+
+/** The TLS options of one end, its credentials read from the directory (a missing file is a bad flag). */
+export function tlsOptions(s: SharedSettings, endpoint: 'client' | 'server'): TlsOptions | undefined {
+  if (!s.tls) return undefined;
+  return { creds: loadTlsCreds(s.tls.dir, endpoint), hostname: s.tls.hostname, authz: s.tls.authz };
 }
 
 export interface MigrateSettings extends SharedSettings, GuestSettings {

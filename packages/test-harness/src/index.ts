@@ -9,3 +9,4 @@ export * from './fault-proxy.js';
 export * from './guest-devices.js';
 export * from './stamp.js';
 export * from './postcopy-verify.js';
+export * from './tls-creds.js';

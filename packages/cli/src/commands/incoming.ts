@@ -5,7 +5,7 @@
  * digest, exits.
  */
 import type net from 'node:net';
-import { ByteReader, detachFd, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, type Listener } from '@vmig/channel';
+import { ByteReader, detachFd, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, tlsAccept, type Listener, type TlsOptions } from '@vmig/channel';
 import {
   createReturnPath,
   DeviceRegistry,
@@ -34,14 +34,16 @@ import type { Logger } from '@vmig/core';
 import { createLogger } from '../log.js';
 import { PostcopyGuest } from '../postcopy-guest.js';
 import { dumpRam } from '../dump-ram.js';
-import { INCOMING_OPTIONS, incomingSettings } from '../options.js';
+import { INCOMING_OPTIONS, incomingSettings, tlsOptions } from '../options.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
 import { resourceUsage } from '../resources.js';
 
 interface MainChannel {
+  /** The connection: the accepted socket, or TLS over it. */
   sock: net.Socket;
   first: Buffer;
+  tls: boolean;
 }
 
 /**
@@ -58,9 +60,12 @@ function acceptChannels(
   onPreempt: ((sock: net.Socket, first: Buffer) => void) | undefined,
   timeoutMs: number,
   log: Logger,
+  tls: TlsOptions | undefined,
 ): Promise<MainChannel> {
   return new Promise((resolveMain) => {
     let mainSeen = false;
+    /** Under TLS: the connection that will be the main channel passed its handshake. */
+    let mainTls = false;
     let preemptSeen = false;
     let mainTimer: NodeJS.Timeout | undefined;
     const turnAway = (sock: net.Socket, reason: string): void => {
@@ -68,7 +73,40 @@ function acceptChannels(
       receiver?.turnAway(reason);
       sock.destroy();
     };
+    /**
+     * Under TLS the first bytes are encrypted, so connections are told apart by order, as
+     * QEMU's sources (and vmig's) open them: the main channel first, its handshake done on
+     * this thread; every later one goes whole to a multifd thread, which does its own. A
+     * failed handshake fails the migration: a plaintext source, a wrong CA, a refused name.
+     */
+    const handleTls = async (sock: net.Socket, opts: TlsOptions): Promise<void> => {
+      sock.on('error', () => {});
+      if (mainTls) {
+        if (receiver) receiver.addTlsConnection(sock, opts);
+        else turnAway(sock, 'a connection after the main channel, and this side expects no multifd channel');
+        return;
+      }
+      mainTls = true;
+      let t: net.Socket;
+      let first: Buffer;
+      try {
+        t = await tlsAccept(sock, opts, timeoutMs, 'main');
+        first = await readFirstBytes(t, 4, timeoutMs);
+      } catch (e) {
+        sock.destroy();
+        onFatal(toVmigError(e, 'VMIG_ERR_TLS', { channel: 'main' }));
+        return;
+      }
+      if (first.readUInt32BE(0) !== QEMU_VM_FILE_MAGIC) {
+        t.destroy();
+        onFatal(new StreamError('VMIG_ERR_STREAM_MAGIC', 'under TLS the main channel must connect first: the first connection is not a migration stream (QEVM)', { channel: 'main' }));
+        return;
+      }
+      mainSeen = true;
+      resolveMain({ sock: t, first, tls: true });
+    };
     const handle = async (sock: net.Socket): Promise<void> => {
+      if (tls) return handleTls(sock, tls);
       sock.on('error', () => {});
       let first: Buffer;
       try {
@@ -81,7 +119,7 @@ function acceptChannels(
       if (magic === QEMU_VM_FILE_MAGIC && !mainSeen) {
         mainSeen = true;
         clearTimeout(mainTimer);
-        resolveMain({ sock, first });
+        resolveMain({ sock, first, tls: false });
       } else if (magic === MULTIFD_MAGIC) {
         if (!receiver) {
           sock.destroy();
@@ -104,6 +142,10 @@ function acceptChannels(
           );
           mainTimer.unref();
         }
+      } else if (first[0] === 0x16 && first[1] === 0x03) {
+        // A TLS ClientHello: the source uses TLS and this side does not.
+        sock.destroy();
+        onFatal(new VmigError('VMIG_ERR_TLS', 'a TLS client connected, but this side was started without --tls-creds', { channel: 'main' }));
       } else if (onPreempt && mainSeen && !preemptSeen) {
         // The postcopy preempt channel: no magic, it starts with a RAM record.
         preemptSeen = true;
@@ -132,6 +174,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   if (positionals.length !== 1) throw new InvalidArgumentError('incoming: expected one URI (tcp:HOST:PORT or unix:PATH)');
   const uri = parseMigrationUri(positionals[0]!);
   const settings = incomingSettings(values);
+  const tls = tlsOptions(settings, 'server');
   const out = new Output(settings.json);
   const log = createLogger(settings.logLevel, 'destination');
 
@@ -150,7 +193,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   let mainReader: ByteReader | undefined;
   /** Every return-path message is written through this (the vCPUs share it for page requests). */
   let returnPathShared: ReturnPathShared | undefined;
-  let rp: ReturnPathWriter | undefined;
+  /** Every return-path message is written through this (SHUT, PONG; ReturnPathWriter or, over TLS, the TLS socket). */
+  let rp: Pick<ReturnPathWriter, 'write' | 'close'> | undefined;
   let rejectFatal!: (e: VmigError) => void;
   const fatalError = new Promise<never>((_, reject) => (rejectFatal = reject));
   fatalError.catch(() => {});
@@ -205,16 +249,25 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   let loadStart = start;
   let returnPath = false;
   try {
-    const main = await Promise.race([acceptChannels(listener, receiver, fatal, onPreempt, settings.channelTimeoutMs, log), fatalError]);
+    const main = await Promise.race([acceptChannels(listener, receiver, fatal, onPreempt, settings.channelTimeoutMs, log, tls), fatalError]);
     if (firstError) throw firstError;
     loadStart = performance.now();
-    // The main channel reads into a pool of reused buffers (ByteReader.fromFd): from here on
-    // `conn` is the connection, and the accepted socket's handle is never used again.
-    const mainFd = detachFd(main.sock);
-    const reader = ByteReader.fromFd(mainFd, { channel: 'main', initial: main.first, idleTimeoutMs: settings.channelTimeoutMs });
-    const conn = reader.input;
-    returnPathShared = createReturnPath(mainFd, settings.channelTimeoutMs);
-    rp = new ReturnPathWriter(returnPathShared);
+    let reader: ByteReader;
+    if (main.tls) {
+      // TLS: read and written through the TLS socket, on this thread (postcopy, whose vCPUs
+      // write page requests on the return path themselves, is refused with TLS).
+      reader = new ByteReader(main.sock, { channel: 'main', initial: main.first, idleTimeoutMs: settings.channelTimeoutMs });
+      const t = main.sock;
+      rp = { write: (msg: Uint8Array) => t.write(msg), close: () => {} };
+    } else {
+      // The main channel reads into a pool of reused buffers (ByteReader.fromFd): from here on
+      // `conn` is the connection, and the accepted socket's handle is never used again.
+      const mainFd = detachFd(main.sock);
+      reader = ByteReader.fromFd(mainFd, { channel: 'main', initial: main.first, idleTimeoutMs: settings.channelTimeoutMs });
+      returnPathShared = createReturnPath(mainFd, settings.channelTimeoutMs);
+      rp = new ReturnPathWriter(returnPathShared);
+    }
+    const conn = reader.input as net.Socket;
     mainSock = conn;
     mainReader = reader;
     const its = new ItsTableDevice(() => ram);

@@ -2,7 +2,7 @@
  * `vmig migrate URI --ram SIZE ...`: the source. Builds a test guest (RAM + vCPU writers and
  * its devices), migrates it to a destination while the writers run, reports.
  */
-import { BufferedWriter, connect, parseMigrationUri } from '@vmig/channel';
+import { BufferedWriter, connect, parseMigrationUri, tlsConnect } from '@vmig/channel';
 import {
   DeviceRegistry,
   GlobalStateDevice,
@@ -22,11 +22,12 @@ import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@
 import { parseCommandArgs } from '../args.js';
 import { ControlServer } from '../control.js';
 import { createLogger } from '../log.js';
-import { MIGRATE_OPTIONS, migrateSettings } from '../options.js';
+import { MIGRATE_OPTIONS, migrateSettings, tlsOptions } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
 import { ProgressLine } from '../progress.js';
 import { resourceUsage } from '../resources.js';
 import { ReturnPathThread } from '../return-path-thread.js';
+import { SocketReturnPath } from '../socket-return-path.js';
 import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from '../thread-priority.js';
 
 /** How long the source watches its writers after a failed or cancelled migration. */
@@ -81,7 +82,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // The return path's thread boots while the guest is built (see return-path-thread.ts);
   // with --postcopy-preempt it opens the channel for requested pages at the switch and
   // sends them there itself.
-  const returnPath = new ReturnPathThread({
+  const tls = tlsOptions(s, 'client');
+  // Over TLS the return path is read where the connection is decrypted (socket-return-path.ts).
+  const rpThread = new ReturnPathThread({
     preemptUri: s.postcopyPreempt ? uri : undefined,
     faultSliceUs: s.postcopyPreempt ? s.postcopyFaultSliceUs : 0,
     onPreemptError: (e) => mig?.fail(e),
@@ -102,7 +105,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   const failEarly = async (e: unknown): Promise<number> => {
     const err = toVmigError(e, 'VMIG_ERR_CONNECT');
     log.error({ error: err.toJSON() }, 'migration could not start');
-    await returnPath.close();
+    await rpThread.close();
     // The vCPUs were never stopped: say that they run, as a failure after setup does.
     const writersResumed = vcpus.count > 0 && s.dirtyRate > 0 ? await vcpus.keepsWriting(RESUME_CHECK_MS) : undefined;
     await vcpus.terminate();
@@ -117,6 +120,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   let sock;
   try {
     sock = await connect(uri, { channel: 'main', timeoutMs: s.channelTimeoutMs });
+    if (tls) sock = await tlsConnect(sock, uri.transport === 'tcp' ? uri.host : 'localhost', tls, s.channelTimeoutMs, 'main');
   } catch (e) {
     return failEarly(e);
   }
@@ -130,6 +134,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
         zeroPageDetection: s.params.zeroPageDetection,
         flushAfterEachSection: s.flushAfterEachSection,
         connectTimeoutMs: s.channelTimeoutMs,
+        tls,
       });
     } catch (e) {
       sock.destroy();
@@ -137,7 +142,11 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     }
   }
   const sink = new BufferedWriter(sock, { channel: 'main' });
-  returnPath.attach(sock, ram);
+  let returnPath: ReturnPathThread | SocketReturnPath = rpThread;
+  if (tls) {
+    await rpThread.close();
+    returnPath = new SocketReturnPath(sock);
+  } else rpThread.attach(sock, ram);
   const its = new ItsTableDevice(() => ram);
   const devices = new DeviceRegistry()
     .register(new TimerDevice())
@@ -212,7 +221,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     ...info,
     writes,
     ...(writersResumed !== undefined ? { writersResumed } : {}),
-    ...(switched ? { postcopyScheduling: { backgroundNice: lowered?.nice ?? null, faultSliceUs: returnPath.faultSliceUs } } : {}),
+    ...(switched ? { postcopyScheduling: { backgroundNice: lowered?.nice ?? null, faultSliceUs: rpThread.faultSliceUs } } : {}),
     devices: { 'vmig-its': its.flushed ?? null },
     resources: resourceUsage(),
     ...(digest ? { ramDigest: digest } : {}),
