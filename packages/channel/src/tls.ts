@@ -13,6 +13,7 @@
  * channel, each multifd thread for its own), bounded by a timeout; every failure is
  * VMIG_ERR_TLS. The credentials are plain strings, so they can be posted to a thread.
  */
+import { constants } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
@@ -79,7 +80,18 @@ export function tlsAccept(sock: net.Socket, opts: TlsOptions, timeoutMs: number,
   const verify = opts.creds.ca !== undefined;
   const t = new tls.TLSSocket(sock, {
     isServer: true,
-    secureContext: tls.createSecureContext({ ca: opts.creds.ca, cert: opts.creds.cert, key: opts.creds.key, minVersion: 'TLSv1.2' }),
+    // TLS 1.2 without session tickets: after its handshake the server sends nothing. A
+    // TLS 1.3 server sends session tickets, which a source that never reads its channels
+    // (QEMU without a return path; any multifd channel) leaves unread, so its close becomes
+    // a reset, and a reset makes Node drop decrypted bytes not yet consumed.
+    secureContext: tls.createSecureContext({
+      ca: opts.creds.ca,
+      cert: opts.creds.cert,
+      key: opts.creds.key,
+      minVersion: 'TLSv1.2',
+      maxVersion: 'TLSv1.2',
+      secureOptions: constants.SSL_OP_NO_TICKET,
+    }),
     requestCert: verify,
     rejectUnauthorized: verify,
   });

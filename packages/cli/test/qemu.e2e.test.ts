@@ -4,7 +4,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { spawnCli } from '@vmig/test-harness';
+import { makeTlsCreds, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
 
 // A live QEMU 7.2 source (Debian's qemu-system-x86, which .ci/run installs) migrating a
@@ -17,19 +17,40 @@ const tmp = mkdtempSync(join(tmpdir(), 'vmig-qemu-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
 describe.runIf(haveQemu)('a real QEMU 7.2 source', () => {
-  for (const channels of [2, 4]) {
-    it(`migrates into vmig incoming over ${channels} multifd channels (legacy flush): RAM identical`, async () => {
-      const mem = join(tmp, `guest-${channels}.mem`);
+  const creds = makeTlsCreds(join(tmp, 'tls'));
+  const cases = [
+    { channels: 2, tls: false, flag: true },
+    { channels: 4, tls: false, flag: true },
+    // The dialect read off the stream: no flag needed.
+    { channels: 2, tls: false, flag: false },
+    // QEMU's tls-creds-x509 client on every channel into vmig's TLS destination.
+    { channels: 0, tls: true, flag: false },
+    { channels: 2, tls: true, flag: false },
+  ];
+  for (const { channels, tls, flag } of cases) {
+    const what = `${channels ? `over ${channels} multifd channels` : 'on the main channel'}${flag ? ' (--multifd-flush-after-each-section)' : ''}${tls ? ', TLS on every channel' : ''}`;
+    it(`migrates into vmig incoming ${what}: RAM identical`, async () => {
+      const name = `${channels}-${tls}-${flag}`;
+      const mem = join(tmp, `guest-${name}.mem`);
       const ram = crypto.randomBytes(16 << 20);
       ram.fill(0, 0, 100 * 4096); // zero pages travel on the main channel in 7.2
       writeFileSync(mem, ram);
-      const dump = join(tmp, `out-${channels}.bin`);
-      const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--multifd-channels', String(channels), '--multifd-flush-after-each-section', '--dump-ram', dump]);
+      const dump = join(tmp, `out-${name}.bin`);
+      const dstArgs = ['incoming', 'tcp:127.0.0.1:0', '--json', '--dump-ram', dump];
+      if (channels) dstArgs.push('--multifd-channels', String(channels));
+      if (flag) dstArgs.push('--multifd-flush-after-each-section');
+      if (tls) dstArgs.push('--tls-creds', creds);
+      const dst = spawnCli(CLI_MAIN, dstArgs);
       const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
-      const qemu = spawn(QEMU, ['-M', 'none,memory-backend=mem', '-object', `memory-backend-file,id=mem,size=16M,mem-path=${mem},share=off`, '-nographic', '-nodefaults', '-S', '-monitor', 'stdio'], {
-        stdio: ['pipe', 'ignore', 'ignore'],
-      });
-      qemu.stdin.write(`migrate_set_capability multifd on\nmigrate_set_parameter multifd-channels ${channels}\nmigrate -d ${uri}\n`);
+      const qemuArgs = ['-M', 'none,memory-backend=mem', '-object', `memory-backend-file,id=mem,size=16M,mem-path=${mem},share=off`, '-nographic', '-nodefaults', '-S', '-monitor', 'stdio'];
+      if (tls) qemuArgs.push('-object', `tls-creds-x509,id=tls0,dir=${creds},endpoint=client`);
+      const qemu = spawn(QEMU, qemuArgs, { stdio: ['pipe', 'ignore', 'ignore'] });
+      const hmp = [
+        ...(channels ? ['migrate_set_capability multifd on', `migrate_set_parameter multifd-channels ${channels}`] : []),
+        ...(tls ? ['migrate_set_parameter tls-creds tls0'] : []),
+        `migrate -d ${uri}`,
+      ];
+      qemu.stdin.write(hmp.join('\n') + '\n');
       const run = await dst.done;
       qemu.stdin.end('quit\n');
       await new Promise((r) => qemu.once('exit', r));

@@ -67,7 +67,10 @@ const receiver = new PacketReceiver(
     },
     sync: syncBarrier,
     expected: () => ({ compressionFlag: cfg.compressionFlag, legacy: Atomics.load(ctl, DIALECT) === DIALECT_LEGACY }),
-    resume: () => sock?.resume(),
+    resume: () => {
+      sock?.resume();
+      settleEnd();
+    },
     fail: (e) => finish(e),
   },
   () => channel,
@@ -102,13 +105,27 @@ function attach(fd: number, leftover: Uint8Array): void {
   if (finished) s.destroy(); // the leftover already failed the channel
 }
 
+/** The peer ended the stream; judged once the parser took every byte that came before. */
+let peerEnded = false;
+
 function watchEnd(s: net.Socket): void {
   s.on('end', () => {
-    // A channel ends cleanly only between packets.
-    if (receiver.atPacketBoundary) finish();
-    else finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel ended inside a packet', { channel }));
+    peerEnded = true;
+    settleEnd();
   });
-  s.on('close', () => finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel closed', { channel })));
+  s.on('close', () => {
+    if (!peerEnded) finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel closed', { channel }));
+  });
+}
+
+/**
+ * A channel ends cleanly only between packets. Bytes fed while the parser waited (a copy
+ * path: TLS) may still be parked when the end comes: then the end waits for them.
+ */
+function settleEnd(): void {
+  if (!peerEnded || receiver.paused) return;
+  if (receiver.atPacketBoundary) finish();
+  else finish(new VmigError('VMIG_ERR_PEER_CLOSED', 'multifd channel ended inside a packet', { channel }));
 }
 
 /**

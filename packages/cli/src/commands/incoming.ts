@@ -321,11 +321,13 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     const postcopyReport = await postcopy?.finish(ram);
     if (postcopyReport) its.checkTableInRam();
     const digest = digestRam(ram);
-    // QEMU appends a JSON description after EOF; read it if the source sends one.
+    // QEMU appends a JSON description after EOF; read it if the source sends one. Everything
+    // is loaded by now: a source that hangs up here (over TLS QEMU resets rather than ends)
+    // changes nothing.
     try {
       await readVmDescription(reader);
     } catch (e) {
-      if (!(e instanceof EndOfStream)) throw e;
+      if (!(e instanceof EndOfStream) && !(e instanceof VmigError && e.code === 'VMIG_ERR_PEER_CLOSED')) throw e;
     }
     const dumpFile = values['dump-ram'];
     if (typeof dumpFile === 'string' && dumpFile.length > 0) await dumpRam(ram, dumpFile);
