@@ -7,7 +7,8 @@
  */
 import { chmod, unlink } from 'node:fs/promises';
 import net from 'node:net';
-import { formatMigrationUri, parseMigrationUri } from '@vmig/channel';
+import tls from 'node:tls';
+import { formatMigrationUri, parseMigrationUri, sameDistinguishedName, type TlsOptions } from '@vmig/channel';
 import { InvalidArgumentError, VmigError, type Logger } from '@vmig/core';
 
 /** A command handler: returns the `return` value, or throws (InvalidArgumentError → GenericError). */
@@ -27,24 +28,32 @@ export class ControlServer {
     private readonly log: Logger,
     readonly address: string,
   ) {
-    server.on('connection', (s) => this.accept(s));
+    // A TLS server's connections count once their handshake (and authz) passed.
+    server.on(server instanceof tls.Server ? 'secureConnection' : 'connection', (s: net.Socket) => this.accept(s));
   }
 
   /**
-   * Listens on a `unix:PATH` address, created mode 0600: only this user may cancel or steer
-   * the migration. A TCP control socket would take commands from anyone who can reach it;
-   * it needs TLS with client certificates, which vmig does not have yet, so it is refused.
+   * Listens on `unix:PATH`, created mode 0600 (only this user may cancel or steer the
+   * migration), or on `tcp:HOST:PORT` with TLS only, and only for clients whose certificate
+   * the CA of `tls` signed (and on `tls.authz`, if given): a TCP socket without that would
+   * take commands from anyone who reaches it.
    */
-  static async listen(uriText: string, commands: Record<string, ControlCommand>, log: Logger): Promise<ControlServer> {
+  static async listen(uriText: string, commands: Record<string, ControlCommand>, log: Logger, tls?: TlsOptions): Promise<ControlServer> {
     const uri = parseMigrationUri(uriText);
-    if (uri.transport !== 'unix') {
-      throw new InvalidArgumentError(`--control ${uriText}: a TCP control socket would take commands from anyone who reaches it (it needs TLS with client certificates, not supported yet); use unix:PATH`);
+    if (uri.transport === 'tcp' && !tls?.creds.ca) {
+      throw new InvalidArgumentError(
+        `--control ${uriText}: a TCP control socket needs TLS with client certificates (--tls-creds DIR with ca-cert.pem, server-cert.pem and server-key.pem); or use unix:PATH`,
+      );
     }
-    const server = net.createServer();
+    const server = uri.transport === 'tcp' && tls ? controlTlsServer(tls) : net.createServer();
     await new Promise<void>((resolve, reject) => {
       server.once('error', (e: NodeJS.ErrnoException) =>
         reject(new VmigError('VMIG_ERR_CONTROL', `control socket ${formatMigrationUri(uri)}: ${e.code === 'EADDRINUSE' ? 'address in use' : e.message}`)),
       );
+      if (uri.transport === 'tcp') {
+        server.listen(uri.port, uri.host, resolve);
+        return;
+      }
       // The socket file is created inside listen(): with this umask it is never open to others.
       const umask = process.umask(0o177);
       try {
@@ -53,8 +62,15 @@ export class ControlServer {
         process.umask(umask);
       }
     });
-    await chmod(uri.path, 0o600);
-    return new ControlServer(server, { ...commands, qmp_capabilities: () => ({}) }, log, formatMigrationUri(uri));
+    let address: string;
+    if (uri.transport === 'unix') {
+      await chmod(uri.path, 0o600);
+      address = formatMigrationUri(uri);
+    } else {
+      const a = server.address();
+      address = `tcp:${uri.host}:${typeof a === 'object' && a ? a.port : uri.port}`;
+    }
+    return new ControlServer(server, { ...commands, qmp_capabilities: () => ({}) }, log, address);
   }
 
   /** Sends an event to every connected client. */
@@ -77,6 +93,7 @@ export class ControlServer {
   }
 
   private accept(sock: net.Socket): void {
+    if (sock.destroyed) return; // refused by --tls-authz
     this.clients.add(sock);
     sock.on('close', () => this.clients.delete(sock));
     sock.on('error', () => {});
@@ -135,4 +152,17 @@ export class ControlServer {
       this.reply(sock, { error: { class: 'GenericError', desc }, ...id });
     }
   }
+}
+
+/** The TCP control socket's TLS: this side's server certificate, client certificates required. */
+function controlTlsServer(opts: TlsOptions): tls.Server {
+  const server = tls.createServer({ ca: opts.creds.ca, cert: opts.creds.cert, key: opts.creds.key, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.2' });
+  server.on('tlsClientError', () => {});
+  if (opts.authz?.length) {
+    server.prependListener('secureConnection', (s: tls.TLSSocket) => {
+      const subject = s.getPeerX509Certificate()?.subject;
+      if (!subject || !opts.authz!.some((dn) => sameDistinguishedName(dn, subject))) s.destroy();
+    });
+  }
+  return server;
 }

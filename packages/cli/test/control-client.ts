@@ -1,5 +1,8 @@
 /** A line-oriented JSON client for the control socket (tests only). */
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
+import { join } from 'node:path';
+import tls from 'node:tls';
 
 type Json = Record<string, any>;
 
@@ -26,6 +29,19 @@ export class ControlClient {
     const sock = net.connect(path);
     await new Promise<void>((r, j) => sock.once('connect', r).once('error', j));
     return new ControlClient(sock);
+  }
+
+  /** Over TLS to `tcp:127.0.0.1:PORT`, with the client certificate of `creds` (a tls-creds-x509 directory) or none. */
+  static async connectTls(port: number, creds: string, withCert = true): Promise<ControlClient> {
+    const read = (f: string): string => readFileSync(join(creds, f), 'utf8');
+    const sock = tls.connect({ host: '127.0.0.1', port, ca: read('ca-cert.pem'), ...(withCert ? { cert: read('client-cert.pem'), key: read('client-key.pem') } : {}) });
+    await new Promise<void>((r, j) => sock.once('secureConnect', r).once('error', j));
+    return new ControlClient(sock);
+  }
+
+  /** Resolves when the server ends the connection. */
+  closed(): Promise<void> {
+    return new Promise((r) => (this.sock.closed ? r() : this.sock.once('close', () => r())));
   }
 
   waitFor(pred: (l: Json) => boolean, ms = 60_000): Promise<Json> {

@@ -2,12 +2,12 @@
  * Lifecycle through the real CLI: auto-converge, the control socket, cancel and a peer kill
  * leaving the source running, structured logs.
  */
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, statSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { runMigrationPair, spawnCli } from '@vmig/test-harness';
+import { makeTlsCreds, runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
 import { ControlClient } from './control-client.js';
 
@@ -117,5 +117,41 @@ describe('convergence and control', () => {
     busy.close();
     expect(run.code).toBe(1);
     expect(run.stderr).toContain('VMIG_ERR_CONTROL');
+  });
+
+  it('the unix control socket is mode 0600; a TCP one needs TLS with client certificates', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vmig-ctl-'));
+    const creds = makeTlsCreds(join(dir, 'tls'));
+    // Nothing listens at port 1: the source fails at once, after its control socket is up.
+    const path = join(dir, 'ctl.sock');
+    const unixSrc = spawnCli(CLI_MAIN, ['migrate', 'tcp:127.0.0.1:1', '--json', '--ram', '16M', '--control', `unix:${path}`, '--channel-timeout', '5000']);
+    await unixSrc.waitFor((l) => l['event'] === 'control');
+    expect(statSync(path).mode & 0o777).toBe(0o600);
+    await unixSrc.done;
+
+    const plain = await spawnCli(CLI_MAIN, ['migrate', 'tcp:127.0.0.1:1', '--ram', '16M', '--control', 'tcp:127.0.0.1:0']).done;
+    expect(plain.code).toBe(2);
+    expect(plain.stderr).toMatch(/needs TLS with client certificates/);
+
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--ram', '32M', '--tls-creds', creds]);
+    const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
+    const src = spawnCli(CLI_MAIN, [
+      'migrate', uri, '--json', '--ram', '32M', '--writers', '1', '--dirty-rate', '64M', '--max-bandwidth', '4M', '--tls-creds', creds, '--control', 'tcp:127.0.0.1:0',
+    ]);
+    const { address } = (await src.waitFor((l) => l['event'] === 'control')) as { address: string };
+    const port = Number(address.split(':').pop());
+    // A client without a certificate is turned away in the handshake.
+    const stranger = await ControlClient.connectTls(port, creds, false).then(
+      async (c) => (await Promise.race([c.closed().then(() => 'closed'), c.waitFor((l) => 'QMP' in l, 5000).then(() => 'greeted')])),
+      () => 'refused',
+    );
+    expect(stranger).not.toBe('greeted');
+    const c = await ControlClient.connectTls(port, creds);
+    expect((await c.waitFor((l) => 'QMP' in l))['QMP']).toBeDefined();
+    await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'active');
+    expect((await c.execute('query-migrate'))['return'].ram.total).toBe(32 << 20);
+    expect((await c.execute('migrate-cancel'))['return']).toEqual({});
+    const [s] = await Promise.all([src.done, dst.done]);
+    expect(s.report?.['status']).toBe('cancelled');
   });
 });

@@ -75,6 +75,8 @@ export async function migrateCommand(argv: string[]): Promise<number> {
           },
         },
         log,
+        // Over TCP: TLS with this side's server certificate, clients with certificates of its CA.
+        s.control.startsWith('tcp:') ? tlsOptions(s, 'server') : undefined,
       )
     : undefined;
   if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
