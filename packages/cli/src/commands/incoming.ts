@@ -91,10 +91,17 @@ function acceptChannels(
       let first: Buffer;
       try {
         t = await tlsAccept(sock, opts, timeoutMs, 'main');
-        first = await readFirstBytes(t, 4, timeoutMs);
       } catch (e) {
         sock.destroy();
         onFatal(toVmigError(e, 'VMIG_ERR_TLS', { channel: 'main' }));
+        return;
+      }
+      try {
+        first = await readFirstBytes(t, 4, timeoutMs);
+      } catch (e) {
+        t.destroy();
+        // A TLS client checks the server's certificate once the handshake is over, and hangs up.
+        onFatal(new VmigError('VMIG_ERR_TLS', `the source hung up right after the TLS handshake (did it refuse this side's certificate?): ${(e as Error).message}`, { channel: 'main' }));
         return;
       }
       if (first.readUInt32BE(0) !== QEMU_VM_FILE_MAGIC) {
@@ -308,7 +315,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     ram = result.ram;
     // A precopy stream sends every page in its first pass: one that never arrived was sent
     // where this side did not read (multifd channels it was not started for).
-    if (!postcopy?.incoming.placing) checkEveryPageArrived(ram);
+    if (!postcopy || !POSTCOPY_SWITCHED.includes(postcopy.incoming.state)) checkEveryPageArrived(ram);
     if (settings.integrity && !integrity.verified) {
       throw new VmigError('VMIG_ERR_INTEGRITY', 'this side was started with --integrity, but the source sent no RAM digests (start it with --integrity too)', { channel: 'main', phase: 'load' });
     }
@@ -410,6 +417,9 @@ async function drainAndClose(sock: net.Socket, reader: ByteReader | undefined, m
 function round(v: number): number {
   return Math.round(v * 1000) / 1000;
 }
+
+/** States after the postcopy switch: pages arrived on request or in the background, not all in a first pass. */
+const POSTCOPY_SWITCHED: readonly string[] = ['listening', 'running', 'end'];
 
 function checkEveryPageArrived(ram: GuestRam): void {
   const missing = ram.missingPages();
