@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { setBe32, TARGET_PAGE_SIZE } from '@vmig/core';
 import {
+  checkMultifdExpected,
   checkMultifdOffsets,
   compressionByFlags,
   compressionByName,
@@ -144,5 +145,34 @@ describe('compression methods', () => {
     expect(compressionByFlags(MULTIFD_FLAG_VMIG_LZ4, 'x')?.name).toBe('lz4');
     expect(() => compressionByFlags(0x04, 'x')).toThrow(expect.objectContaining({ code: 'VMIG_ERR_MULTIFD_PACKET' })); // zstd: not here
     expect(() => compressionByName('brotli')).toThrow(expect.objectContaining({ code: 'VMIG_ERR_INVALID_ARG' }));
+  });
+});
+
+describe('a packet against what this side agreed on (checkMultifdExpected)', () => {
+  const code = (f: () => void): string => {
+    try {
+      f();
+    } catch (e) {
+      return (e as { code: string }).code;
+    }
+    return 'accepted';
+  };
+  const pkt = (over: Partial<Parameters<typeof encodeMultifdPacketHeader>[2]>) => decodeMultifdPacketHeader(header(over), 0);
+
+  it("QEMU 7.2's dialect: the word at offset 32 is unused, a non-zero value is refused, not read as zero pages", () => {
+    const zeros = pkt({ normalPages: 1, zeroPages: 2, offsets: Float64Array.from([0, 4096, 8192]) });
+    expect(code(() => checkMultifdExpected(zeros, 0, true))).toBe('VMIG_ERR_MULTIFD_PACKET');
+    expect(code(() => checkMultifdExpected(zeros, 0, false))).toBe('accepted');
+    expect(code(() => checkMultifdExpected(pkt({ normalPages: 2, zeroPages: 0, offsets: Float64Array.from([0, 4096]) }), 0, true))).toBe('accepted');
+  });
+
+  it('compression must be this side\'s method, or none (a packet sent raw); SYNC packets carry no pages and are not checked', () => {
+    const zlib = pkt({ flags: MULTIFD_FLAG_ZLIB, normalPages: 1, offsets: Float64Array.from([0]), nextPacketSize: 100 });
+    const raw = pkt({ normalPages: 1, offsets: Float64Array.from([0]) });
+    expect(code(() => checkMultifdExpected(zlib, 0, false))).toBe('VMIG_ERR_MULTIFD_DIALECT');
+    expect(code(() => checkMultifdExpected(zlib, MULTIFD_FLAG_VMIG_LZ4, false))).toBe('VMIG_ERR_MULTIFD_DIALECT');
+    expect(code(() => checkMultifdExpected(zlib, MULTIFD_FLAG_ZLIB, false))).toBe('accepted');
+    expect(code(() => checkMultifdExpected(raw, MULTIFD_FLAG_VMIG_LZ4, false))).toBe('accepted');
+    expect(code(() => checkMultifdExpected(pkt({ flags: MULTIFD_FLAG_SYNC | MULTIFD_FLAG_ZLIB, normalPages: 0, zeroPages: 0, offsets: new Float64Array(0) }), 0, false))).toBe('accepted');
   });
 });
