@@ -84,7 +84,7 @@ export class MultifdDialect {
       throw new StreamError('VMIG_ERR_MULTIFD_CHANNELS', 'the stream uses multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH) but this side was started without --multifd-channels', { channel: this.channel });
     }
     if (this.legacy === true) throw this.mixed();
-    this.decide(false);
+    if (this.legacy === undefined) this.decide(false);
     await this.barrier.sync();
   }
 
