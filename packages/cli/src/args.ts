@@ -54,6 +54,13 @@ export interface ParsedArgs {
 }
 
 export function parseCommandArgs(command: string, argv: string[], options: Options): ParsedArgs {
+  // `--ram -5M`: util.parseArgs would call the value an ambiguous option; say what is wrong.
+  for (let i = 0; i + 1 < argv.length; i++) {
+    const name = argv[i]!.startsWith('--') ? argv[i]!.slice(2) : undefined;
+    if (name && !name.includes('=') && options[name]?.type === 'string' && /^-\d/.test(argv[i + 1]!)) {
+      throw new InvalidArgumentError(`--${name}: '${argv[i + 1]}' is negative; sizes, counts and times are never below 0`);
+    }
+  }
   try {
     const { values, positionals } = parseArgs({ args: argv, options, allowPositionals: true, strict: true });
     return { values: values as ParsedArgs['values'], positionals };

@@ -2,13 +2,15 @@
 /**
  * The vmig command. Exit codes: 0 success, 1 migration failed, 2 bad command line.
  */
-import { VmigError } from '@vmig/core';
-import { benchCommand } from './commands/bench.js';
+import { readFileSync } from 'node:fs';
+import { toVmigError, VmigError } from '@vmig/core';
+import { BENCH_OPTIONS, benchCommand } from './commands/bench.js';
 import { demoCommand } from './commands/demo.js';
 import { incomingCommand } from './commands/incoming.js';
 import { migrateCommand } from './commands/migrate.js';
 import { restoreCommand } from './commands/restore.js';
 import { snapshotCommand } from './commands/snapshot.js';
+import { INCOMING_OPTIONS, MIGRATE_OPTIONS, RESTORE_OPTIONS, SNAPSHOT_OPTIONS } from './options.js';
 
 const USAGE = `usage: vmig <command> [flags]
 
@@ -19,40 +21,69 @@ commands:
   snapshot FILE       background snapshot of a running guest into FILE (QEMU stream format)
   restore FILE        load a snapshot file into fresh RAM, report its digest
   bench               benchmark scenarios (JSON lines); --list, --scenario NAME, --ram SIZE
-  help                this text
+  help                this text (vmig COMMAND --help: the command's flags; vmig --version)
 
 URI: tcp:HOST:PORT or unix:PATH. Sizes take K, M, G suffixes (binary).
 See README.md for every flag.`;
 
-const COMMANDS: Record<string, (argv: string[]) => Promise<number>> = {
-  incoming: incomingCommand,
-  migrate: migrateCommand,
-  demo: demoCommand,
-  bench: benchCommand,
-  snapshot: snapshotCommand,
-  restore: restoreCommand,
+const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; synopsis: string; options: Record<string, { type: string; multiple?: boolean }>; role: string }> = {
+  incoming: { run: incomingCommand, synopsis: 'incoming URI [flags]', options: INCOMING_OPTIONS, role: 'destination' },
+  migrate: { run: migrateCommand, synopsis: 'migrate URI --ram SIZE [flags]', options: MIGRATE_OPTIONS, role: 'source' },
+  demo: { run: demoCommand, synopsis: 'demo [migrate flags]', options: MIGRATE_OPTIONS, role: 'demo' },
+  bench: { run: benchCommand, synopsis: 'bench [--scenario NAME ...] [--ram SIZE] [--repeat N] [--list]', options: BENCH_OPTIONS, role: 'bench' },
+  snapshot: { run: snapshotCommand, synopsis: 'snapshot FILE --ram SIZE [flags]', options: SNAPSHOT_OPTIONS, role: 'snapshot' },
+  restore: { run: restoreCommand, synopsis: 'restore FILE [flags]', options: RESTORE_OPTIONS, role: 'restore' },
 };
+
+/** `vmig COMMAND --help`: the synopsis and every flag the command takes (README.md explains each). */
+function commandHelp(name: string): string {
+  const c = COMMANDS[name]!;
+  const flags = Object.entries(c.options)
+    .map(([k, o]) => `  --${k}${o.type === 'string' ? ' VALUE' : ''}${o.multiple ? ' (repeatable)' : ''}`)
+    .join('\n');
+  return `usage: vmig ${c.synopsis}\n\nflags:\n${flags}\n  --help\n\nSee README.md (CLI reference) for what each flag does.`;
+}
+
+function version(): string {
+  return (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+}
 
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
-  if (cmd === undefined || cmd === 'help' || cmd === '--help' || cmd === '-h') {
+  if (cmd === 'help' || cmd === '--help' || cmd === '-h') {
     process.stdout.write(USAGE + '\n');
-    return cmd === undefined ? 2 : 0;
+    return 0;
   }
-  const run = COMMANDS[cmd];
-  if (!run) {
+  if (cmd === '--version' || cmd === '-V') {
+    process.stdout.write(`vmig ${version()}\n`);
+    return 0;
+  }
+  if (cmd === undefined) {
+    process.stderr.write(USAGE + '\n');
+    return 2;
+  }
+  const command = COMMANDS[cmd];
+  if (!command) {
     process.stderr.write(`vmig: unknown command '${cmd}' (try 'vmig help')\n`);
     return 2;
   }
+  if (rest.includes('--help') || rest.includes('-h')) {
+    process.stdout.write(commandHelp(cmd) + '\n');
+    return 0;
+  }
   try {
-    return await run(rest);
+    return await command.run(rest);
   } catch (e) {
     if (e instanceof VmigError && e.code === 'VMIG_ERR_INVALID_ARG') {
       process.stderr.write(`vmig: ${e.message}\n`);
       return 2;
     }
-    const err = e instanceof VmigError ? `${e.message} [${e.code}]` : e instanceof Error ? (e.stack ?? e.message) : String(e);
-    process.stderr.write(`vmig: ${err}\n`);
+    // A failure before the command could report (RAM that cannot be allocated, an address in
+    // use): the same report path, so that --json readers get their last line.
+    const err = toVmigError(e, 'VMIG_ERR_INTERNAL');
+    if (rest.includes('--json')) process.stdout.write(JSON.stringify({ event: 'report', role: command.role, status: 'failed', error: err.toJSON() }) + '\n');
+    process.stderr.write(`vmig: ${err.message} [${err.code}]\n`);
+    if (!(e instanceof VmigError) && e instanceof Error && e.stack) process.stderr.write(`${e.stack}\n`);
     return 1;
   }
 }

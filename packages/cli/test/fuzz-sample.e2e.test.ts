@@ -22,6 +22,7 @@ interface TargetCounts {
   crashes: number;
   hangs: number;
   exit0WrongRam: number;
+  exit0WrongRamStrict: number;
   skipped: number;
 }
 
@@ -29,6 +30,8 @@ interface FuzzResult {
   inputs: number;
   byTarget: Record<string, TargetCounts>;
   crashes: { target: string; index: number; kind: string; error?: string }[];
+  wrongRam: { target: string; index: number; strict: boolean }[];
+  signatures: { signature: string; count: number; first: { target: string; index: number } }[];
   durationMs: number;
 }
 
@@ -48,7 +51,8 @@ describe('fuzzer sample', () => {
     const t0 = performance.now();
     const run = await runFuzzer(['--seed', SEED, '--iterations', '2000', '--sockets', '24', '--restores', '6', '--concurrency', '2', '--quiet']);
     const result = JSON.parse(run.stdout) as FuzzResult;
-    const problems = JSON.stringify(result.crashes, null, 1);
+    // Distinct problems, each with a first input to rebuild with --repro.
+    const problems = JSON.stringify(result.signatures, null, 1);
 
     // Every target ran.
     for (const name of ['loadvm', 'loadvm-postcopy', 'snapshot', 'multifd-init', 'multifd-header', 'packet-receiver', 'return-path', 'control', 'sockets', 'restore-cli']) {
@@ -64,6 +68,9 @@ describe('fuzzer sample', () => {
     const hangs = Object.values(result.byTarget).reduce((n, t) => n + t.hangs, 0);
     expect(crashes, `crashes (seed ${SEED}): ${problems}`).toBe(0);
     expect(hangs, `hangs (seed ${SEED}): ${problems}`).toBe(0);
+    // RAM other than sent, although the integrity check passed: its promise broken.
+    const strict = Object.values(result.byTarget).reduce((n, t) => n + t.exit0WrongRamStrict, 0);
+    expect(strict, `loads with wrong RAM past the integrity check (seed ${SEED}): ${JSON.stringify(result.wrongRam.filter((w) => w.strict))}`).toBe(0);
     expect(run.code, run.stderr.slice(-2000)).toBe(0);
     // A bound on the sample, not a speed figure: it must stay cheap enough for every run.
     expect(performance.now() - t0).toBeLessThan(240_000);

@@ -50,8 +50,12 @@ export function libc(): Libc | null {
         return poll(pfd, 1, Math.max(0, Math.ceil(ms))) > 0;
       },
     };
-  } catch {
-    // No prebuilt koffi for this platform, or no glibc.
+  } catch (e) {
+    // No prebuilt koffi for this platform, or no glibc: the fallbacks work (the kernel's
+    // slice, the preempt thread reading alone), but slower, so say so once, loudly.
+    process.emitWarning(`vmig: poll(2) and sched_setattr(2) are not reachable (koffi: ${(e as Error).message}); the postcopy fault path falls back to its thread and naps`, {
+      code: 'VMIG_LIBC_UNAVAILABLE',
+    });
   }
   return loaded;
 }

@@ -22,8 +22,16 @@ export interface CliProcess {
   waitFor(pred: (line: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
 }
 
+/** Every child still running: killed when this process exits, so a failing test leaves none behind. */
+const running = new Set<ChildProcess>();
+process.once('exit', () => {
+  for (const c of running) c.kill('SIGKILL');
+});
+
 export function spawnCli(cliMain: string, args: string[], opts: { stderr?: 'pipe' | 'inherit'; env?: NodeJS.ProcessEnv } = {}): CliProcess {
   const child = spawn(process.execPath, [cliMain, ...args], { stdio: ['ignore', 'pipe', opts.stderr ?? 'pipe'], env: opts.env ?? process.env });
+  running.add(child);
+  child.once('exit', () => running.delete(child));
   const lines: Record<string, unknown>[] = [];
   const watchers: { pred: (l: Record<string, unknown>) => boolean; resolve: (l: Record<string, unknown>) => void }[] = [];
   let stderr = '';

@@ -87,7 +87,7 @@ function scenarios(ram: string): Scenario[] {
   ];
 }
 
-const BENCH_OPTIONS = {
+export const BENCH_OPTIONS = {
   scenario: { type: 'string', multiple: true },
   ram: { type: 'string' },
   repeat: { type: 'string' },
