@@ -106,6 +106,12 @@ export class ControlServer {
       while ((nl = pending.indexOf('\n')) >= 0) {
         const line = pending.slice(0, nl).trim();
         pending = pending.slice(nl + 1);
+        if (line.length > MAX_LINE) {
+          this.reply(sock, { error: { class: 'GenericError', desc: `request longer than ${MAX_LINE} bytes` } });
+          sock.end();
+          pending = '';
+          return;
+        }
         if (line) this.handle(sock, line);
       }
       if (pending.length > MAX_LINE) {
@@ -117,7 +123,16 @@ export class ControlServer {
   }
 
   private reply(sock: net.Socket, obj: Record<string, unknown>): void {
-    if (!sock.destroyed) sock.write(JSON.stringify(obj) + '\n');
+    if (sock.destroyed) return;
+    let line: string;
+    try {
+      line = JSON.stringify(obj);
+    } catch {
+      // An id nested too deep to encode again (JSON.stringify runs out of stack): answer
+      // without it rather than let a client's request end the process.
+      line = JSON.stringify({ error: { class: 'GenericError', desc: "the reply could not be encoded (is 'id' nested too deep?)" } });
+    }
+    sock.write(line + '\n');
   }
 
   private handle(sock: net.Socket, line: string): void {

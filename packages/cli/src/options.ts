@@ -50,9 +50,13 @@ export interface IncomingSettings extends SharedSettings {
 }
 
 export function incomingSettings(v: Values): IncomingSettings {
-  const shared = sharedSettings(v);
+  return { ...sharedSettings(v), maxRam: maxRamSetting(v) };
+}
+
+/** --max-ram SIZE: the most guest RAM a stream or a file may declare; default the machine's memory. */
+export function maxRamSetting(v: Values): number {
   const max = str(v, 'max-ram');
-  return { ...shared, maxRam: max === undefined ? totalmem() : parseSize('max-ram', max) };
+  return max === undefined ? totalmem() : parseSize('max-ram', max);
 }
 
 /** The test guest a source (or a snapshot) builds: its RAM contents and its writers. */
@@ -259,6 +263,7 @@ export const SNAPSHOT_OPTIONS = {
 
 export const RESTORE_OPTIONS = {
   'dump-ram': { type: 'string' },
+  'max-ram': { type: 'string' },
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;

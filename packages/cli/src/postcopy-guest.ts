@@ -49,6 +49,8 @@ export interface PostcopyGuestOptions {
   preemptReader: PreemptReaderChoice;
   /** The first failure anywhere: the migration fails with it. */
   fatal: (e: VmigError) => void;
+  /** --channel-timeout (ms). */
+  timeoutMs: number;
 }
 
 export class PostcopyGuest {
@@ -79,6 +81,7 @@ export class PostcopyGuest {
       notifiers: opts.notifiers,
       sealMultifd: opts.sealMultifd,
       blocktime: opts.blocktime,
+      finishTimeoutMs: opts.timeoutMs,
       onRun: (shared, placer) => {
         // vm_start: threads created parked at setup resume; otherwise (or if the count
         // changed) they start now.

@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 
 const FUZZ = fileURLToPath(new URL('../../../scripts/fuzz.mjs', import.meta.url));
+const REPRO = fileURLToPath(new URL('../../../scripts/fuzz/repro.mjs', import.meta.url));
 const SEED = process.env['VMIG_FUZZ_SEED'] ?? 'sample-1';
 
 interface TargetCounts {
@@ -35,9 +36,9 @@ interface FuzzResult {
   durationMs: number;
 }
 
-function runFuzzer(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+function runFuzzer(args: string[], script = FUZZ): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [FUZZ, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [script, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
@@ -75,4 +76,14 @@ describe('fuzzer sample', () => {
     // A bound on the sample, not a speed figure: it must stay cheap enough for every run.
     expect(performance.now() - t0).toBeLessThan(240_000);
   });
+
+  // What the full run found, reduced to one real process each (scripts/fuzz/repro.mjs): a
+  // control request whose id is nested too deep to echo, a postcopy page discarded and never
+  // sent, RAM records after the integrity section.
+  for (const c of ['control-deep-id', 'postcopy-missing-page', 'integrity-after-check']) {
+    it(`stays fixed: ${c}`, async () => {
+      const run = await runFuzzer([c], REPRO);
+      expect(run.code, run.stdout + run.stderr).toBe(0);
+    });
+  }
 });

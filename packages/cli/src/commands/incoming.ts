@@ -244,6 +244,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       faultSliceUs: settings.postcopyFaultSliceUs,
       preemptReader: settings.postcopyPreemptReader,
       fatal,
+      timeoutMs: settings.channelTimeoutMs,
     });
   }
   const onPreempt = settings.postcopyPreempt && postcopy ? postcopy.onPreempt.bind(postcopy) : undefined;
@@ -284,22 +285,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     const result = await qemuLoadVmState(reader, {
       ram,
       zeroUnlessLoaded: true,
-      createRam: (blocks) => {
-        // What a stream declares is checked before anything is allocated; the blocks are not
-        // pre-faulted (zero pages never touch a fresh page, the recv threads fault in what
-        // they write, in parallel).
-        const total = blocks.reduce((n, b) => n + b.usedLength, 0);
-        if (total > settings.maxRam) {
-          throw new StreamError('VMIG_ERR_RAM_LIMIT', `the stream declares ${fmtBytes(total)} of guest RAM in ${blocks.length} block(s), more than --max-ram ${fmtBytes(settings.maxRam)}`, {
-            channel: 'main',
-            phase: 'load',
-          });
-        }
-        return GuestRam.create(
-          blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })),
-          { prefault: false },
-        );
-      },
+      createRam: (blocks) => GuestRam.fromStream(blocks, settings.maxRam),
       onRamReady: (r) => {
         ram = r;
         receiver?.setRam(r);
@@ -316,7 +302,12 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     // A precopy stream sends every page in its first pass: one that never arrived was sent
     // where this side did not read (multifd channels it was not started for).
     if (!postcopy || !POSTCOPY_SWITCHED.includes(postcopy.incoming.state)) checkEveryPageArrived(ram);
-    if (settings.integrity && !integrity.verified) {
+    if (integrity.received) {
+      // Nothing may write RAM after the check: multifd is sealed first (a packet with pages
+      // after this fails the load), and the main stream is over.
+      await receiver?.seal();
+      integrity.verify();
+    } else if (settings.integrity) {
       throw new VmigError('VMIG_ERR_INTEGRITY', 'this side was started with --integrity, but the source sent no RAM digests (start it with --integrity too)', { channel: 'main', phase: 'load' });
     }
     const loadMs = performance.now() - loadStart;

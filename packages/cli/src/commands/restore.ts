@@ -21,7 +21,7 @@ import {
 import { digestRam, ItsTableDevice, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { createLogger } from '../log.js';
-import { parseSnapshotFile, RESTORE_OPTIONS, sharedSettings } from '../options.js';
+import { maxRamSetting, parseSnapshotFile, RESTORE_OPTIONS, sharedSettings } from '../options.js';
 import { dumpRam } from '../dump-ram.js';
 import { fmtBytes, Output } from '../output.js';
 
@@ -30,6 +30,7 @@ export async function restoreCommand(argv: string[]): Promise<number> {
   if (positionals.length !== 1) throw new InvalidArgumentError('restore: expected one FILE');
   const file = parseSnapshotFile(positionals[0]!);
   const { json, logLevel } = sharedSettings(values);
+  const maxRam = maxRamSetting(values);
   const out = new Output(json);
   const log = createLogger(logLevel, 'restore');
   const start = performance.now();
@@ -50,7 +51,7 @@ export async function restoreCommand(argv: string[]): Promise<number> {
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(vcpuState).register(its);
     const result = await qemuLoadVmState(reader, {
       channel: 'file',
-      createRam: (blocks) => GuestRam.create(blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength }))),
+      createRam: (blocks) => GuestRam.fromStream(blocks, maxRam),
       // RAM is created from the file's block list, fresh.
       zeroUnlessLoaded: true,
       onRamReady: (r) => (ram = r),

@@ -1,9 +1,9 @@
 /**
  * vmig's end-to-end integrity check (opt-in, vmig to vmig; QEMU has no such section): the
  * source sends, after the final pass, an xxh64 digest of every 1 MiB range of guest RAM as
- * it stands with the vCPUs stopped; the destination loads the section after its last multifd
- * barrier, so every page is in place, digests its own RAM the same way and refuses the
- * migration (VMIG_ERR_INTEGRITY, before it answers SHUT) if any range differs. It catches
+ * it stands with the vCPUs stopped; the destination keeps them, and once the load is over
+ * (EOF, multifd sealed: nothing writes RAM any more) digests its own RAM the same way and
+ * refuses the migration (VMIG_ERR_INTEGRITY, before it answers SHUT) if any range differs. It catches
  * what the wire format cannot: a flipped payload bit, a page lost or applied twice in the
  * wrong order, a bug of either end. xxh64, not xxh3: @node-rs/xxhash's xxh64 hashes about
  * 12 GB/s on one core here, its xxh3 1.7 GB/s on large inputs.
@@ -46,6 +46,8 @@ export class RamIntegrityDevice implements VmStateDevice {
   verified = false;
   /** Ranges compared (destination). */
   ranges = 0;
+  /** Destination: the source's digests per block, from load() until verify(). */
+  private theirs: Map<RamBlock, Uint32Array> | undefined;
 
   /** `ram`: guest RAM when the section is saved or loaded (it may be built from the stream). */
   constructor(private readonly ram: () => GuestRam | undefined) {}
@@ -63,35 +65,58 @@ export class RamIntegrityDevice implements VmStateDevice {
     }
   }
 
+  /**
+   * Reads the source's digests. They are compared by verify(), once the load is over and
+   * nothing writes RAM any more: a check at this point could be undone by RAM records that
+   * follow the section.
+   */
   async load(s: StreamSource): Promise<void> {
+    if (this.received) fail('a second integrity section', 'VMIG_ERR_DEVICE_STATE');
     const ram = this.mustHaveRam();
     await s.ensure(8);
     const rangeBytes = getU32(s);
     const blocks = getU32(s);
     if (rangeBytes !== INTEGRITY_RANGE_BYTES) fail(`range of ${rangeBytes} bytes, this side digests ${INTEGRITY_RANGE_BYTES}`, 'VMIG_ERR_DEVICE_STATE');
     if (blocks !== ram.blocks.length) fail(`the section covers ${blocks} RAM block(s), this side has ${ram.blocks.length}`, 'VMIG_ERR_DEVICE_STATE');
-    const differ: string[] = [];
-    let bad = 0;
+    const theirs = new Map<RamBlock, Uint32Array>();
     for (let i = 0; i < blocks; i++) {
       const idstr = await readCountedString(s);
       await s.ensure(12);
       const used = getU64(s);
       const n = getU32(s);
       const block = ram.find(idstr);
-      if (!block || block.usedLength !== used || n !== Math.ceil(used / rangeBytes)) fail(`block '${idstr}' of ${used} bytes in ${n} ranges does not match this side's RAM`, 'VMIG_ERR_DEVICE_STATE');
+      if (!block || theirs.has(block) || block.usedLength !== used || n !== Math.ceil(used / rangeBytes)) {
+        fail(`block '${idstr}' of ${used} bytes in ${n} ranges does not match this side's RAM`, 'VMIG_ERR_DEVICE_STATE');
+      }
       await s.ensure(8 * n);
-      const theirs = new Uint32Array(2 * n);
-      for (let k = 0; k < 2 * n; k++) theirs[k] = getU32(s);
-      const mine = digestRanges(block, rangeBytes);
-      for (let r = 0; r < n; r++) {
+      const d = new Uint32Array(2 * n);
+      for (let k = 0; k < 2 * n; k++) d[k] = getU32(s);
+      theirs.set(block, d);
+    }
+    this.theirs = theirs;
+  }
+
+  /** The source's digests arrived (load()). */
+  get received(): boolean {
+    return this.theirs !== undefined;
+  }
+
+  /** Digests this side's RAM as loaded and compares; VMIG_ERR_INTEGRITY if a range differs. */
+  verify(): void {
+    if (!this.theirs) fail('no digests to compare with', 'VMIG_ERR_INTEGRITY');
+    const differ: string[] = [];
+    let bad = 0;
+    for (const [block, theirs] of this.theirs) {
+      const mine = digestRanges(block);
+      for (let r = 0; r < mine.length / 2; r++) {
         if (mine[2 * r] !== theirs[2 * r] || mine[2 * r + 1] !== theirs[2 * r + 1]) {
           bad++;
-          if (differ.length < 3) differ.push(`'${idstr}' at 0x${(r * rangeBytes).toString(16)}`);
+          if (differ.length < 3) differ.push(`'${block.idstr}' at 0x${(r * INTEGRITY_RANGE_BYTES).toString(16)}`);
         }
       }
-      this.ranges += n;
+      this.ranges += mine.length / 2;
     }
-    if (bad > 0) fail(`${bad} of ${this.ranges}+ ranges of RAM differ from the source's (${differ.join(', ')}${bad > differ.length ? ', ...' : ''})`, 'VMIG_ERR_INTEGRITY');
+    if (bad > 0) fail(`${bad} of ${this.ranges} ranges of RAM differ from the source's (${differ.join(', ')}${bad > differ.length ? ', ...' : ''})`, 'VMIG_ERR_INTEGRITY');
     this.verified = true;
   }
 

@@ -29,6 +29,12 @@ export interface PostcopyIncomingOptions {
   sealMultifd?: (() => Promise<void>) | undefined;
   /** --postcopy-blocktime: vCPUs time their faults. */
   blocktime?: boolean | undefined;
+  /**
+   * After EOF, the longest the missing pages may go without one arriving (ms,
+   * --channel-timeout): a source that discarded a page and never sends it must not hold the
+   * destination for good. Default 30 s.
+   */
+  finishTimeoutMs?: number | undefined;
 }
 
 export interface PostcopyIncomingStats {
@@ -167,10 +173,19 @@ export class PostcopyIncoming implements PostcopyPlacing {
   async finish(failed: () => VmigError | undefined): Promise<void> {
     if (!this.placing) return;
     const placer = this.placerImpl!;
-    while (placer.missing() > 0) {
+    const timeoutMs = this.opts.finishTimeoutMs ?? 30_000;
+    let missing = placer.missing();
+    let progressAt = performance.now();
+    while (missing > 0) {
       const err = failed();
       if (err) throw err;
       await new Promise((r) => setTimeout(r, 5));
+      const now = placer.missing();
+      if (now < missing) progressAt = performance.now();
+      else if (performance.now() - progressAt > timeoutMs) {
+        throw new StreamError('VMIG_ERR_TIMEOUT', `the stream ended with ${now} page(s) not placed, and none arrived for ${timeoutMs} ms (--channel-timeout)`, { channel: 'main', phase: 'postcopy' });
+      }
+      missing = now;
     }
     this.state = 'end';
     this.notify('INBOUND_END');

@@ -147,6 +147,10 @@ export function isZeroPage(host: Uint8Array, offset: number): boolean {
   return ZERO_PAGE.compare(host, offset, offset + TARGET_PAGE_SIZE) === 0;
 }
 
+function gib(bytes: number): string {
+  return `${(bytes / 2 ** 30).toFixed(bytes < 2 ** 30 ? 3 : 1)} GiB`;
+}
+
 /** Writes one word per page so the kernel maps every page now, not during migration. */
 function prefault(host: Uint8Array): void {
   const words = new Int32Array(host.buffer, host.byteOffset, Math.floor(host.byteLength / 4));
@@ -174,6 +178,26 @@ export class GuestRam {
       names.add(s.idstr);
     }
     return new GuestRam(specs.map((s) => RamBlock.create(s.idstr, s.size, opts)));
+  }
+
+  /**
+   * Guest RAM as a stream's block list declares it (a destination or a restore without its
+   * own RAM): refused with VMIG_ERR_RAM_LIMIT above `maxBytes`, before anything is allocated,
+   * and not pre-faulted (zero pages never touch a fresh page; loaders fault in what they
+   * write, in parallel).
+   */
+  static fromStream(blocks: readonly { idstr: string; usedLength: number }[], maxBytes: number): GuestRam {
+    const total = blocks.reduce((n, b) => n + b.usedLength, 0);
+    if (total > maxBytes) {
+      throw new VmigError('VMIG_ERR_RAM_LIMIT', `the stream declares ${gib(total)} of guest RAM in ${blocks.length} block(s), more than --max-ram ${gib(maxBytes)}`, {
+        channel: 'main',
+        phase: 'load',
+      });
+    }
+    return GuestRam.create(
+      blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })),
+      { prefault: false },
+    );
   }
 
   static fromShared(shared: readonly RamBlockShared[]): GuestRam {
