@@ -198,7 +198,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   let firstError: VmigError | undefined;
   let mainSock: net.Socket | undefined;
   let mainReader: ByteReader | undefined;
-  /** Every return-path message is written through this (the vCPUs share it for page requests). */
+  /** The return path's fd, shared with the vCPUs for their page requests (postcopy, plaintext). */
   let returnPathShared: ReturnPathShared | undefined;
   /** Every return-path message is written through this (SHUT, PONG; ReturnPathWriter or, over TLS, the TLS socket). */
   let rp: Pick<ReturnPathWriter, 'write' | 'close'> | undefined;
