@@ -4,3 +4,4 @@ export * from './byte-reader.js';
 export * from './buffered-writer.js';
 export * from './handoff.js';
 export * from './tls.js';
+export * from './tls-bridge.js';

@@ -123,8 +123,10 @@ function settleHandshake(
     t.off('error', onError);
     t.off('close', onClose);
     t.off(event, onSecure);
+    // From here on an error is the owner's to handle ('close' follows it): never an
+    // uncaught one because no listener was attached yet (the process would end).
+    t.on('error', () => {});
     if (e) {
-      t.on('error', () => {});
       t.destroy();
       reject(e);
     } else resolve(t);

@@ -169,14 +169,14 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopyFaultSliceUs: sliceUs,
     postcopyPreemptReader: reader === undefined ? 'vcpu' : parseChoice('postcopy-preempt-reader', reader, PREEMPT_READERS),
     integrity: v['integrity'] === true,
-    tls: tlsFlags(v, postcopy),
+    tls: tlsFlags(v),
     channelTimeoutMs: str(v, 'channel-timeout') === undefined ? DEFAULT_CHANNEL_TIMEOUT_MS : parseIntFlag('channel-timeout', str(v, 'channel-timeout')!, 100, 3_600_000),
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };
 }
 
-function tlsFlags(v: Values, postcopy: boolean): SharedSettings['tls'] {
+function tlsFlags(v: Values): SharedSettings['tls'] {
   const dir = str(v, 'tls-creds');
   const hostname = str(v, 'tls-hostname');
   const authz = v['tls-authz'] as string[] | undefined;
@@ -185,7 +185,6 @@ function tlsFlags(v: Values, postcopy: boolean): SharedSettings['tls'] {
     return undefined;
   }
   if (!dir) throw new InvalidArgumentError('--tls-creds: empty directory name');
-  if (postcopy) throw new InvalidArgumentError('--tls-creds cannot go with --postcopy yet (the postcopy return path and preempt channel are plaintext-only)');
   return { dir, hostname, authz };
 }
 

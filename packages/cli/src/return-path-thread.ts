@@ -10,7 +10,7 @@
  */
 import type net from 'node:net';
 import { MessageChannel, type MessagePort, receiveMessageOnPort, Worker } from 'node:worker_threads';
-import { connect, stopReading, type MigrationUri } from '@vmig/channel';
+import { bridgeTls, connect, stopReading, type MigrationUri, type TlsBridge } from '@vmig/channel';
 import {
   createSyncFd,
   type GuestRam,
@@ -63,6 +63,8 @@ export class ReturnPathThread implements SourceReturnPath {
   private readonly port: MessagePort;
   private main: SyncFd | undefined;
   private preemptSock: net.Socket | undefined;
+  /** Over TLS: the preempt channel as a local socket (tls-bridge.ts); preemptSock is its end. */
+  private preemptBridge: TlsBridge | undefined;
   private preempt: { io: SyncFd; shared: SyncFdShared } | undefined;
   private queue: ((type: number, data: Uint8Array) => void) | undefined;
   private settle!: { resolve: (status: number) => void; reject: (e: VmigError) => void };
@@ -74,7 +76,19 @@ export class ReturnPathThread implements SourceReturnPath {
    * Starts the thread; it reads nothing until attach(). Start it early (booting a thread
    * costs tens of ms of CPU, which the migration would otherwise pay at its start).
    */
-  constructor(opts: { preemptUri?: MigrationUri | undefined; faultSliceUs?: number; onPreemptError?: (e: Error) => void; writeTimeoutMs?: number } = {}) {
+  /**
+   * `secure`: TLS for the preempt channel (it resolves with the TLS socket); the thread then
+   * writes requested pages through a local pair (tls-bridge.ts).
+   */
+  constructor(
+    opts: {
+      preemptUri?: MigrationUri | undefined;
+      faultSliceUs?: number;
+      onPreemptError?: (e: Error) => void;
+      writeTimeoutMs?: number;
+      secure?: (sock: net.Socket) => Promise<net.Socket>;
+    } = {},
+  ) {
     this.writeTimeoutMs = opts.writeTimeoutMs;
     this.shut = new Promise<number>((resolve, reject) => (this.settle = { resolve, reject }));
     this.shut.catch(() => {});
@@ -98,7 +112,12 @@ export class ReturnPathThread implements SourceReturnPath {
     const uri = opts.preemptUri;
     this.openPreempt = uri
       ? async () => {
-          const ps = await connect(uri, { channel: 'preempt', ...(opts.writeTimeoutMs !== undefined ? { timeoutMs: opts.writeTimeoutMs } : {}) });
+          let ps = await connect(uri, { channel: 'preempt', ...(opts.writeTimeoutMs !== undefined ? { timeoutMs: opts.writeTimeoutMs } : {}) });
+          if (opts.secure) {
+            const t = await opts.secure(ps);
+            this.preemptBridge = await bridgeTls(t, 'out');
+            ps = this.preemptBridge.sock;
+          }
           this.preemptSock = ps;
           ps.on('error', (e) => opts.onPreemptError?.(e));
           const shared = createSyncFd(stopReading(ps).fd, this.writeTimeoutMs);
@@ -161,6 +180,8 @@ export class ReturnPathThread implements SourceReturnPath {
     // It reads 'stop' between reads (or, not attached, as its first message) and ends.
     await awaitExit(this.worker, this.exited);
     this.port.close();
+    // Over TLS the last pages may still be in the local pair: they go out first.
+    if (this.preemptBridge) await this.preemptBridge.close();
     this.preemptSock?.destroy();
   }
 }

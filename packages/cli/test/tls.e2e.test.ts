@@ -58,6 +58,18 @@ describe('TLS', () => {
     });
   }
 
+  for (const preempt of [false, true]) {
+    it(`postcopy over TLS${preempt ? ' with its preempt channel (TLS too) and 2 multifd channels' : ''}: the destination's writes kept, RAM verified`, async () => {
+      const args = ['demo', '--json', '--ram', '64M', '--postcopy', '--postcopy-after-rounds', '1', '--tls-creds', creds, ...(preempt ? ['--postcopy-preempt', '--multifd-channels', '2'] : [])];
+      const run = await spawnCli(CLI_MAIN, args).done;
+      expect(run.code, run.stderr.slice(-2000)).toBe(0);
+      const r = run.report as Report;
+      expect(r['verified'], JSON.stringify(r).slice(0, 2000)).toBe(true);
+      expect(r['destination'].postcopy.postcopyPages).toBeGreaterThan(0);
+      if (preempt) expect(r['destination'].postcopy.preemptPagesByVcpus + r['destination'].postcopy.preemptPagesByThread).toBeGreaterThan(0);
+    });
+  }
+
   it('the client certificate on the --tls-authz list: admitted', async () => {
     const r = await pair(['--ram', '32M', '--tls-creds', creds, '--tls-authz', 'CN=someone-else', '--tls-authz', 'CN=vmig-client,O=vmig'], [...guest, '--tls-creds', creds]);
     expect(r.destination?.status, JSON.stringify(r.destination?.error)).toBe('completed');
@@ -93,11 +105,10 @@ describe('TLS', () => {
     expect(r.source?.error.message).toMatch(/migration\.example\.org/);
   });
 
-  it('bad flags: --tls-authz without --tls-creds, a directory without the files, with --postcopy', async () => {
+  it('bad flags: --tls-authz without --tls-creds, a directory without the files', async () => {
     for (const args of [
       ['incoming', 'tcp:127.0.0.1:0', '--tls-authz', 'CN=x'],
       ['incoming', 'tcp:127.0.0.1:0', '--tls-creds', join(tmp, 'nope')],
-      ['migrate', 'tcp:127.0.0.1:1', '--ram', '16M', '--tls-creds', creds, '--postcopy'],
     ]) {
       const run = await spawnCli(CLI_MAIN, args).done;
       expect(run.code, args.join(' ')).toBe(2);

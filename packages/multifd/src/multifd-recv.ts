@@ -114,6 +114,11 @@ export class MultifdReceiver {
     this.workers[slot]!.postMessage({ t: 'tls-channel', fd, tls, timeoutMs: this.timeoutMs } satisfies RecvToChannel);
   }
 
+  /** A thread has no connection yet (under TLS, a connection after main goes to one). */
+  get hasFreeSlot(): boolean {
+    return this.slotBusy.includes(false);
+  }
+
   /** MultiFDInit_t: magic, version, an expected and unused id, one migration's uuid. Marks the id attached. */
   private checkInit(first: Uint8Array): MultifdInit {
     const init = decodeMultifdInit(first, this.channels, 'multifd');

@@ -5,7 +5,7 @@
  * digest, exits.
  */
 import type net from 'node:net';
-import { ByteReader, detachFd, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, tlsAccept, type Listener, type TlsOptions } from '@vmig/channel';
+import { bridgeTls, ByteReader, detachFd, formatMigrationUri, listen, parseMigrationUri, readFirstBytes, tlsAccept, type Listener, type TlsBridge, type TlsOptions } from '@vmig/channel';
 import {
   createReturnPath,
   DeviceRegistry,
@@ -82,8 +82,19 @@ function acceptChannels(
     const handleTls = async (sock: net.Socket, opts: TlsOptions): Promise<void> => {
       sock.on('error', () => {});
       if (mainTls) {
-        if (receiver) receiver.addTlsConnection(sock, opts);
-        else turnAway(sock, 'a connection after the main channel, and this side expects no multifd channel');
+        if (receiver?.hasFreeSlot) receiver.addTlsConnection(sock, opts);
+        else if (onPreempt && !preemptSeen) {
+          // The preempt channel (after main and every multifd channel, as QEMU opens them):
+          // its handshake here, its pages to the preempt machinery through a local pair.
+          preemptSeen = true;
+          try {
+            const t = await tlsAccept(sock, opts, timeoutMs, 'preempt');
+            onPreempt((await bridgeTls(t, 'in')).sock, Buffer.alloc(0));
+          } catch (e) {
+            sock.destroy();
+            onFatal(toVmigError(e, 'VMIG_ERR_TLS', { channel: 'preempt' }));
+          }
+        } else turnAway(sock, 'a connection after every channel this side expects');
         return;
       }
       mainTls = true;
@@ -200,8 +211,10 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   let mainReader: ByteReader | undefined;
   /** The return path's fd, shared with the vCPUs for their page requests (postcopy, plaintext). */
   let returnPathShared: ReturnPathShared | undefined;
-  /** Every return-path message is written through this (SHUT, PONG; ReturnPathWriter or, over TLS, the TLS socket). */
-  let rp: Pick<ReturnPathWriter, 'write' | 'close'> | undefined;
+  /** Every return-path message is written through this (SHUT, PONG). */
+  let rp: ReturnPathWriter | undefined;
+  /** Over TLS: the local end the return path is written on (tls-bridge.ts); closed after rp. */
+  let rpBridge: TlsBridge | undefined;
   let rejectFatal!: (e: VmigError) => void;
   const fatalError = new Promise<never>((_, reject) => (rejectFatal = reject));
   fatalError.catch(() => {});
@@ -261,20 +274,21 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     if (firstError) throw firstError;
     loadStart = performance.now();
     let reader: ByteReader;
+    let rpFd: number;
     if (main.tls) {
-      // TLS: read and written through the TLS socket, on this thread (postcopy, whose vCPUs
-      // write page requests on the return path themselves, is refused with TLS).
+      // TLS: this thread reads the main stream off the TLS socket; the return path, which the
+      // vCPUs write too (page requests, straight on an fd), goes through a local pair.
       reader = new ByteReader(main.sock, { channel: 'main', initial: main.first, idleTimeoutMs: settings.channelTimeoutMs });
-      const t = main.sock;
-      rp = { write: (msg: Uint8Array) => t.write(msg), close: () => {} };
+      rpBridge = await bridgeTls(main.sock, 'out');
+      rpFd = detachFd(rpBridge.sock);
     } else {
       // The main channel reads into a pool of reused buffers (ByteReader.fromFd): from here on
       // `conn` is the connection, and the accepted socket's handle is never used again.
-      const mainFd = detachFd(main.sock);
-      reader = ByteReader.fromFd(mainFd, { channel: 'main', initial: main.first, idleTimeoutMs: settings.channelTimeoutMs });
-      returnPathShared = createReturnPath(mainFd, settings.channelTimeoutMs);
-      rp = new ReturnPathWriter(returnPathShared);
+      rpFd = detachFd(main.sock);
+      reader = ByteReader.fromFd(rpFd, { channel: 'main', initial: main.first, idleTimeoutMs: settings.channelTimeoutMs });
     }
+    returnPathShared = createReturnPath(rpFd, settings.channelTimeoutMs);
+    rp = new ReturnPathWriter(returnPathShared);
     const conn = reader.input as net.Socket;
     mainSock = conn;
     mainReader = reader;
@@ -330,7 +344,10 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     const dumpFile = values['dump-ram'];
     if (typeof dumpFile === 'string' && dumpFile.length > 0) await dumpRam(ram, dumpFile);
     rp.close();
-    conn.end();
+    // Over TLS the return path's last bytes (SHUT) may still be in the local pair: closing
+    // it waits until they went into the TLS connection, which then ends (tls-bridge.ts).
+    if (rpBridge) await rpBridge.close();
+    else conn.end();
     await listener.close();
     await receiver?.close();
     stopSignals();
@@ -372,9 +389,12 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     if (mainSock && returnPath && !mainSock.destroyed) {
       rp?.write(encodeRpShut(1));
       rp?.close();
+      // Over TLS: SHUT goes through the local pair first (tls-bridge.ts).
+      if (rpBridge) await rpBridge.close(200);
       await drainAndClose(mainSock, mainReader);
     }
     rp?.close();
+    rpBridge?.sock.destroy();
     mainSock?.destroy();
     await listener.close().catch(() => {});
     await receiver?.close(0);

@@ -2,7 +2,8 @@
  * `vmig migrate URI --ram SIZE ...`: the source. Builds a test guest (RAM + vCPU writers and
  * its devices), migrates it to a destination while the writers run, reports.
  */
-import { BufferedWriter, connect, parseMigrationUri, tlsConnect } from '@vmig/channel';
+import type net from 'node:net';
+import { BufferedWriter, bridgeTls, connect, parseMigrationUri, tlsConnect } from '@vmig/channel';
 import {
   DeviceRegistry,
   GlobalStateDevice,
@@ -27,7 +28,6 @@ import { fmtBytes, Output } from '../output.js';
 import { ProgressLine } from '../progress.js';
 import { resourceUsage } from '../resources.js';
 import { ReturnPathThread } from '../return-path-thread.js';
-import { SocketReturnPath } from '../socket-return-path.js';
 import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from '../thread-priority.js';
 
 /** How long the source watches its writers after a failed or cancelled migration. */
@@ -85,12 +85,13 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // with --postcopy-preempt it opens the channel for requested pages at the switch and
   // sends them there itself.
   const tls = tlsOptions(s, 'client');
-  // Over TLS the return path is read where the connection is decrypted (socket-return-path.ts).
   const rpThread = new ReturnPathThread({
     preemptUri: s.postcopyPreempt ? uri : undefined,
     faultSliceUs: s.postcopyPreempt ? s.postcopyFaultSliceUs : 0,
     onPreemptError: (e) => mig?.fail(e),
     writeTimeoutMs: s.channelTimeoutMs,
+    // With TLS the preempt channel is TLS too; the thread writes its pages through a pair.
+    ...(tls ? { secure: (ps: net.Socket) => tlsConnect(ps, uri.transport === 'tcp' ? uri.host : 'localhost', tls, s.channelTimeoutMs, 'preempt') } : {}),
   });
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
@@ -144,11 +145,11 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     }
   }
   const sink = new BufferedWriter(sock, { channel: 'main' });
-  let returnPath: ReturnPathThread | SocketReturnPath = rpThread;
-  if (tls) {
-    await rpThread.close();
-    returnPath = new SocketReturnPath(sock);
-  } else rpThread.attach(sock, ram);
+  // Over TLS the return-path thread reads the decrypted direction through a local pair
+  // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
+  const rpSock = tls ? (await bridgeTls(sock, 'in')).sock : sock;
+  const returnPath = rpThread;
+  returnPath.attach(rpSock, ram);
   const its = new ItsTableDevice(() => ram);
   const devices = new DeviceRegistry()
     .register(new TimerDevice())
@@ -210,6 +211,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // The thread does no more I/O on the sockets' fds before they close.
   await returnPath.close();
   sock.destroy();
+  if (rpSock !== sock) rpSock.destroy();
   if (info.status === 'completed') await multifd?.close();
   else await multifd?.destroy();
   let writersResumed: boolean | undefined;
