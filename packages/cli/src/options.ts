@@ -165,7 +165,9 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopy,
     postcopyPreempt: v['postcopy-preempt'] === true,
     postcopyBlocktime: v['postcopy-blocktime'] === true,
-    postcopyBackgroundNice: nice === undefined ? DEFAULT_POSTCOPY_BACKGROUND_NICE : parseIntFlag('postcopy-background-nice', nice, 0, 19),
+    // Over TLS the main thread also pumps the return path and the preempt channel
+    // (tls-bridge.ts): it is on the fault path, so it keeps its priority unless told.
+    postcopyBackgroundNice: nice === undefined ? (v['tls-creds'] !== undefined ? 0 : DEFAULT_POSTCOPY_BACKGROUND_NICE) : parseIntFlag('postcopy-background-nice', nice, 0, 19),
     postcopyFaultSliceUs: sliceUs,
     postcopyPreemptReader: reader === undefined ? 'vcpu' : parseChoice('postcopy-preempt-reader', reader, PREEMPT_READERS),
     integrity: v['integrity'] === true,

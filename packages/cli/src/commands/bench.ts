@@ -55,14 +55,16 @@ function scenarios(ram: string): Scenario[] {
     },
     ...(
       [
-        [false, '', false],
-        [true, '', false],
-        [true, '', true],
-        [true, '100M', false],
+        [false, '', false, false],
+        [true, '', false, false],
+        [true, '', true, false],
+        [true, '100M', false, false],
+        [true, '', false, true],
       ] as const
-    ).map(([preempt, cap, threadReads]) => ({
-      name: `postcopy-hot-2ch${preempt ? '-preempt' : ''}${threadReads ? '-thread' : ''}${cap ? `-${cap}` : ''}`,
-      description: `${ram} random RAM, 2 channels, 2 writers dirtying a 128 MiB hot set at 400 MB/s against --max-bandwidth 300M (no convergence), postcopy after 2 rounds, preempt ${preempt ? `on (read by ${threadReads ? 'the preempt thread alone' : 'the faulting vCPUs'})` : 'off'}, background pages after the switch ${cap ? `capped at ${cap}` : 'unlimited'}`,
+    ).map(([preempt, cap, threadReads, tls]) => ({
+      name: `postcopy-hot-2ch${preempt ? '-preempt' : ''}${threadReads ? '-thread' : ''}${cap ? `-${cap}` : ''}${tls ? '-tls' : ''}`,
+      tls,
+      description: `${ram} random RAM, 2 channels, 2 writers dirtying a 128 MiB hot set at 400 MB/s against --max-bandwidth 300M (no convergence), postcopy after 2 rounds, preempt ${preempt ? `on (read by ${threadReads ? 'the preempt thread alone' : 'the faulting vCPUs'})` : 'off'}, background pages after the switch ${cap ? `capped at ${cap}` : 'unlimited'}${tls ? ', TLS on every channel' : ''}`,
       shared: [...mf(2), '--postcopy', '--postcopy-blocktime', ...(preempt ? ['--postcopy-preempt'] : []), ...(threadReads ? ['--postcopy-preempt-reader', 'thread'] : [])],
       source: [
         ...['--fill', 'random', '--writers', '2', '--dirty-rate', '400M', '--pattern', 'hot', '--hot-pages', '32768'],
