@@ -9,7 +9,7 @@ import { chmod, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import tls from 'node:tls';
 import { formatMigrationUri, parseMigrationUri, sameDistinguishedName, type TlsOptions } from '@vmig/channel';
-import { InvalidArgumentError, VmigError, type Logger } from '@vmig/core';
+import { InvalidArgumentError, type RuntimeParams, VmigError, type Logger } from '@vmig/core';
 
 /** A command handler: returns the `return` value, or throws (InvalidArgumentError → GenericError). */
 export type ControlCommand = (args: Record<string, unknown>) => unknown;
@@ -17,7 +17,7 @@ export type ControlCommand = (args: Record<string, unknown>) => unknown;
 /** How long clients may take to read the last events and hang up, at close (ms). */
 const CLOSE_GRACE_MS = 500;
 /** Longest request line accepted; a client sending more is disconnected. */
-const MAX_LINE = 64 * 1024;
+export const MAX_LINE = 64 * 1024;
 
 export class ControlServer {
   private readonly clients = new Set<net.Socket>();
@@ -180,4 +180,21 @@ function controlTlsServer(opts: TlsOptions): tls.Server {
     });
   }
   return server;
+}
+
+/** migrate-set-parameters arguments (QMP names), validated. */
+export function runtimeParams(args: Record<string, unknown>): RuntimeParams {
+  const p: RuntimeParams = {};
+  for (const [k, v] of Object.entries(args)) {
+    if (k === 'max-bandwidth') {
+      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError('max-bandwidth must be an integer >= 0 (bytes per second)');
+      p.maxBandwidth = v;
+    } else if (k === 'downtime-limit') {
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 2_000_000) throw new InvalidArgumentError('downtime-limit must be an integer 1..2000000 (ms)');
+      p.downtimeLimitMs = v;
+    } else {
+      throw new InvalidArgumentError(`parameter '${k}' cannot be set (max-bandwidth, downtime-limit)`);
+    }
+  }
+  return p;
 }

@@ -18,28 +18,8 @@ import { FuzzTimeout, InvariantError, describeError } from '../common.mjs';
 import { mutate } from '../mutate.mjs';
 import * as S from '../seeds.mjs';
 
-const { ControlServer } = control;
+const { ControlServer, MAX_LINE, runtimeParams } = control;
 const { DEFAULT_PARAMS, GuestRam, InvalidArgumentError, MemorySink, PrecopyMigration, VmigError, TARGET_PAGE_SIZE: P, DeviceRegistry } = core;
-
-/** Longest request line the server accepts (control.ts MAX_LINE). */
-const MAX_LINE = 64 * 1024;
-
-/** migrate.ts's runtimeParams (not exported there): migrate-set-parameters' validation. */
-function runtimeParams(args) {
-  const p = {};
-  for (const [k, v] of Object.entries(args)) {
-    if (k === 'max-bandwidth') {
-      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError('max-bandwidth must be an integer >= 0 (bytes per second)');
-      p.maxBandwidth = v;
-    } else if (k === 'downtime-limit') {
-      if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 2_000_000) throw new InvalidArgumentError('downtime-limit must be an integer 1..2000000 (ms)');
-      p.downtimeLimitMs = v;
-    } else {
-      throw new InvalidArgumentError(`parameter '${k}' cannot be set (max-bandwidth, downtime-limit)`);
-    }
-  }
-  return p;
-}
 
 /** JSON texts a request's values may be: deep nesting, edge numbers, odd strings and keys. */
 function weirdValue(rng) {

@@ -16,12 +16,11 @@ import {
   TimerDevice,
   toVmigError,
   type MigrationInfo,
-  type RuntimeParams,
 } from '@vmig/core';
 import { MultifdSender } from '@vmig/multifd';
 import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
-import { ControlServer } from '../control.js';
+import { ControlServer, runtimeParams } from '../control.js';
 import { createLogger } from '../log.js';
 import { MIGRATE_OPTIONS, migrateSettings, tlsOptions } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
@@ -237,21 +236,4 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       : `vmig: migration ${info.status}: ${info.error?.message} [${info.error?.code}]${writersResumed ? '; the guest keeps running here' : ''}`,
   );
   return finish(info.status === 'completed' ? 0 : 1);
-}
-
-/** migrate-set-parameters arguments (QMP names), validated. */
-function runtimeParams(args: Record<string, unknown>): RuntimeParams {
-  const p: RuntimeParams = {};
-  for (const [k, v] of Object.entries(args)) {
-    if (k === 'max-bandwidth') {
-      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError('max-bandwidth must be an integer >= 0 (bytes per second)');
-      p.maxBandwidth = v;
-    } else if (k === 'downtime-limit') {
-      if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 2_000_000) throw new InvalidArgumentError('downtime-limit must be an integer 1..2000000 (ms)');
-      p.downtimeLimitMs = v;
-    } else {
-      throw new InvalidArgumentError(`parameter '${k}' cannot be set (max-bandwidth, downtime-limit)`);
-    }
-  }
-  return p;
 }
