@@ -25,6 +25,7 @@ export const SHARED_OPTIONS = {
   'postcopy-fault-slice-us': { type: 'string' },
   'postcopy-preempt-reader': { type: 'string' },
   'channel-timeout': { type: 'string' },
+  uuid: { type: 'string' },
   integrity: { type: 'boolean' },
   'tls-creds': { type: 'string' },
   'tls-hostname': { type: 'string' },
@@ -61,6 +62,7 @@ export function maxRamSetting(v: Values): number {
 
 /** The test guest a source (or a snapshot) builds: its RAM contents and its writers. */
 const GUEST_OPTIONS = {
+  'guest-devices': { type: 'string' },
   fill: { type: 'string' },
   seed: { type: 'string' },
   writers: { type: 'string' },
@@ -70,6 +72,12 @@ const GUEST_OPTIONS = {
 } as const;
 
 export interface GuestSettings {
+  /**
+   * 'test': the test guest's own device sections travel with its RAM (`vmig-vcpus`,
+   * `vmig-its`: a vmig destination checks them); 'none': only what QEMU 7.2 `-M none` sends
+   * (`timer`, `globalstate`), so that a QEMU destination can load the stream.
+   */
+  guestDevices: 'test' | 'none';
   fill: FillPattern;
   seed: string;
   writers: number;
@@ -83,6 +91,7 @@ function guestSettings(v: Values): GuestSettings {
   const dirtyRate = str(v, 'dirty-rate') === undefined ? (writers > 0 ? 16 << 20 : 0) : parseSize('dirty-rate', str(v, 'dirty-rate')!);
   if (dirtyRate > 0 && writers === 0) throw new InvalidArgumentError('--dirty-rate needs --writers N (N >= 1)');
   return {
+    guestDevices: str(v, 'guest-devices') === undefined ? 'test' : parseChoice('guest-devices', str(v, 'guest-devices')!, ['test', 'none'] as const),
     fill: str(v, 'fill') === undefined ? 'random' : parseChoice('fill', str(v, 'fill')!, FILL_PATTERNS),
     seed: str(v, 'seed') ?? '1',
     writers,
@@ -124,6 +133,8 @@ export interface SharedSettings {
   postcopyPreemptReader: PreemptReaderChoice;
   /** --channel-timeout (ms). */
   channelTimeoutMs: number;
+  /** --uuid (QEMU's -uuid): the migration's id in every MultiFDInit_t; all zeros by default, as QEMU's. */
+  uuid: Uint8Array;
   /** --integrity: per-range RAM digests checked end to end (core's devices/ram-integrity.ts). */
   integrity: boolean;
   /** --tls-creds DIR and its companions: TLS on every channel (channel/tls.ts); undefined: plaintext. */
@@ -171,11 +182,21 @@ export function sharedSettings(v: Values): SharedSettings {
     postcopyFaultSliceUs: sliceUs,
     postcopyPreemptReader: reader === undefined ? 'vcpu' : parseChoice('postcopy-preempt-reader', reader, PREEMPT_READERS),
     integrity: v['integrity'] === true,
+    uuid: parseUuid(str(v, 'uuid')),
     tls: tlsFlags(v),
     channelTimeoutMs: str(v, 'channel-timeout') === undefined ? DEFAULT_CHANNEL_TIMEOUT_MS : parseIntFlag('channel-timeout', str(v, 'channel-timeout')!, 100, 3_600_000),
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };
+}
+
+/** QEMU's -uuid form, 8-4-4-4-12 hex digits; undefined: all zeros (QEMU's default). */
+function parseUuid(text: string | undefined): Uint8Array {
+  if (text === undefined) return new Uint8Array(16);
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(text)) {
+    throw new InvalidArgumentError(`--uuid: expected 8-4-4-4-12 hex digits (QEMU's -uuid), got '${text}'`);
+  }
+  return Uint8Array.from(Buffer.from(text.replaceAll('-', ''), 'hex'));
 }
 
 function tlsFlags(v: Values): SharedSettings['tls'] {

@@ -27,6 +27,7 @@ export class MultifdReceiver {
   private readonly channelOfSlot: number[] = [];
   private readonly consumed: number[];
   private readonly ended: boolean[];
+  /** The migration's uuid (--uuid), or the first channel's when not given. */
   private uuid: Uint8Array | undefined;
   private readonly failure = new FirstError();
   private readonly channelStats: { normal: number; zero: number; bytes: number }[];
@@ -43,8 +44,9 @@ export class MultifdReceiver {
   constructor(
     readonly channels: number,
     private readonly zeroUnlessLoaded = false,
-    opts: { compression?: CompressionName; timeoutMs?: number } = {},
+    opts: { compression?: CompressionName; timeoutMs?: number; uuid?: Uint8Array } = {},
   ) {
+    this.uuid = opts.uuid;
     this.compressionFlag = compressionByName(opts.compression ?? 'none')?.flag ?? 0;
     this.timeoutMs = opts.timeoutMs ?? 30_000;
     if (channels < 1 || channels > MAX_CHANNELS) throw new RangeError(`multifd channels must be 1..${MAX_CHANNELS}`);
@@ -124,7 +126,12 @@ export class MultifdReceiver {
     const init = decodeMultifdInit(first, this.channels, 'multifd');
     if (this.attached[init.id]) throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: duplicate channel id ${init.id}`, { channel: `multifd/${init.id}` });
     if (this.uuid && Buffer.compare(Buffer.from(this.uuid), Buffer.from(init.uuid)) !== 0) {
-      throw new StreamError('VMIG_ERR_MULTIFD_HANDSHAKE', `multifd init: channel ${init.id} belongs to another migration (uuid differs)`, { channel: `multifd/${init.id}` });
+      // QEMU's words: multifd_recv_initial_packet.
+      throw new StreamError(
+        'VMIG_ERR_MULTIFD_HANDSHAKE',
+        `multifd init: channel ${init.id} belongs to another migration (received uuid ${formatUuid(init.uuid)}, expected ${formatUuid(this.uuid)}; --uuid must be the same on both ends)`,
+        { channel: `multifd/${init.id}` },
+      );
     }
     this.uuid ??= init.uuid;
     this.attached[init.id] = true;
@@ -248,4 +255,9 @@ export class MultifdReceiver {
     for (let ch = 0; ch < this.channels; ch++) Atomics.notify(this.ctl, RELEASED + ch);
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
+}
+
+function formatUuid(u: Uint8Array): string {
+  const h = Buffer.from(u).toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }

@@ -5,7 +5,6 @@
  * channel cuts it into packets, numbered from the job's first packet_num (one counter for
  * all channels, as QEMU's).
  */
-import crypto from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import type { MigrationUri, TlsOptions } from '@vmig/channel';
 import { type ByteWriter, FirstError, TARGET_PAGE_SIZE, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
@@ -68,11 +67,14 @@ export class MultifdSender implements MultifdLink {
   }
 
   private closed = false;
+  /** The last barrier is written (quiesce()). */
+  private quiesced = false;
   private readyCount = 0;
 
   /** Spawns the channel threads; resolves once every channel connected and sent its init. */
   static async start(ram: GuestRam, stats: MigrationStats, opts: MultifdSendOptions): Promise<MultifdSender> {
-    const uuid = opts.uuid ?? new Uint8Array(crypto.randomBytes(16));
+    // QEMU's -uuid, all zeros unless set: a QEMU destination checks it against its own.
+    const uuid = opts.uuid ?? new Uint8Array(16);
     const workers = Array.from({ length: opts.channels }, (_, id) => {
       const cfg: SendChannelConfig = {
         ram: ram.toShared(),
@@ -126,7 +128,9 @@ export class MultifdSender implements MultifdLink {
         this.stats.multifdBytes += m.bytes;
         break;
       case 'error':
-        this.fail(VmigError.fromJSON(m.error));
+        // After the last barrier the destination may hang up (QEMU closes its channels once
+        // loaded); the main channel says whether the migration succeeded.
+        if (!this.quiesced) this.fail(VmigError.fromJSON(m.error));
         break;
     }
     this.notify();
@@ -234,6 +238,11 @@ export class MultifdSender implements MultifdLink {
       await this.waitEvent();
       this.throwIfFailed();
     }
+  }
+
+  /** MultifdLink.quiesce: from now on a channel the peer closes is not a failure. */
+  quiesce(): void {
+    this.quiesced = true;
   }
 
   /** Orderly end: every channel ends its socket and its thread exits. */

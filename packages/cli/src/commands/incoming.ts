@@ -203,7 +203,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   // Guest RAM here is always created fresh (zero) for this migration.
   const receiver =
     settings.multifdChannels > 0
-      ? new MultifdReceiver(settings.multifdChannels, true, { compression: settings.compression, timeoutMs: settings.channelTimeoutMs })
+      ? new MultifdReceiver(settings.multifdChannels, true, { compression: settings.compression, timeoutMs: settings.channelTimeoutMs, uuid: settings.uuid })
       : undefined;
   if (ram) receiver?.setRam(ram);
   let firstError: VmigError | undefined;

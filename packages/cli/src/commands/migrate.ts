@@ -135,6 +135,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
         compression: s.compression,
         zeroPageDetection: s.params.zeroPageDetection,
         flushAfterEachSection: s.flushAfterEachSection,
+        uuid: s.uuid,
         connectTimeoutMs: s.channelTimeoutMs,
         tls,
       });
@@ -150,11 +151,13 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   const returnPath = rpThread;
   returnPath.attach(rpSock, ram);
   const its = new ItsTableDevice(() => ram);
-  const devices = new DeviceRegistry()
-    .register(new TimerDevice())
-    .register(new GlobalStateDevice('running'))
-    .register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern, dirtyRate: s.dirtyRate, hotPages: s.hotPages, seed: Number(s.seed) || 1 })))
-    .register(its);
+  const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
+  // The test guest's own sections, unless the destination is QEMU (--guest-devices none).
+  if (s.guestDevices === 'test') {
+    devices
+      .register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern, dirtyRate: s.dirtyRate, hotPages: s.hotPages, seed: Number(s.seed) || 1 })))
+      .register(its);
+  }
   if (s.integrity) devices.register(new RamIntegrityDevice(() => ram));
   const notifiers = new MigrationNotifiers();
   notifiers.precopy.add((e) => {

@@ -59,11 +59,9 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
   const onSignal = (): void => abort.abort();
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
-  const devices = new DeviceRegistry()
-    .register(new TimerDevice())
-    .register(new GlobalStateDevice('running'))
-    .register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern })))
-    .register(new ItsTableDevice(() => ram));
+  const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
+  // The test guest's own sections, unless the file is for QEMU (--guest-devices none).
+  if (s.guestDevices === 'test') devices.register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern }))).register(new ItsTableDevice(() => ram));
   let digestAtStop: string | undefined;
   const snap = new BackgroundSnapshot({
     ram,

@@ -522,6 +522,7 @@ export class PrecopyMigration {
     if (rp.openPreempt) await this.guard(rp.openPreempt(), 'the postcopy preempt channel to connect');
     // Multifd writes are not atomic: every page queued on a channel lands before the switch.
     await this.barrierSection();
+    ctx.multifd?.quiesce();
     const downtimeStart = performance.now();
     const bytesBefore = this.writtenBytes();
     await this.guard(vm.stop(), 'the vCPUs to stop');
@@ -633,6 +634,7 @@ export class PrecopyMigration {
     }
     // Every page must have landed before the device state and EOF are loaded.
     await this.multifdSync(true);
+    this.ctx.multifd?.quiesce();
     saver.writeSectionEnd(sink, RAM_SECTION_ID);
 
     putDeviceSectionsAndEof(sink, devices, RAM_SECTION_ID + 1);

@@ -1,0 +1,174 @@
+/**
+ * vmig as a QEMU 7.2 source: a real `qemu-system-x86_64 -M none` destination (Debian's, which
+ * .ci/run installs), driven over its human monitor. The test guest leaves its own device
+ * sections out (`--guest-devices none`), multifd speaks 7.2's dialect with the uuid QEMU
+ * expects (all zeros, QEMU's default `-uuid`), and QEMU's RAM afterwards (`pmemsave`) must
+ * have the digest the source reported at its stop, its writers running all along.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { GuestRam } from '@vmig/core';
+import { digestRam, spawnCli } from '@vmig/test-harness';
+import { CLI_MAIN } from './cli.js';
+
+const QEMU = 'qemu-system-x86_64';
+const haveQemu = spawnSync(QEMU, ['--version']).status === 0;
+if (!haveQemu && process.env['CI']) throw new Error(`${QEMU} is required in CI (.ci/run installs qemu-system-x86)`);
+
+const tmp = mkdtempSync(join(tmpdir(), 'vmig-qemu-dst-'));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+const RAM = 16 << 20;
+
+/** A QEMU destination and its human monitor: commands in, output collected. */
+class QemuMonitor {
+  private out = '';
+  readonly proc: ChildProcess;
+
+  constructor(args: string[]) {
+    this.proc = spawn(QEMU, ['-M', 'none,memory-backend=mem', '-object', `memory-backend-ram,id=mem,size=${RAM}`, '-nographic', '-nodefaults', '-S', '-monitor', 'stdio', ...args], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    this.proc.stdout!.setEncoding('utf8').on('data', (d: string) => (this.out += d));
+    this.proc.stderr!.setEncoding('utf8').on('data', (d: string) => (this.out += d));
+  }
+
+  send(cmd: string): void {
+    this.proc.stdin!.write(cmd + '\n');
+  }
+
+  /** Asks `info migrate` until it says completed or failed (bounded). */
+  async migrationStatus(ms = 30_000): Promise<string> {
+    const deadline = Date.now() + ms;
+    while (Date.now() < deadline) {
+      this.out = '';
+      this.send('info migrate');
+      await new Promise((r) => setTimeout(r, 200));
+      const m = /Migration status: (\w+)/.exec(this.out);
+      if (m && m[1] !== 'active' && m[1] !== 'setup') return m[1]!;
+      if (this.proc.exitCode !== null) return `exited: ${this.out.slice(-500)}`;
+    }
+    return `no end within ${ms} ms: ${this.out.slice(-500)}`;
+  }
+
+  /** Guest RAM as QEMU holds it (pmemsave), digested as the reports digest it. */
+  async ramDigest(file: string): Promise<string> {
+    this.send(`pmemsave 0 ${RAM} "${file}"`);
+    for (let i = 0; i < 100; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      try {
+        const b = readFileSync(file);
+        if (b.length === RAM) {
+          const ram = GuestRam.create([{ idstr: 'mem', size: RAM }], { prefault: false });
+          ram.blocks[0]!.host.set(b);
+          return digestRam(ram).digest;
+        }
+      } catch {
+        // not written yet
+      }
+    }
+    throw new Error(`pmemsave wrote nothing: ${this.out.slice(-500)}`);
+  }
+
+  quit(): Promise<void> {
+    if (this.proc.exitCode !== null) return Promise.resolve();
+    this.send('quit');
+    return new Promise((r) => {
+      const t = setTimeout(() => this.proc.kill('SIGKILL'), 5000);
+      this.proc.once('exit', () => (clearTimeout(t), r()));
+    });
+  }
+}
+
+const monitors: QemuMonitor[] = [];
+afterEach(async () => {
+  for (const m of monitors.splice(0)) await m.quit();
+});
+
+function freePort(): number {
+  return 20_000 + Math.floor(Math.random() * 20_000);
+}
+
+describe.runIf(haveQemu)('a real QEMU 7.2 destination', () => {
+  const cases = [
+    { channels: 0, compression: 'none' },
+    { channels: 2, compression: 'none' },
+    { channels: 2, compression: 'zlib' },
+    { channels: 4, compression: 'none' },
+  ];
+  for (const { channels, compression } of cases) {
+    const what = channels ? `${channels} multifd channels (7.2's dialect), compression ${compression}` : 'the main channel';
+    it(`vmig migrate --guest-devices none into it over ${what}, writers running: QEMU's RAM has the source's digest`, async () => {
+      const qemu = new QemuMonitor(['-incoming', 'defer']);
+      monitors.push(qemu);
+      if (channels) {
+        qemu.send('migrate_set_capability multifd on');
+        qemu.send(`migrate_set_parameter multifd-channels ${channels}`);
+        qemu.send(`migrate_set_parameter multifd-compression ${compression}`);
+      }
+      const port = freePort();
+      qemu.send(`migrate_incoming tcp:127.0.0.1:${port}`);
+      await new Promise((r) => setTimeout(r, 500));
+      const mf = channels ? ['--multifd-channels', String(channels), '--multifd-flush-after-each-section', '--multifd-compression', compression] : [];
+      const src = await spawnCli(CLI_MAIN, [
+        'migrate', `tcp:127.0.0.1:${port}`, '--json', '--ram-block', `mem=${RAM}`, '--guest-devices', 'none', '--writers', '2', '--dirty-rate', '8M', '--seed', String(channels + 7), ...mf,
+      ]).done;
+      expect(src.code, src.stderr).toBe(0);
+      expect(src.report?.['status']).toBe('completed');
+      expect(await qemu.migrationStatus()).toBe('completed');
+      expect(await qemu.ramDigest(join(tmp, `ram-${channels}-${compression}.bin`))).toBe(src.report?.['ramDigest']);
+    });
+  }
+
+  it('a vmig snapshot file (--guest-devices none) loads into it; its RAM is what vmig restore loads', async () => {
+    const file = join(tmp, 'guest.snap');
+    const snap = await spawnCli(CLI_MAIN, ['snapshot', file, '--json', '--ram-block', `mem=${RAM}`, '--guest-devices', 'none', '--writers', '2', '--dirty-rate', '8M']).done;
+    expect(snap.code, snap.stderr).toBe(0);
+    const restored = await spawnCli(CLI_MAIN, ['restore', file, '--json']).done;
+    expect(restored.code, restored.stderr).toBe(0);
+    const qemu = new QemuMonitor(['-incoming', 'defer']);
+    monitors.push(qemu);
+    qemu.send(`migrate_incoming "exec:cat ${file}"`);
+    expect(await qemu.migrationStatus()).toBe('completed');
+    expect(await qemu.ramDigest(join(tmp, 'snap-ram.bin'))).toBe(restored.report?.['ramDigest']);
+  });
+
+  it("the test guest's own sections are what QEMU refuses (so --guest-devices none is needed)", async () => {
+    const qemu = new QemuMonitor(['-incoming', 'defer']);
+    monitors.push(qemu);
+    const port = freePort();
+    qemu.send(`migrate_incoming tcp:127.0.0.1:${port}`);
+    await new Promise((r) => setTimeout(r, 500));
+    const src = await spawnCli(CLI_MAIN, ['migrate', `tcp:127.0.0.1:${port}`, '--json', '--ram-block', `mem=${RAM}`, '--channel-timeout', '5000']).done;
+    expect(src.code).toBe(1);
+    expect(src.report?.['status']).toBe('failed');
+  });
+});
+
+describe('--uuid', () => {
+  it('checked in every MultiFDInit_t: a destination with another uuid refuses the channels', async () => {
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--ram', '16M', '--multifd-channels', '2', '--uuid', '12345678-9abc-def0-1234-56789abcdef0']);
+    const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
+    const [s, d] = await Promise.all([spawnCli(CLI_MAIN, ['migrate', uri, '--json', '--ram', '16M', '--multifd-channels', '2']).done, dst.done]);
+    expect(d.report?.['error']).toMatchObject({ code: 'VMIG_ERR_MULTIFD_HANDSHAKE' });
+    expect(String((d.report?.['error'] as { message: string }).message)).toMatch(/received uuid 00000000-0000-0000-0000-000000000000, expected 12345678-9abc-def0-1234-56789abcdef0/);
+    expect(s.code).toBe(1);
+  });
+
+  it('the same uuid on both ends: completes', async () => {
+    const u = ['--uuid', '12345678-9abc-def0-1234-56789abcdef0'];
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--ram', '16M', '--multifd-channels', '2', ...u]);
+    const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
+    const [s, d] = await Promise.all([spawnCli(CLI_MAIN, ['migrate', uri, '--json', '--ram', '16M', '--multifd-channels', '2', ...u]).done, dst.done]);
+    expect(d.report?.['status']).toBe('completed');
+    expect(d.report?.['ramDigest']).toBe(s.report?.['ramDigest']);
+  });
+
+  it('a malformed uuid is a bad flag', async () => {
+    const r = await spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--uuid', 'not-a-uuid']).done;
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/--uuid/);
+  });
+});
