@@ -174,7 +174,7 @@ describe('multifd: hostile channel handshakes', () => {
   }
 
   it('a duplicate channel id is rejected', async () => {
-    const e = await handshake([{ id: 0, uuid: 7 }, { id: 0, uuid: 7 }]);
+    const e = await handshake([{ id: 0, uuid: 0 }, { id: 0, uuid: 0 }]);
     expect(e?.code).toBe('VMIG_ERR_MULTIFD_HANDSHAKE');
     expect(e?.message).toMatch(/duplicate/);
   });

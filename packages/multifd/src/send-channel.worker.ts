@@ -51,9 +51,11 @@ function watch(s: net.Socket): void {
   });
   s.on('data', () => {}); // nothing comes back on a multifd channel
 }
-raw.on('error', (e: NodeJS.ErrnoException) => fail(new VmigError('VMIG_ERR_CONNECT', `multifd channel: ${e.code ?? e.message}`, { channel })));
+let connected = false;
+raw.on('error', (e: NodeJS.ErrnoException) => fail(new VmigError(connected ? 'VMIG_ERR_PEER_CLOSED' : 'VMIG_ERR_CONNECT', `multifd channel: ${e.code ?? e.message}`, { channel })));
 
 raw.once('connect', () => {
+  connected = true;
   void (async () => {
     if (cfg.tls) sock = await tlsConnect(raw, cfg.uri.transport === 'tcp' ? cfg.uri.host : 'localhost', cfg.tls, cfg.tlsTimeoutMs, channel);
     watch(sock);
