@@ -122,6 +122,22 @@ describe.runIf(haveQemu)('a real QEMU 7.2 destination', () => {
     });
   }
 
+  it('vmig migrate --postcopy into it (postcopy-ram), writers running until the switch: QEMU\'s RAM has the source\'s digest', async () => {
+    const qemu = new QemuMonitor(['-incoming', 'defer']);
+    monitors.push(qemu);
+    qemu.send('migrate_set_capability postcopy-ram on');
+    const port = freePort();
+    qemu.send(`migrate_incoming tcp:127.0.0.1:${port}`);
+    await new Promise((r) => setTimeout(r, 500));
+    const src = await spawnCli(CLI_MAIN, [
+      'migrate', `tcp:127.0.0.1:${port}`, '--json', '--ram-block', `mem=${RAM}`, '--guest-devices', 'none', '--postcopy', '--postcopy-after-rounds', '1', '--writers', '2', '--dirty-rate', '8M',
+    ]).done;
+    expect(src.code, src.stderr).toBe(0);
+    expect((src.report?.['ram'] as { postcopyBytes: number }).postcopyBytes).toBeGreaterThan(0);
+    expect(await qemu.migrationStatus()).toBe('completed');
+    expect(await qemu.ramDigest(join(tmp, 'ram-postcopy.bin'))).toBe(src.report?.['ramDigest']);
+  });
+
   it('a vmig snapshot file (--guest-devices none) loads into it; its RAM is what vmig restore loads', async () => {
     const file = join(tmp, 'guest.snap');
     const snap = await spawnCli(CLI_MAIN, ['snapshot', file, '--json', '--ram-block', `mem=${RAM}`, '--guest-devices', 'none', '--writers', '2', '--dirty-rate', '8M']).done;

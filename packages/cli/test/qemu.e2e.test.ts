@@ -60,4 +60,31 @@ describe.runIf(haveQemu)('a real QEMU 7.2 source', () => {
       expect(readFileSync(dump).equals(ram)).toBe(true);
     });
   }
+
+  for (const preempt of [false, true]) {
+    it(`switches to postcopy on migrate_start_postcopy${preempt ? ', with postcopy-preempt and 2 multifd channels' : ''}: RAM identical`, async () => {
+      const name = `postcopy-${preempt}`;
+      const mem = join(tmp, `guest-${name}.mem`);
+      const ram = crypto.randomBytes(16 << 20);
+      writeFileSync(mem, ram);
+      const dump = join(tmp, `out-${name}.bin`);
+      const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json', '--postcopy', '--dump-ram', dump, ...(preempt ? ['--postcopy-preempt', '--multifd-channels', '2'] : [])]);
+      const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
+      const qemu = spawn(QEMU, ['-M', 'none,memory-backend=mem', '-object', `memory-backend-file,id=mem,size=16M,mem-path=${mem},share=off`, '-nographic', '-nodefaults', '-S', '-monitor', 'stdio'], {
+        stdio: ['pipe', 'ignore', 'ignore'],
+      });
+      // A slow link, so that most pages are still to come at the switch.
+      const caps = ['migrate_set_capability postcopy-ram on', 'migrate_set_parameter max-bandwidth 4M'];
+      if (preempt) caps.push('migrate_set_capability postcopy-preempt on', 'migrate_set_capability multifd on', 'migrate_set_parameter multifd-channels 2');
+      qemu.stdin.write([...caps, `migrate -d ${uri}`].join('\n') + '\n');
+      await dst.waitFor((l) => l['event'] === 'postcopy' && l['reason'] === 'INBOUND_ADVISE');
+      qemu.stdin.write('migrate_start_postcopy\n');
+      const run = await dst.done;
+      qemu.stdin.end('quit\n');
+      await new Promise((r) => qemu.once('exit', r));
+      expect(run.code, run.stderr).toBe(0);
+      expect((run.report?.['postcopy'] as { postcopyPages: number }).postcopyPages).toBeGreaterThan(0);
+      expect(readFileSync(dump).equals(ram)).toBe(true);
+    });
+  }
 });
