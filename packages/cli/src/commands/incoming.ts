@@ -126,6 +126,14 @@ function acceptChannels(
     const handle = async (sock: net.Socket): Promise<void> => {
       if (tls) return handleTls(sock, tls);
       sock.on('error', () => {});
+      if (onPreempt && mainSeen && !preemptSeen && !receiver?.hasFreeSlot) {
+        // After the main channel and every multifd channel, the preempt channel (QEMU's
+        // rule): it sends no magic, and may say nothing until the switch (QEMU 7.2 opens it
+        // at setup), so its first bytes are not waited for here.
+        preemptSeen = true;
+        onPreempt(sock, Buffer.alloc(0));
+        return;
+      }
       let first: Buffer;
       try {
         first = await readFirstBytes(sock, 4, timeoutMs);
