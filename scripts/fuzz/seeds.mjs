@@ -120,7 +120,7 @@ export function sourceDevices(ram, { integrity = false } = {}) {
 
 /** A multifd link that carries nothing: the main channel of a multifd migration, modern dialect. */
 function mainChannelOnlyLink(legacy) {
-  return { savePage() {}, ready: async () => {}, flushAndSync: async () => {}, flushAfterEachSection: legacy, pendingBytes: 0 };
+  return { savePage() {}, ready: async () => {}, flushAndSync: async () => {}, quiesce() {}, flushAfterEachSection: legacy, pendingBytes: 0 };
 }
 
 /** A whole precopy migration of `ram` into memory. */

@@ -283,7 +283,7 @@ export async function incomingSeeds() {
   ];
   // The main channel of a vmig multifd migration (pages on channels not fed here): the
   // modern dialect (MULTIFD_FLUSH) with zero pages found by the channels, and QEMU 7.2's.
-  const link = (legacy) => ({ savePage() {}, ready: async () => {}, flushAndSync: async () => {}, flushAfterEachSection: legacy, pendingBytes: 0 });
+  const link = (legacy) => ({ savePage() {}, ready: async () => {}, flushAndSync: async () => {}, quiesce() {}, flushAfterEachSection: legacy, pendingBytes: 0 });
   seeds.push(await makeSeed('vmig-multifd-main-modern', await S.precopyStream(mk(LAYOUT, 5), { zeroPageDetection: 'multifd', multifdLink: link(false) }), LAYOUT, { multifd: true, complete: false }, 'incoming'));
   seeds.push(await makeSeed('vmig-multifd-main-legacy', await S.precopyStream(mk(LAYOUT, 6), { multifdLink: link(true) }), LAYOUT, { multifd: true, complete: false }, 'incoming'));
   return seeds;

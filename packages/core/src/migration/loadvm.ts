@@ -58,6 +58,8 @@ class LoadVm {
   readonly ramLoad: RamLoadState;
   ramSectionId: number | undefined;
   returnPathOpened = false;
+  /** The source's machine type (the configuration section), for error messages. */
+  machine: string | undefined;
 
   constructor(private readonly opts: LoadVmOptions) {
     this.ramLoad = new RamLoadState({
@@ -100,7 +102,15 @@ class LoadVm {
             await this.ramLoad.loadSectionBody(s);
           } else {
             const dev = opts.devices.find(h.idstr, h.instanceId);
-            if (!dev) this.fail(`unknown section '${h.idstr}' instance ${h.instanceId}`, 'VMIG_ERR_UNKNOWN_SECTION');
+            if (!dev) {
+              // vmig is not a VM: it loads RAM, the sections QEMU's `-M none` sends, and the
+              // devices registered here. A real machine's device state cannot go anywhere.
+              const known = opts.devices.list().map((d) => d.idstr).join(', ');
+              this.fail(
+                `unknown section '${h.idstr}' instance ${h.instanceId}${this.machine && this.machine !== 'none' ? ` (the source is machine '${this.machine}': vmig takes QEMU's -M none only)` : ''}; this side loads RAM and ${known}`,
+                'VMIG_ERR_UNKNOWN_SECTION',
+              );
+            }
             checkDeviceVersion(dev, h.versionId);
             await dev.load(s, h.versionId);
           }
@@ -174,6 +184,7 @@ class LoadVm {
 export async function qemuLoadVmState(s: StreamSource, opts: LoadVmOptions): Promise<LoadVmResult> {
   const header = await readFileHeader(s, opts.channel ?? 'main');
   const lv = new LoadVm(opts);
+  lv.machine = header.machine;
   await lv.loop(s);
   const { ramLoad } = lv;
   if (lv.ramSectionId === undefined || !ramLoad.ram) throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'stream ended without a RAM section', { channel: 'main', phase: 'load' });
