@@ -1,18 +1,28 @@
 /**
- * The control socket (`--control unix:PATH`): a small JSON protocol in the spirit of QMP.
- * One JSON object per line each way. On connect the server sends a greeting
- * `{"QMP":{...}}`; a client sends `{"execute": NAME, "arguments": {...}, "id": ANY}` and
- * gets `{"return": ..., "id"}` or `{"error": {"class", "desc"}, "id"}`. Events go to every
- * client: `{"event": NAME, "data": {...}, "timestamp": {"seconds", "microseconds"}}`.
+ * The control socket (`--control`): QMP as QEMU's specification describes it
+ * (docs/interop/qmp-spec in QEMU's source), for the commands vmig has. One JSON object per
+ * line each way. On connect the server greets with `{"QMP": {"version": {"qemu": ...,
+ * "package"}, "capabilities": []}}`; a client must send `qmp_capabilities` first (anything
+ * else is `CommandNotFound`, in QEMU's words) and then sends `{"execute": NAME, "arguments":
+ * {...}, "id": ANY}`, answered with `{"return": ..., "id"}` or `{"error": {"class", "desc"},
+ * "id"}`. Events go to every client that negotiated: `{"event", "data", "timestamp":
+ * {"seconds", "microseconds"}}`. `query-version` and `query-commands` are the server's own.
  */
 import { chmod, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import tls from 'node:tls';
 import { formatMigrationUri, parseMigrationUri, sameDistinguishedName, type TlsOptions } from '@vmig/channel';
+import { readFileSync } from 'node:fs';
 import { InvalidArgumentError, type RuntimeParams, VmigError, type Logger } from '@vmig/core';
+import { QMP_VERSION } from './qmp-info.js';
 
 /** A command handler: returns the `return` value, or throws (InvalidArgumentError → GenericError). */
 export type ControlCommand = (args: Record<string, unknown>) => unknown;
+
+const PACKAGE_VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+
+/** Names taken besides QEMU's own (QMP's cancel is `migrate_cancel`, with an underscore). */
+const ALIASES: Record<string, string> = { 'migrate-cancel': 'migrate_cancel' };
 
 /** How long clients may take to read the last events and hang up, at close (ms). */
 const CLOSE_GRACE_MS = 500;
@@ -21,6 +31,13 @@ export const MAX_LINE = 64 * 1024;
 
 export class ControlServer {
   private readonly clients = new Set<net.Socket>();
+  /** Clients past qmp_capabilities: they may run commands and get events. */
+  private readonly negotiated = new WeakSet<net.Socket>();
+  /** What every QMP server answers, whatever the commands it was given. */
+  private readonly builtins: Record<string, ControlCommand> = {
+    'query-version': () => ({ ...QMP_VERSION, package: `vmig ${PACKAGE_VERSION}` }),
+    'query-commands': () => ['qmp_capabilities', ...Object.keys(this.builtins), ...Object.keys(this.commands)].map((name) => ({ name })),
+  };
 
   private constructor(
     private readonly server: net.Server,
@@ -70,14 +87,14 @@ export class ControlServer {
       const a = server.address();
       address = `tcp:${uri.host}:${typeof a === 'object' && a ? a.port : uri.port}`;
     }
-    return new ControlServer(server, { ...commands, qmp_capabilities: () => ({}) }, log, address);
+    return new ControlServer(server, commands, log, address);
   }
 
   /** Sends an event to every connected client. */
   event(name: string, data: Record<string, unknown>): void {
     const now = Date.now();
     const line = JSON.stringify({ event: name, data, timestamp: { seconds: Math.floor(now / 1000), microseconds: (now % 1000) * 1000 } }) + '\n';
-    for (const c of this.clients) if (!c.destroyed) c.write(line);
+    for (const c of this.clients) if (!c.destroyed && this.negotiated.has(c)) c.write(line);
   }
 
   async close(): Promise<void> {
@@ -97,7 +114,7 @@ export class ControlServer {
     this.clients.add(sock);
     sock.on('close', () => this.clients.delete(sock));
     sock.on('error', () => {});
-    sock.write(JSON.stringify({ QMP: { version: { package: 'vmig' }, capabilities: [] } }) + '\n');
+    sock.write(JSON.stringify({ QMP: { version: { ...QMP_VERSION, package: `vmig ${PACKAGE_VERSION}` }, capabilities: [] } }) + '\n');
     let pending = '';
     sock.setEncoding('utf8');
     sock.on('data', (chunk: string) => {
@@ -149,7 +166,21 @@ export class ControlServer {
       this.reply(sock, { error: { class: 'GenericError', desc: "expected an object with 'execute'" }, ...id });
       return;
     }
-    const cmd = Object.hasOwn(this.commands, r.execute) ? this.commands[r.execute] : undefined;
+    // Capabilities negotiation first, as QEMU's monitor requires (and says).
+    if (r.execute === 'qmp_capabilities') {
+      if (this.negotiated.has(sock)) this.reply(sock, { error: { class: 'CommandNotFound', desc: 'Capabilities negotiation is already complete, command ignored' }, ...id });
+      else {
+        this.negotiated.add(sock);
+        this.reply(sock, { return: {}, ...id });
+      }
+      return;
+    }
+    if (!this.negotiated.has(sock)) {
+      this.reply(sock, { error: { class: 'CommandNotFound', desc: "Expecting capabilities negotiation with 'qmp_capabilities'" }, ...id });
+      return;
+    }
+    const name = Object.hasOwn(ALIASES, r.execute) ? ALIASES[r.execute]! : r.execute;
+    const cmd = Object.hasOwn(this.builtins, name) ? this.builtins[name] : Object.hasOwn(this.commands, name) ? this.commands[name] : undefined;
     if (!cmd) {
       this.reply(sock, { error: { class: 'CommandNotFound', desc: `the command ${r.execute} has not been found` }, ...id });
       return;

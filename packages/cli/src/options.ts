@@ -43,15 +43,23 @@ export const INCOMING_OPTIONS = {
   ...SHARED_OPTIONS,
   'dump-ram': { type: 'string' },
   'max-ram': { type: 'string' },
+  control: { type: 'string' },
 } as const;
 
 export interface IncomingSettings extends SharedSettings {
   /** The most guest RAM a stream may declare (bytes), checked before anything is allocated. */
   maxRam: number;
+  /** --control ADDRESS: the QMP control socket, if any. */
+  control: string | undefined;
 }
 
 export function incomingSettings(v: Values): IncomingSettings {
-  return { ...sharedSettings(v), maxRam: maxRamSetting(v) };
+  return { ...sharedSettings(v), maxRam: maxRamSetting(v), control: controlAddress(v) };
+}
+
+function controlAddress(v: Values): string | undefined {
+  const control = str(v, 'control');
+  return control === undefined ? undefined : formatMigrationUri(parseMigrationUri(control));
 }
 
 /** --max-ram SIZE: the most guest RAM a stream or a file may declare; default the machine's memory. */
@@ -247,7 +255,6 @@ export function migrateSettings(v: Values): MigrateSettings {
   }
   const downtime = str(v, 'downtime-limit');
   const maxBw = str(v, 'max-bandwidth');
-  const control = str(v, 'control');
   return {
     ...shared,
     ram: shared.ram,
@@ -262,7 +269,7 @@ export function migrateSettings(v: Values): MigrateSettings {
       postcopyAfterRounds: afterRounds === undefined ? 0 : parseIntFlag('postcopy-after-rounds', afterRounds, 1, 1_000_000),
       maxPostcopyBandwidth: maxPostcopyBw === undefined ? 0 : parseSize('max-postcopy-bandwidth', maxPostcopyBw),
     },
-    control: control === undefined ? undefined : formatMigrationUri(parseMigrationUri(control)),
+    control: controlAddress(v),
   };
 }
 

@@ -148,6 +148,7 @@ describe('convergence and control', () => {
     expect(stranger).not.toBe('greeted');
     const c = await ControlClient.connectTls(port, creds);
     expect((await c.waitFor((l) => 'QMP' in l))['QMP']).toBeDefined();
+    expect((await c.execute('qmp_capabilities'))['return']).toEqual({});
     await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'active');
     expect((await c.execute('query-migrate'))['return'].ram.total).toBe(32 << 20);
     expect((await c.execute('migrate-cancel'))['return']).toEqual({});

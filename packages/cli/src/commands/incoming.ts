@@ -16,6 +16,7 @@ import {
   GuestRam,
   InvalidArgumentError,
   MigrationNotifiers,
+  type MigrationStatus,
   postcopySplitError,
   qemuLoadVmState,
   QEMU_VM_FILE_MAGIC,
@@ -34,7 +35,9 @@ import type { Logger } from '@vmig/core';
 import { createLogger } from '../log.js';
 import { PostcopyGuest } from '../postcopy-guest.js';
 import { dumpRam } from '../dump-ram.js';
+import { ControlServer } from '../control.js';
 import { INCOMING_OPTIONS, incomingSettings, tlsOptions } from '../options.js';
+import { qmpCapabilities, qmpStatus } from '../qmp-info.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
 import { resourceUsage } from '../resources.js';
@@ -241,6 +244,29 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   const onSignal = (sig: NodeJS.Signals): void => fatal(new VmigError('VMIG_ERR_CANCELLED', `incoming migration cancelled (${sig})`, { channel: 'main' }));
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
+  // The QMP control socket (control.ts), as QEMU's destination has one: the incoming
+  // migration's status, its capabilities and parameters, and MIGRATION events.
+  let status: MigrationStatus = 'setup';
+  const control = settings.control
+    ? await ControlServer.listen(
+        settings.control,
+        {
+          'query-migrate': () => ({ status }),
+          'query-status': () => qmpStatus(status, 'destination'),
+          'query-migrate-capabilities': () =>
+            qmpCapabilities({ 'auto-converge': false, 'postcopy-ram': settings.postcopy, 'postcopy-preempt': settings.postcopyPreempt, multifd: settings.multifdChannels > 0 }),
+          'query-migrate-parameters': () => ({ 'multifd-channels': settings.multifdChannels, 'multifd-compression': settings.compression }),
+        },
+        log,
+        settings.control.startsWith('tcp:') ? tls : undefined,
+      )
+    : undefined;
+  const setStatus = (st: MigrationStatus): void => {
+    if (st === status) return;
+    status = st;
+    control?.event('MIGRATION', { status: st });
+  };
+  if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
   // Said only now: a client may signal as soon as it reads it.
   out.event({ event: 'listening', uri: formatMigrationUri(listener.uri) }, `vmig: listening on ${formatMigrationUri(listener.uri)}`);
 
@@ -250,6 +276,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   if (settings.postcopy) {
     const notifiers = new MigrationNotifiers();
     notifiers.postcopy.add((e) => {
+      if (e.reason === 'INBOUND_LISTEN') setStatus('postcopy-active');
       log.info({ reason: e.reason }, 'postcopy notifier');
       out.event({ event: 'postcopy', reason: e.reason }, undefined);
     });
@@ -281,6 +308,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     const main = await Promise.race([acceptChannels(listener, receiver, fatal, onPreempt, settings.channelTimeoutMs, log, tls), fatalError]);
     if (firstError) throw firstError;
     loadStart = performance.now();
+    setStatus('active');
     let reader: ByteReader;
     let rpFd: number;
     if (main.tls) {
@@ -359,6 +387,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     await listener.close();
     await receiver?.close();
     stopSignals();
+    setStatus('completed');
+    await control?.close();
     const mf = receiver?.totals() ?? { normal: 0, zero: 0, bytes: 0 };
     out.report(
       {
@@ -407,6 +437,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     await listener.close().catch(() => {});
     await receiver?.close(0);
     stopSignals();
+    setStatus('failed');
+    await control?.close();
     log.error({ error: err.toJSON() }, 'incoming migration failed');
     out.report(
       { role: 'destination', status: 'failed', totalTimeMs: round(performance.now() - start), error: err.toJSON() },

@@ -21,6 +21,7 @@ import { MultifdSender } from '@vmig/multifd';
 import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { ControlServer, runtimeParams } from '../control.js';
+import { qmpCapabilities, qmpMigrationInfo, qmpParameters, qmpStatus } from '../qmp-info.js';
 import { createLogger } from '../log.js';
 import { MIGRATE_OPTIONS, migrateSettings, tlsOptions } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
@@ -52,13 +53,20 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     ? await ControlServer.listen(
         s.control,
         {
-          'query-migrate': () => (mig ? mig.stats.info() : { status: 'none' }),
+          'query-migrate': () => qmpMigrationInfo(mig?.stats.info()),
+          'query-status': () => qmpStatus(mig?.stats.status, 'source'),
+          'query-migrate-capabilities': () =>
+            qmpCapabilities({ 'auto-converge': s.params.autoConverge, 'postcopy-ram': s.postcopy, 'postcopy-preempt': s.postcopyPreempt, multifd: s.multifdChannels > 0 }),
+          'migrate-set-capabilities': () => {
+            // The migration starts with the process (its capabilities are its flags); QEMU's words.
+            throw new InvalidArgumentError("There's a migration process in progress");
+          },
           'migrate-start-postcopy': () => {
             if (!mig) throw new InvalidArgumentError('no migration is running yet');
             mig.startPostcopy();
             return {};
           },
-          'migrate-cancel': () => {
+          migrate_cancel: () => {
             abort.abort();
             return {};
           },
@@ -68,10 +76,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
             else Object.assign(s.params, p);
             return {};
           },
-          'query-migrate-parameters': () => {
-            const p = mig?.parameters ?? s.params;
-            return { 'max-bandwidth': p.maxBandwidth, 'downtime-limit': p.downtimeLimitMs, 'auto-converge': p.autoConverge, 'postcopy-ram': p.postcopy };
-          },
+          'query-migrate-parameters': () => qmpParameters(mig?.parameters ?? s.params, { multifdChannels: s.multifdChannels, multifdCompression: s.compression }),
         },
         log,
         // Over TCP: TLS with this side's server certificate, clients with certificates of its CA.
