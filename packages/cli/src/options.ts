@@ -6,6 +6,7 @@ import { totalmem } from 'node:os';
 import { DEFAULT_CHANNEL_TIMEOUT_MS, DEFAULT_PARAMS, InvalidArgumentError, type MigrationParams, type ZeroPageDetection } from '@vmig/core';
 import { FILL_PATTERNS, type FillPattern, type WritePattern } from '@vmig/test-harness';
 import { COMPRESSION_NAMES, type CompressionName } from '@vmig/multifd';
+import { CAPABILITIES } from './qmp-info.js';
 import { formatMigrationUri, loadTlsCreds, parseMigrationUri, type TlsOptions } from '@vmig/channel';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { MAX_SLICE_US, MIN_SLICE_US } from './thread-slice.js';
@@ -346,4 +347,44 @@ export function snapshotSettings(file: string, v: Values): SnapshotSettings {
     json: v['json'] === true,
     logLevel: parseChoice('log-level', str(v, 'log-level') ?? 'warn', LOG_LEVELS),
   };
+}
+
+/** QEMU's default multifd-channels. */
+const DEFAULT_QMP_MULTIFD_CHANNELS = 2;
+/** multifd-channels set over QMP while the multifd capability was off. */
+const QMP_MULTIFD_CHANNELS = new WeakMap<SharedSettings, number>();
+
+/** QMP's migrate-set-capabilities before `migrate` / `migrate-incoming`: QEMU's MigrationCapability names, the ones vmig has. */
+export function applyQmpCapabilities(s: SharedSettings & { params?: MigrationParams }, caps: unknown): void {
+  if (!Array.isArray(caps)) throw new InvalidArgumentError("Parameter 'capabilities' is missing");
+  for (const c of caps as unknown[]) {
+    const { capability, state } = (c ?? {}) as { capability?: unknown; state?: unknown };
+    if (typeof state !== 'boolean') throw new InvalidArgumentError("Parameter 'state' expects a boolean");
+    if (capability === 'auto-converge' && s.params) s.params.autoConverge = state;
+    else if (capability === 'postcopy-ram') {
+      s.postcopy = state;
+      if (s.params) s.params.postcopy = state;
+    }
+    else if (capability === 'postcopy-preempt') s.postcopyPreempt = state;
+    else if (capability === 'multifd') s.multifdChannels = state ? (s.multifdChannels || (QMP_MULTIFD_CHANNELS.get(s) ?? DEFAULT_QMP_MULTIFD_CHANNELS)) : 0;
+    else throw new InvalidArgumentError(`Capability '${String(capability)}' is not supported (${CAPABILITIES.join(', ')})`);
+  }
+  if (s.postcopyPreempt && !s.postcopy) throw new InvalidArgumentError('Postcopy preempt requires postcopy-ram');
+}
+
+/** QMP's multifd parameters, settable before `migrate` / `migrate-incoming`; returns the other arguments. */
+export function applyQmpMultifdParameters(s: SharedSettings, args: Record<string, unknown>): Record<string, unknown> {
+  const rest: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(args)) {
+    if (k === 'multifd-channels') {
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > MAX_MULTIFD_CHANNELS) throw new InvalidArgumentError(`multifd-channels must be an integer 1..${MAX_MULTIFD_CHANNELS}`);
+      // QEMU keeps the parameter whether or not the capability is on.
+      QMP_MULTIFD_CHANNELS.set(s, v);
+      if (s.multifdChannels > 0) s.multifdChannels = v;
+    } else if (k === 'multifd-compression') {
+      if (typeof v !== 'string' || !(COMPRESSION_NAMES as readonly string[]).includes(v)) throw new InvalidArgumentError(`multifd-compression must be one of ${COMPRESSION_NAMES.join(', ')}`);
+      s.compression = v as CompressionName;
+    } else rest[k] = v;
+  }
+  return rest;
 }

@@ -141,4 +141,37 @@ describe('QMP on the destination', () => {
     expect(d.code).toBe(0);
     expect(s.code).toBe(0);
   });
+
+  it("no URI: both ends wait for QMP's migrate-incoming / migrate, take capabilities and parameters first, and stay until quit", async () => {
+    const dstPath = join(tmp, 'qmp-dst.sock');
+    const srcPath = join(tmp, 'qmp-src.sock');
+    const dst = spawnCli(CLI_MAIN, ['incoming', '--json', '--control', `unix:${dstPath}`]);
+    const src = spawnCli(CLI_MAIN, ['migrate', '--json', '--ram', '32M', '--writers', '2', '--dirty-rate', '8M', '--control', `unix:${srcPath}`]);
+    const d = await connectWhenReady(dstPath);
+    const s = await connectWhenReady(srcPath);
+    // The calls a QEMU pair takes.
+    for (const c of [d, s]) {
+      expect((await c.execute('qmp_capabilities'))['return']).toEqual({});
+      expect((await c.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] }))['return']).toEqual({});
+      expect((await c.execute('migrate-set-parameters', { 'multifd-channels': 2 }))['return']).toEqual({});
+    }
+    expect((await d.execute('query-migrate'))['return']).toEqual({});
+    expect((await d.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' }))['return']).toEqual({});
+    const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
+    expect((await s.execute('migrate', { uri }))['return']).toEqual({});
+    await s.waitFor((l) => l['event'] === 'MIGRATION' && l['data']['status'] === 'completed');
+    await d.waitFor((l) => l['event'] === 'MIGRATION' && l['data']['status'] === 'completed');
+    // Still there, and it says how it ended.
+    const info = (await s.execute('query-migrate'))['return'];
+    expect(info['status']).toBe('completed');
+    expect(info['ram']['multifd-bytes']).toBeGreaterThan(0);
+    expect((await s.execute('migrate', { uri }))['error']['desc']).toMatch(/in progress/);
+    expect((await d.execute('query-migrate'))['return']).toEqual({ status: 'completed' });
+    for (const c of [d, s]) expect((await c.execute('quit'))['return']).toEqual({});
+    const [sr, dr] = await Promise.all([src.done, dst.done]);
+    expect(sr.code).toBe(0);
+    expect(dr.code).toBe(0);
+    expect(dr.report?.['ramDigest']).toBe(sr.report?.['ramDigest']);
+    expect(dr.report?.['multifdChannels']).toBe(2);
+  });
 });

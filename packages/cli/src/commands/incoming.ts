@@ -36,7 +36,7 @@ import { createLogger } from '../log.js';
 import { PostcopyGuest } from '../postcopy-guest.js';
 import { dumpRam } from '../dump-ram.js';
 import { ControlServer } from '../control.js';
-import { INCOMING_OPTIONS, incomingSettings, tlsOptions } from '../options.js';
+import { applyQmpCapabilities, applyQmpMultifdParameters, INCOMING_OPTIONS, incomingSettings, tlsOptions } from '../options.js';
 import { qmpCapabilities, qmpStatus } from '../qmp-info.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
@@ -200,12 +200,86 @@ function acceptChannels(
 
 export async function incomingCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('incoming', argv, INCOMING_OPTIONS);
-  if (positionals.length !== 1) throw new InvalidArgumentError('incoming: expected one URI (tcp:HOST:PORT or unix:PATH)');
-  const uri = parseMigrationUri(positionals[0]!);
   const settings = incomingSettings(values);
+  if (positionals.length > 1 || (positionals.length === 0 && !settings.control)) {
+    throw new InvalidArgumentError("incoming: expected one URI (tcp:HOST:PORT or unix:PATH), or --control ADDRESS to wait for QMP's migrate-incoming command");
+  }
   const tls = tlsOptions(settings, 'server');
   const out = new Output(settings.json);
   const log = createLogger(settings.logLevel, 'destination');
+
+  // The QMP control socket (control.ts), as QEMU's destination has one: the incoming
+  // migration's status, its capabilities and parameters, and MIGRATION events. Without a URI
+  // the process waits for `migrate-incoming` (capabilities and parameters may be set before)
+  // and stays until `quit`.
+  const qmpDriven = positionals.length === 0;
+  let status: MigrationStatus = qmpDriven ? 'none' : 'setup';
+  let incomingAsked!: (u: string) => void;
+  const incomingCommand = new Promise<string>((r) => (incomingAsked = r));
+  let quitAsked!: () => void;
+  const quit = new Promise<void>((r) => (quitAsked = r));
+  const control = settings.control
+    ? await ControlServer.listen(
+        settings.control,
+        {
+          'query-migrate': () => (status === 'none' ? {} : { status }),
+          'query-status': () => qmpStatus(status, 'destination'),
+          'query-migrate-capabilities': () =>
+            qmpCapabilities({ 'auto-converge': false, 'postcopy-ram': settings.postcopy, 'postcopy-preempt': settings.postcopyPreempt, multifd: settings.multifdChannels > 0 }),
+          'query-migrate-parameters': () => ({ 'multifd-channels': settings.multifdChannels, 'multifd-compression': settings.compression }),
+          'migrate-incoming': (args) => {
+            if (!qmpDriven || status !== 'none') throw new InvalidArgumentError("The incoming migration has already been started");
+            if (typeof args['uri'] !== 'string') throw new InvalidArgumentError("Parameter 'uri' is missing");
+            parseMigrationUri(args['uri']);
+            status = 'setup';
+            incomingAsked(args['uri']);
+            return {};
+          },
+          'migrate-set-capabilities': (args) => {
+            if (!qmpDriven || status !== 'none') throw new InvalidArgumentError("There's a migration process in progress");
+            applyQmpCapabilities(settings, args['capabilities']);
+            return {};
+          },
+          'migrate-set-parameters': (args) => {
+            if (!qmpDriven || status !== 'none') throw new InvalidArgumentError("There's a migration process in progress");
+            const rest = applyQmpMultifdParameters(settings, args);
+            if (Object.keys(rest).length > 0) throw new InvalidArgumentError(`parameter '${Object.keys(rest)[0]}' cannot be set on the destination (multifd-channels, multifd-compression)`);
+            return {};
+          },
+          quit: () => {
+            quitAsked();
+            return {};
+          },
+        },
+        log,
+        settings.control.startsWith('tcp:') ? tls : undefined,
+      )
+    : undefined;
+  if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
+  let uriText = positionals[0];
+  if (uriText === undefined) {
+    // Until migrate-incoming, `quit` or a signal.
+    process.once('SIGINT', quitAsked);
+    process.once('SIGTERM', quitAsked);
+    const asked = await Promise.race([incomingCommand, quit.then(() => undefined)]);
+    process.off('SIGINT', quitAsked);
+    process.off('SIGTERM', quitAsked);
+    if (asked === undefined) {
+      await control?.close();
+      return 0;
+    }
+    uriText = asked;
+  }
+  const uri = parseMigrationUri(uriText);
+  /** The end of the process: a QMP-driven one answers queries on how it ended until `quit`. */
+  const closeControl = async (): Promise<void> => {
+    if (qmpDriven) {
+      process.once('SIGINT', quitAsked);
+      process.once('SIGTERM', quitAsked);
+      await quit;
+    }
+    await control?.close();
+  };
 
   // Pre-fault RAM before anyone connects, so that touching fresh memory is not migration time.
   let ram = settings.ram ? GuestRam.create(settings.ram) : undefined;
@@ -244,29 +318,11 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   const onSignal = (sig: NodeJS.Signals): void => fatal(new VmigError('VMIG_ERR_CANCELLED', `incoming migration cancelled (${sig})`, { channel: 'main' }));
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
-  // The QMP control socket (control.ts), as QEMU's destination has one: the incoming
-  // migration's status, its capabilities and parameters, and MIGRATION events.
-  let status: MigrationStatus = 'setup';
-  const control = settings.control
-    ? await ControlServer.listen(
-        settings.control,
-        {
-          'query-migrate': () => ({ status }),
-          'query-status': () => qmpStatus(status, 'destination'),
-          'query-migrate-capabilities': () =>
-            qmpCapabilities({ 'auto-converge': false, 'postcopy-ram': settings.postcopy, 'postcopy-preempt': settings.postcopyPreempt, multifd: settings.multifdChannels > 0 }),
-          'query-migrate-parameters': () => ({ 'multifd-channels': settings.multifdChannels, 'multifd-compression': settings.compression }),
-        },
-        log,
-        settings.control.startsWith('tcp:') ? tls : undefined,
-      )
-    : undefined;
   const setStatus = (st: MigrationStatus): void => {
     if (st === status) return;
     status = st;
     control?.event('MIGRATION', { status: st });
   };
-  if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
   // Said only now: a client may signal as soon as it reads it.
   out.event({ event: 'listening', uri: formatMigrationUri(listener.uri) }, `vmig: listening on ${formatMigrationUri(listener.uri)}`);
 
@@ -388,7 +444,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     await receiver?.close();
     stopSignals();
     setStatus('completed');
-    await control?.close();
+    await closeControl();
     const mf = receiver?.totals() ?? { normal: 0, zero: 0, bytes: 0 };
     out.report(
       {
@@ -438,7 +494,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     await receiver?.close(0);
     stopSignals();
     setStatus('failed');
-    await control?.close();
+    await closeControl();
     log.error({ error: err.toJSON() }, 'incoming migration failed');
     out.report(
       { role: 'destination', status: 'failed', totalTimeMs: round(performance.now() - start), error: err.toJSON() },

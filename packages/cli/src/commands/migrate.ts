@@ -3,7 +3,7 @@
  * its devices), migrates it to a destination while the writers run, reports.
  */
 import type net from 'node:net';
-import { BufferedWriter, bridgeTls, connect, parseMigrationUri, tlsConnect } from '@vmig/channel';
+import { BufferedWriter, bridgeTls, connect, type MigrationUri, parseMigrationUri, tlsConnect } from '@vmig/channel';
 import {
   DeviceRegistry,
   GlobalStateDevice,
@@ -23,7 +23,7 @@ import { parseCommandArgs } from '../args.js';
 import { ControlServer, runtimeParams } from '../control.js';
 import { qmpCapabilities, qmpMigrationInfo, qmpParameters, qmpStatus } from '../qmp-info.js';
 import { createLogger } from '../log.js';
-import { MIGRATE_OPTIONS, migrateSettings, tlsOptions } from '../options.js';
+import { applyQmpCapabilities, applyQmpMultifdParameters, MIGRATE_OPTIONS, migrateSettings, tlsOptions } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
 import { ProgressLine } from '../progress.js';
 import { resourceUsage } from '../resources.js';
@@ -35,16 +35,29 @@ const RESUME_CHECK_MS = 200;
 
 export async function migrateCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('migrate', argv, MIGRATE_OPTIONS);
-  if (positionals.length !== 1) throw new InvalidArgumentError('migrate: expected one URI (tcp:HOST:PORT or unix:PATH)');
-  const uri = parseMigrationUri(positionals[0]!);
   const s = migrateSettings(values);
+  if (positionals.length > 1 || (positionals.length === 0 && !s.control)) {
+    throw new InvalidArgumentError("migrate: expected one URI (tcp:HOST:PORT or unix:PATH), or --control ADDRESS to wait for QMP's migrate command");
+  }
+  // Without a URI the process is a QMP server (control.ts): it builds the guest, waits for
+  // `migrate` (capabilities and parameters may be set before), and stays until `quit`.
+  let uri: MigrationUri | undefined = positionals[0] === undefined ? undefined : parseMigrationUri(positionals[0]);
+  const qmpDriven = uri === undefined;
+  let started = false;
+  let migrateAsked!: (u: MigrationUri) => void;
+  const migrateCommand = new Promise<MigrationUri>((r) => (migrateAsked = r));
+  let quitAsked!: () => void;
+  const quit = new Promise<void>((r) => (quitAsked = r));
   const out = new Output(s.json);
   const log = createLogger(s.logLevel, 'source');
 
   // Everything a control client can ask for; `mig` exists once the main channel is up.
   const abort = new AbortController();
   // Before anything is said on stdout: a client may signal as soon as it reads a line.
-  const onSignal = (): void => abort.abort();
+  const onSignal = (): void => {
+    abort.abort();
+    quitAsked();
+  };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   let mig: PrecopyMigration | undefined;
@@ -57,9 +70,22 @@ export async function migrateCommand(argv: string[]): Promise<number> {
           'query-status': () => qmpStatus(mig?.stats.status, 'source'),
           'query-migrate-capabilities': () =>
             qmpCapabilities({ 'auto-converge': s.params.autoConverge, 'postcopy-ram': s.postcopy, 'postcopy-preempt': s.postcopyPreempt, multifd: s.multifdChannels > 0 }),
-          'migrate-set-capabilities': () => {
-            // The migration starts with the process (its capabilities are its flags); QEMU's words.
-            throw new InvalidArgumentError("There's a migration process in progress");
+          migrate: (args) => {
+            if (started || !qmpDriven) throw new InvalidArgumentError("There's a migration process in progress");
+            if (typeof args['uri'] !== 'string') throw new InvalidArgumentError("Parameter 'uri' is missing");
+            migrateAsked(parseMigrationUri(args['uri']));
+            started = true;
+            return {};
+          },
+          'migrate-set-capabilities': (args) => {
+            // Before `migrate` only (QEMU's words); with a URI the migration starts at once.
+            if (started || !qmpDriven) throw new InvalidArgumentError("There's a migration process in progress");
+            applyQmpCapabilities(s, args['capabilities']);
+            return {};
+          },
+          quit: () => {
+            quitAsked();
+            return {};
           },
           'migrate-start-postcopy': () => {
             if (!mig) throw new InvalidArgumentError('no migration is running yet');
@@ -71,7 +97,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
             return {};
           },
           'migrate-set-parameters': (args) => {
-            const p = runtimeParams(args);
+            // Before `migrate`, the multifd parameters too.
+            const rest = started || !qmpDriven ? args : applyQmpMultifdParameters(s, args);
+            const p = runtimeParams(rest);
             if (mig) mig.setParameters(p);
             else Object.assign(s.params, p);
             return {};
@@ -89,30 +117,47 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // with --postcopy-preempt it opens the channel for requested pages at the switch and
   // sends them there itself.
   const tls = tlsOptions(s, 'client');
-  const rpThread = new ReturnPathThread({
-    preemptUri: s.postcopyPreempt ? uri : undefined,
-    faultSliceUs: s.postcopyPreempt ? s.postcopyFaultSliceUs : 0,
-    onPreemptError: (e) => mig?.fail(e),
-    writeTimeoutMs: s.channelTimeoutMs,
-    // With TLS the preempt channel is TLS too; the thread writes its pages through a pair.
-    ...(tls ? { secure: (ps: net.Socket) => tlsConnect(ps, uri.transport === 'tcp' ? uri.host : 'localhost', tls, s.channelTimeoutMs, 'preempt') } : {}),
-  });
+  const returnPathFor = (u: MigrationUri): ReturnPathThread =>
+    new ReturnPathThread({
+      preemptUri: s.postcopyPreempt ? u : undefined,
+      faultSliceUs: s.postcopyPreempt ? s.postcopyFaultSliceUs : 0,
+      onPreemptError: (e) => mig?.fail(e),
+      writeTimeoutMs: s.channelTimeoutMs,
+      // With TLS the preempt channel is TLS too; the thread writes its pages through a pair.
+      ...(tls ? { secure: (ps: net.Socket) => tlsConnect(ps, u.transport === 'tcp' ? u.host : 'localhost', tls, s.channelTimeoutMs, 'preempt') } : {}),
+    });
+  let rpThread = uri ? returnPathFor(uri) : undefined;
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
   const vcpus = await VcpuPool.start(ram, { writers: s.writers, dirtyRate: s.dirtyRate, pattern: s.pattern, hotPages: s.hotPages, seed: Number(s.seed) || 1 });
   out.event({ event: 'guest', ram: ram.totalBytes, writers: s.writers, dirtyRate: s.dirtyRate, fill: s.fill }, `vmig: guest of ${fmtBytes(ram.totalBytes)} (${s.fill}), ${s.writers} writer(s)`);
 
   const finish = async (code: number): Promise<number> => {
+    // A QMP-driven process stays (answering queries on how it ended) until `quit` or a signal.
+    if (qmpDriven) await quit;
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     await control?.close();
     return code;
   };
 
+  if (!uri) {
+    const asked = await Promise.race([migrateCommand, quit.then(() => undefined)]);
+    if (!asked) {
+      await vcpus.terminate();
+      return finish(0);
+    }
+    uri = asked;
+    rpThread = returnPathFor(uri);
+  }
+  started = true;
+  const target = uri;
+  const rp = rpThread!;
+
   const failEarly = async (e: unknown): Promise<number> => {
     const err = toVmigError(e, 'VMIG_ERR_CONNECT');
     log.error({ error: err.toJSON() }, 'migration could not start');
-    await rpThread.close();
+    await rp.close();
     // The vCPUs were never stopped: say that they run, as a failure after setup does.
     const writersResumed = vcpus.count > 0 && s.dirtyRate > 0 ? await vcpus.keepsWriting(RESUME_CHECK_MS) : undefined;
     await vcpus.terminate();
@@ -126,8 +171,8 @@ export async function migrateCommand(argv: string[]): Promise<number> {
 
   let sock;
   try {
-    sock = await connect(uri, { channel: 'main', timeoutMs: s.channelTimeoutMs });
-    if (tls) sock = await tlsConnect(sock, uri.transport === 'tcp' ? uri.host : 'localhost', tls, s.channelTimeoutMs, 'main');
+    sock = await connect(target, { channel: 'main', timeoutMs: s.channelTimeoutMs });
+    if (tls) sock = await tlsConnect(sock, target.transport === 'tcp' ? target.host : 'localhost', tls, s.channelTimeoutMs, 'main');
   } catch (e) {
     return failEarly(e);
   }
@@ -135,7 +180,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   if (s.multifdChannels > 0) {
     try {
       multifd = await MultifdSender.start(ram, stats, {
-        uri,
+        uri: target,
         channels: s.multifdChannels,
         compression: s.compression,
         zeroPageDetection: s.params.zeroPageDetection,
@@ -153,7 +198,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // Over TLS the return-path thread reads the decrypted direction through a local pair
   // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
   const rpSock = tls ? (await bridgeTls(sock, 'in')).sock : sock;
-  const returnPath = rpThread;
+  const returnPath = rp;
   returnPath.attach(rpSock, ram);
   const its = new ItsTableDevice(() => ram);
   const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
@@ -232,7 +277,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     ...info,
     writes,
     ...(writersResumed !== undefined ? { writersResumed } : {}),
-    ...(switched ? { postcopyScheduling: { backgroundNice: lowered?.nice ?? null, faultSliceUs: rpThread.faultSliceUs } } : {}),
+    ...(switched ? { postcopyScheduling: { backgroundNice: lowered?.nice ?? null, faultSliceUs: rp.faultSliceUs } } : {}),
     devices: { 'vmig-its': its.flushed ?? null },
     resources: resourceUsage(),
     ...(digest ? { ramDigest: digest } : {}),
