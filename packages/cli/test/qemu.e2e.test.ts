@@ -87,4 +87,17 @@ describe.runIf(haveQemu)('a real QEMU 7.2 source', () => {
       expect(readFileSync(dump).equals(ram)).toBe(true);
     });
   }
+
+  it('a real machine type (-M pc) is refused at once, by name: vmig cannot load its device state', async () => {
+    const dst = spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--json']);
+    const { uri } = (await dst.waitFor((l) => l['event'] === 'listening')) as { uri: string };
+    const qemu = spawn(QEMU, ['-M', 'pc', '-m', '16', '-nographic', '-nodefaults', '-S', '-monitor', 'stdio'], { stdio: ['pipe', 'ignore', 'ignore'] });
+    qemu.stdin.write(`migrate -d ${uri}\n`);
+    const run = await dst.done;
+    qemu.stdin.end('quit\n');
+    await new Promise((r) => qemu.once('exit', r));
+    expect(run.code).toBe(1);
+    expect(run.report?.['error']).toMatchObject({ code: 'VMIG_ERR_MACHINE' });
+    expect(String((run.report?.['error'] as { message: string }).message)).toMatch(/machine 'pc-i440fx-7\.2'/);
+  });
 });

@@ -38,6 +38,8 @@ export type VmigErrorCode =
   | 'VMIG_ERR_PAGES_MISSING'
   /** RAM as loaded differs from what the source sent (the integrity check). */
   | 'VMIG_ERR_INTEGRITY'
+  /** The source is a machine type vmig cannot be (only QEMU's -M none carries no device state). */
+  | 'VMIG_ERR_MACHINE'
   /** Something vmig did not expect (a bug): the message and the stack on stderr say what. */
   | 'VMIG_ERR_INTERNAL'
   /** A TLS handshake failed: a plaintext peer, a certificate not trusted, a name not allowed. */

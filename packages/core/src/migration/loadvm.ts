@@ -183,6 +183,15 @@ class LoadVm {
 
 export async function qemuLoadVmState(s: StreamSource, opts: LoadVmOptions): Promise<LoadVmResult> {
   const header = await readFileHeader(s, opts.channel ?? 'main');
+  // vmig is not a VM: a real machine's device state (fw_cfg, apic, ...) has nowhere to go.
+  // Said at once, from the configuration section, not at the first section it cannot load.
+  if (header.machine !== undefined && header.machine !== 'none') {
+    throw new StreamError(
+      'VMIG_ERR_MACHINE',
+      `the source is machine '${header.machine}': vmig takes guest RAM from QEMU's '-M none' (and vmig sources) only, since it cannot load the device state of a real machine`,
+      { channel: opts.channel ?? 'main', phase: 'load' },
+    );
+  }
   const lv = new LoadVm(opts);
   lv.machine = header.machine;
   await lv.loop(s);
