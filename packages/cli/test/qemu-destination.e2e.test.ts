@@ -10,8 +10,9 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
-import { GuestRam } from '@vmig/core';
-import { digestRam, spawnCli } from '@vmig/test-harness';
+import { BufferedWriter, connect, parseMigrationUri } from '@vmig/channel';
+import { DEFAULT_PARAMS, DeviceRegistry, GlobalStateDevice, GuestRam, PrecopyMigration, TimerDevice } from '@vmig/core';
+import { digestRam, fillRam, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
 
 const QEMU = 'qemu-system-x86_64';
@@ -136,6 +137,30 @@ describe.runIf(haveQemu)('a real QEMU 7.2 destination', () => {
     expect((src.report?.['ram'] as { postcopyBytes: number }).postcopyBytes).toBeGreaterThan(0);
     expect(await qemu.migrationStatus()).toBe('completed');
     expect(await qemu.ramDigest(join(tmp, 'ram-postcopy.bin'))).toBe(src.report?.['ramDigest']);
+  });
+
+  it("through the library's API (core's PrecopyMigration with the application's own device list): the same", async () => {
+    const qemu = new QemuMonitor(['-incoming', 'defer']);
+    monitors.push(qemu);
+    const port = freePort();
+    qemu.send(`migrate_incoming tcp:127.0.0.1:${port}`);
+    await new Promise((r) => setTimeout(r, 500));
+    const ram = GuestRam.create([{ idstr: 'mem', size: RAM }]);
+    fillRam(ram, 'random', '11');
+    const sock = await connect(parseMigrationUri(`tcp:127.0.0.1:${port}`));
+    // An application's guest: its RAM, its run control, and the device sections QEMU knows.
+    const mig = new PrecopyMigration({
+      ram,
+      sink: new BufferedWriter(sock, { channel: 'main' }),
+      vm: { stop: async () => {}, resume: () => {} },
+      devices: new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running')),
+      params: DEFAULT_PARAMS,
+    });
+    const info = await mig.run();
+    sock.end();
+    expect(info.status, JSON.stringify(info.error)).toBe('completed');
+    expect(await qemu.migrationStatus()).toBe('completed');
+    expect(await qemu.ramDigest(join(tmp, 'ram-api.bin'))).toBe(digestRam(ram).digest);
   });
 
   it('a vmig snapshot file (--guest-devices none) loads into it; its RAM is what vmig restore loads', async () => {
