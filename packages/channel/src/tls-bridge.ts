@@ -1,7 +1,7 @@
 /**
  * A TLS connection seen as a plain socket by threads that do their I/O straight on an fd
  * (sync-fd.ts: the return path's readers and writers, the postcopy preempt channel). Those
- * threads cannot use a TLS session, which lives in the event loop of the thread that made it;
+ * threads cannot use a TLS connection, whose state lives in the event loop of the thread that made it;
  * so that thread pumps one direction of the connection between the TLS socket and one end of
  * a local socket pair, and the other end's fd goes to the threads, as an accepted socket's
  * would. The plain bytes cross this process only, in the kernel's socket buffers.

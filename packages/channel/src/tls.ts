@@ -80,8 +80,8 @@ export function tlsAccept(sock: net.Socket, opts: TlsOptions, timeoutMs: number,
   const verify = opts.creds.ca !== undefined;
   const t = new tls.TLSSocket(sock, {
     isServer: true,
-    // TLS 1.2 without session tickets: after its handshake the server sends nothing. A
-    // TLS 1.3 server sends session tickets, which a source that never reads its channels
+    // TLS 1.2 without resumption tickets: after its handshake the server sends nothing. A
+    // TLS 1.3 server sends NewSessionTicket messages, which a source that never reads its channels
     // (QEMU without a return path; any multifd channel) leaves unread, so its close becomes
     // a reset, and a reset makes Node drop decrypted bytes not yet consumed.
     secureContext: tls.createSecureContext({
