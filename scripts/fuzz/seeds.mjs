@@ -59,8 +59,8 @@ const {
   MIG_RP_MSG_REQ_PAGES,
   MIG_RP_MSG_REQ_PAGES_ID,
 } = core;
-const { ItsTableDevice, VcpuStateDevice } = harness;
-const { encodeMultifdInit, encodeMultifdPacketHeader, compressionByName, MULTIFD_FLAG_SYNC, MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_VMIG_LZ4, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_HEADER_FIXED, MULTIFD_INIT_SIZE } = multifd;
+const { ItsTableDevice, VcpuStateDevice, itsTable } = harness;
+const { encodeMultifdInit, MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_VMIG_LZ4, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_HEADER_FIXED, MULTIFD_INIT_SIZE } = multifd;
 /** A packet's payload is next_packet_size bytes if compressed, else normal_pages pages. */
 const COMPRESSED = MULTIFD_FLAG_COMPRESSION_MASK | MULTIFD_FLAG_VMIG_LZ4;
 
@@ -218,15 +218,6 @@ export function handBuiltPostcopy(ram) {
   putEof(w);
   putVmDescription(w, '{"page_size":4096,"devices":[]}');
   return w.bytes();
-}
-
-/** The table a vmig-its generation names (test-harness guest-devices.ts itsTable, copied: it is private). */
-function itsTable(generation) {
-  const t = Buffer.alloc(1024);
-  Buffer.from('VMIG-ITS').copy(t, 0);
-  t.writeUInt32BE(generation >>> 0, 8);
-  for (let i = 16; i < 1024; i += 4) t.writeUInt32BE(Math.imul(generation ^ i, 2654435761) >>> 0, i);
-  return t;
 }
 
 /** vmig-its with a fixed generation (the real one takes Date.now() and the pid): deterministic seeds. */
@@ -436,56 +427,12 @@ export function packetHot(stream) {
 }
 
 /**
- * A channel's byte stream written by vmig's encoder (as packet-receiver.test.ts builds it):
- * packets with runs of contiguous pages and scattered ones, zero pages, an empty SYNC packet,
- * compressed with `method`. Returns the stream and the 'pc.ram' RAM it leaves (64 pages,
- * starting as `fill`).
+ * A channel's byte stream written by vmig's encoder (the test harness's, as the recv parser's
+ * tests use it), and the 'pc.ram' RAM it leaves (64 pages, starting as `fill`).
  */
 export async function vmigPackets(method, fill = 0xee) {
-  const PAGES = 64;
-  const expected = new Uint8Array(PAGES * P).fill(fill);
-  const parts = [];
-  const tx = compressionByName(method)?.createSender();
-  const packets = [
-    { normal: [0, 1, 2, 3], zero: [10] },
-    { normal: [7, 5, 6, 20], zero: [] },
-    { normal: [], zero: [], sync: true },
-    { normal: [1, 2], zero: [0, 30] },
-    { normal: [63, 40, 41, 42, 43], zero: [3], sync: true },
-  ];
-  let seed = 1;
-  for (const p of packets) {
-    const data = new Uint8Array(p.normal.length * P);
-    p.normal.forEach((pg, i) => {
-      const d = new Uint8Array(P);
-      for (let k = 0; k < P; k += 64) d[k] = (seed * 31 + k) & 0xff || 1;
-      seed++;
-      data.set(d, i * P);
-      expected.set(d, pg * P);
-    });
-    for (const z of p.zero) expected.fill(0, z * P, (z + 1) * P);
-    let flags = p.sync ? MULTIFD_FLAG_SYNC : 0;
-    let payload = data;
-    if (tx && data.length > 0) {
-      const out = await tx.compress(Buffer.from(data));
-      if (out) {
-        flags |= out.flag;
-        payload = out.payload;
-      }
-    }
-    const h = new Uint8Array(MULTIFD_PACKET_HEADER_SIZE);
-    encodeMultifdPacketHeader(h, 0, {
-      flags,
-      normalPages: p.normal.length,
-      zeroPages: p.zero.length,
-      nextPacketSize: payload.length,
-      packetNum: parts.length,
-      ramblock: 'pc.ram',
-      offsets: Float64Array.from([...p.normal, ...p.zero].map((x) => x * P)),
-    });
-    parts.push(h, payload);
-  }
-  return { stream: new Uint8Array(Buffer.concat(parts)), expected };
+  const { stream, expected } = await harness.encodeMultifdStream(method, fill);
+  return { stream, expected };
 }
 
 /** MultiFDInit_t seeds: QEMU's two inits and vmig's encoder. */

@@ -22,3 +22,16 @@ export function runChildScript(script: string, moduleUrl: string): any {
   if (r.status !== 0) throw new Error(`child exited ${r.status}: ${r.stderr}`);
   return JSON.parse(r.stdout.trim());
 }
+
+/** Debian's QEMU 7.2 (`qemu-system-x86`, which .ci/run installs). */
+export const QEMU = 'qemu-system-x86_64';
+
+/**
+ * Whether the live QEMU tests can run here. In CI they must: a missing QEMU fails the file
+ * instead of skipping it.
+ */
+export function haveQemu(): boolean {
+  const ok = spawnSync(QEMU, ['--version']).status === 0;
+  if (!ok && process.env['CI']) throw new Error(`${QEMU} is required in CI (.ci/run installs qemu-system-x86)`);
+  return ok;
+}

@@ -5,7 +5,7 @@
  * expects (all zeros, QEMU's default `-uuid`), and QEMU's RAM afterwards (`pmemsave`) must
  * have the digest the source reported at its stop, its writers running all along.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,11 +13,9 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { BufferedWriter, connect, parseMigrationUri } from '@vmig/channel';
 import { DEFAULT_PARAMS, DeviceRegistry, GlobalStateDevice, GuestRam, PrecopyMigration, TimerDevice } from '@vmig/core';
 import { digestRam, fillRam, spawnCli } from '@vmig/test-harness';
-import { CLI_MAIN } from './cli.js';
+import { CLI_MAIN, haveQemu, QEMU } from './cli.js';
 
-const QEMU = 'qemu-system-x86_64';
-const haveQemu = spawnSync(QEMU, ['--version']).status === 0;
-if (!haveQemu && process.env['CI']) throw new Error(`${QEMU} is required in CI (.ci/run installs qemu-system-x86)`);
+type Json = Record<string, unknown>;
 
 const tmp = mkdtempSync(join(tmpdir(), 'vmig-qemu-dst-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
@@ -88,11 +86,32 @@ afterEach(async () => {
   for (const m of monitors.splice(0)) await m.quit();
 });
 
-function freePort(): number {
-  return 20_000 + Math.floor(Math.random() * 20_000);
+/**
+ * A QEMU destination: `hmp` first (capabilities, parameters), then migrate_incoming on a TCP
+ * port of its own (or on `from`, an `exec:` URI). Resolves once QEMU had the moment it takes
+ * to listen (a probe connection would be taken for the migration).
+ */
+async function qemuDestination(hmp: string[] = [], from?: string): Promise<{ qemu: QemuMonitor; uri: string }> {
+  const qemu = new QemuMonitor(['-incoming', 'defer']);
+  monitors.push(qemu);
+  for (const c of hmp) qemu.send(c);
+  const uri = from ?? `tcp:127.0.0.1:${20_000 + Math.floor(Math.random() * 20_000)}`;
+  qemu.send(`migrate_incoming ${from ? `"${from}"` : uri}`);
+  if (!from) await new Promise((r) => setTimeout(r, 500));
+  return { qemu, uri };
 }
 
-describe.runIf(haveQemu)('a real QEMU 7.2 destination', () => {
+/** `vmig migrate` (the test guest, its own sections left out) into `uri`; QEMU's RAM must be the source's at its stop. */
+async function expectMigratedInto(qemu: QemuMonitor, uri: string, flags: string[], dumpName: string): Promise<Json> {
+  const src = await spawnCli(CLI_MAIN, ['migrate', uri, '--json', '--ram-block', `mem=${RAM}`, '--guest-devices', 'none', '--writers', '2', '--dirty-rate', '8M', ...flags]).done;
+  expect(src.code, src.stderr).toBe(0);
+  expect(src.report?.['status']).toBe('completed');
+  expect(await qemu.migrationStatus()).toBe('completed');
+  expect(await qemu.ramDigest(join(tmp, dumpName))).toBe(src.report?.['ramDigest']);
+  return src.report!;
+}
+
+describe.runIf(haveQemu())('a real QEMU 7.2 destination', () => {
   const cases = [
     { channels: 0, compression: 'none' },
     { channels: 2, compression: 'none' },
@@ -102,52 +121,24 @@ describe.runIf(haveQemu)('a real QEMU 7.2 destination', () => {
   for (const { channels, compression } of cases) {
     const what = channels ? `${channels} multifd channels (7.2's dialect), compression ${compression}` : 'the main channel';
     it(`vmig migrate --guest-devices none into it over ${what}, writers running: QEMU's RAM has the source's digest`, async () => {
-      const qemu = new QemuMonitor(['-incoming', 'defer']);
-      monitors.push(qemu);
-      if (channels) {
-        qemu.send('migrate_set_capability multifd on');
-        qemu.send(`migrate_set_parameter multifd-channels ${channels}`);
-        qemu.send(`migrate_set_parameter multifd-compression ${compression}`);
-      }
-      const port = freePort();
-      qemu.send(`migrate_incoming tcp:127.0.0.1:${port}`);
-      await new Promise((r) => setTimeout(r, 500));
+      const hmp = channels ? ['migrate_set_capability multifd on', `migrate_set_parameter multifd-channels ${channels}`, `migrate_set_parameter multifd-compression ${compression}`] : [];
+      const { qemu, uri } = await qemuDestination(hmp);
       const mf = channels ? ['--multifd-channels', String(channels), '--multifd-flush-after-each-section', '--multifd-compression', compression] : [];
-      const src = await spawnCli(CLI_MAIN, [
-        'migrate', `tcp:127.0.0.1:${port}`, '--json', '--ram-block', `mem=${RAM}`, '--guest-devices', 'none', '--writers', '2', '--dirty-rate', '8M', '--seed', String(channels + 7), ...mf,
-      ]).done;
-      expect(src.code, src.stderr).toBe(0);
-      expect(src.report?.['status']).toBe('completed');
-      expect(await qemu.migrationStatus()).toBe('completed');
-      expect(await qemu.ramDigest(join(tmp, `ram-${channels}-${compression}.bin`))).toBe(src.report?.['ramDigest']);
+      await expectMigratedInto(qemu, uri, ['--seed', String(channels + 7), ...mf], `ram-${channels}-${compression}.bin`);
     });
   }
 
   it('vmig migrate --postcopy into it (postcopy-ram), writers running until the switch: QEMU\'s RAM has the source\'s digest', async () => {
-    const qemu = new QemuMonitor(['-incoming', 'defer']);
-    monitors.push(qemu);
-    qemu.send('migrate_set_capability postcopy-ram on');
-    const port = freePort();
-    qemu.send(`migrate_incoming tcp:127.0.0.1:${port}`);
-    await new Promise((r) => setTimeout(r, 500));
-    const src = await spawnCli(CLI_MAIN, [
-      'migrate', `tcp:127.0.0.1:${port}`, '--json', '--ram-block', `mem=${RAM}`, '--guest-devices', 'none', '--postcopy', '--postcopy-after-rounds', '1', '--writers', '2', '--dirty-rate', '8M',
-    ]).done;
-    expect(src.code, src.stderr).toBe(0);
-    expect((src.report?.['ram'] as { postcopyBytes: number }).postcopyBytes).toBeGreaterThan(0);
-    expect(await qemu.migrationStatus()).toBe('completed');
-    expect(await qemu.ramDigest(join(tmp, 'ram-postcopy.bin'))).toBe(src.report?.['ramDigest']);
+    const { qemu, uri } = await qemuDestination(['migrate_set_capability postcopy-ram on']);
+    const report = await expectMigratedInto(qemu, uri, ['--postcopy', '--postcopy-after-rounds', '1'], 'ram-postcopy.bin');
+    expect((report['ram'] as { postcopyBytes: number }).postcopyBytes).toBeGreaterThan(0);
   });
 
   it("through the library's API (core's PrecopyMigration with the application's own device list): the same", async () => {
-    const qemu = new QemuMonitor(['-incoming', 'defer']);
-    monitors.push(qemu);
-    const port = freePort();
-    qemu.send(`migrate_incoming tcp:127.0.0.1:${port}`);
-    await new Promise((r) => setTimeout(r, 500));
+    const { qemu, uri } = await qemuDestination();
     const ram = GuestRam.create([{ idstr: 'mem', size: RAM }]);
     fillRam(ram, 'random', '11');
-    const sock = await connect(parseMigrationUri(`tcp:127.0.0.1:${port}`));
+    const sock = await connect(parseMigrationUri(uri));
     // An application's guest: its RAM, its run control, and the device sections QEMU knows.
     const mig = new PrecopyMigration({
       ram,
@@ -169,20 +160,14 @@ describe.runIf(haveQemu)('a real QEMU 7.2 destination', () => {
     expect(snap.code, snap.stderr).toBe(0);
     const restored = await spawnCli(CLI_MAIN, ['restore', file, '--json']).done;
     expect(restored.code, restored.stderr).toBe(0);
-    const qemu = new QemuMonitor(['-incoming', 'defer']);
-    monitors.push(qemu);
-    qemu.send(`migrate_incoming "exec:cat ${file}"`);
+    const { qemu } = await qemuDestination([], `exec:cat ${file}`);
     expect(await qemu.migrationStatus()).toBe('completed');
     expect(await qemu.ramDigest(join(tmp, 'snap-ram.bin'))).toBe(restored.report?.['ramDigest']);
   });
 
   it("the test guest's own sections are what QEMU refuses (so --guest-devices none is needed)", async () => {
-    const qemu = new QemuMonitor(['-incoming', 'defer']);
-    monitors.push(qemu);
-    const port = freePort();
-    qemu.send(`migrate_incoming tcp:127.0.0.1:${port}`);
-    await new Promise((r) => setTimeout(r, 500));
-    const src = await spawnCli(CLI_MAIN, ['migrate', `tcp:127.0.0.1:${port}`, '--json', '--ram-block', `mem=${RAM}`, '--channel-timeout', '5000']).done;
+    const { uri } = await qemuDestination();
+    const src = await spawnCli(CLI_MAIN, ['migrate', uri, '--json', '--ram-block', `mem=${RAM}`, '--channel-timeout', '5000']).done;
     expect(src.code).toBe(1);
     expect(src.report?.['status']).toBe('failed');
   });

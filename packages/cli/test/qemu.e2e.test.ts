@@ -1,22 +1,19 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { makeTlsCreds, spawnCli } from '@vmig/test-harness';
-import { CLI_MAIN } from './cli.js';
+import { CLI_MAIN, haveQemu, QEMU } from './cli.js';
 
 // A live QEMU 7.2 source (Debian's qemu-system-x86, which .ci/run installs) migrating a
 // 16 MiB RAM block with multifd into `vmig incoming`. CI must run it; elsewhere it needs QEMU.
-const QEMU = 'qemu-system-x86_64';
-const haveQemu = spawnSync(QEMU, ['--version']).status === 0;
-if (!haveQemu && process.env['CI']) throw new Error(`${QEMU} is required in CI (.ci/run installs qemu-system-x86)`);
 
 const tmp = mkdtempSync(join(tmpdir(), 'vmig-qemu-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
-describe.runIf(haveQemu)('a real QEMU 7.2 source', () => {
+describe.runIf(haveQemu())('a real QEMU 7.2 source', () => {
   const creds = makeTlsCreds(join(tmp, 'tls'));
   const cases = [
     { channels: 2, tls: false, flag: true },

@@ -5,82 +5,13 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { GuestRam, TARGET_PAGE_SIZE } from '@vmig/core';
-import {
-  compressionByName,
-  encodeMultifdPacketHeader,
-  MULTIFD_FLAG_SYNC,
-  MULTIFD_PACKET_HEADER_SIZE,
-  PacketReceiver,
-  type PacketReceiverHooks,
-} from '../src/index.js';
+import { encodeMultifdStream, MULTIFD_STREAM_PAGES, type MultifdStream } from '@vmig/test-harness';
+import { MULTIFD_PACKET_HEADER_SIZE, PacketReceiver, type PacketReceiverHooks } from '../src/index.js';
 
-const PAGES = 64;
+const PAGES = MULTIFD_STREAM_PAGES;
 
-interface Built {
-  stream: Uint8Array;
-  expected: Uint8Array;
-  syncs: number;
-  normal: number;
-  zero: number;
-}
-
-function page(seed: number): Uint8Array {
-  const p = new Uint8Array(TARGET_PAGE_SIZE);
-  for (let i = 0; i < p.length; i += 64) p[i] = (seed * 31 + i) & 0xff || 1;
-  return p;
-}
-
-/** A channel's byte stream: packets of pages (some runs contiguous, some not), zero pages, SYNCs. */
-async function buildStream(method: 'none' | 'lz4' | 'zlib'): Promise<Built> {
-  // RAM starts as 0xee everywhere (see receiver()), so untouched and zeroed pages show.
-  const expected = new Uint8Array(PAGES * TARGET_PAGE_SIZE).fill(0xee);
-  const parts: Uint8Array[] = [];
-  const tx = compressionByName(method)?.createSender();
-  let syncs = 0;
-  let normal = 0;
-  let zero = 0;
-  const packets: { normal: number[]; zero: number[]; sync?: boolean }[] = [
-    { normal: [0, 1, 2, 3], zero: [10] },
-    { normal: [7, 5, 6, 20], zero: [] },
-    { normal: [], zero: [], sync: true },
-    { normal: [1, 2], zero: [0, 30] },
-    { normal: [63, 40, 41, 42, 43], zero: [3], sync: true },
-  ];
-  let seed = 1;
-  for (const p of packets) {
-    const data = new Uint8Array(p.normal.length * TARGET_PAGE_SIZE);
-    p.normal.forEach((pg, i) => {
-      const d = page(seed++);
-      data.set(d, i * TARGET_PAGE_SIZE);
-      expected.set(d, pg * TARGET_PAGE_SIZE);
-    });
-    for (const z of p.zero) expected.fill(0, z * TARGET_PAGE_SIZE, (z + 1) * TARGET_PAGE_SIZE);
-    let flags = p.sync ? MULTIFD_FLAG_SYNC : 0;
-    let payload = data;
-    if (tx && data.length > 0) {
-      const out = await tx.compress(Buffer.from(data));
-      if (out) {
-        flags |= out.flag;
-        payload = out.payload;
-      }
-    }
-    const h = new Uint8Array(MULTIFD_PACKET_HEADER_SIZE);
-    encodeMultifdPacketHeader(h, 0, {
-      flags,
-      normalPages: p.normal.length,
-      zeroPages: p.zero.length,
-      nextPacketSize: payload.length,
-      packetNum: parts.length,
-      ramblock: 'pc.ram',
-      offsets: Float64Array.from([...p.normal, ...p.zero].map((x) => x * TARGET_PAGE_SIZE)),
-    });
-    parts.push(h, payload);
-    if (p.sync) syncs++;
-    normal += p.normal.length;
-    zero += p.zero.length;
-  }
-  return { stream: Buffer.concat(parts), expected, syncs, normal, zero };
-}
+/** A channel's byte stream (packets of pages, runs and scattered, zero pages, SYNCs); RAM starts as 0xee (see receiver()). */
+const buildStream = (method: 'none' | 'lz4' | 'zlib'): Promise<MultifdStream> => encodeMultifdStream(method, 0xee);
 
 interface Run {
   ram: GuestRam;

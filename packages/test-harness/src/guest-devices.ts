@@ -62,7 +62,7 @@ export interface ItsState {
 }
 
 /** The table a generation produces: magic, generation, then entries derived from it. */
-function itsTable(generation: number): Buffer {
+export function itsTable(generation: number): Buffer {
   const t = Buffer.alloc(ITS_TABLE_BYTES);
   ITS_MAGIC.copy(t, 0);
   t.writeUInt32BE(generation >>> 0, 8);
