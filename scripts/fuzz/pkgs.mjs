@@ -21,6 +21,8 @@ const entry = (rel) => {
 
 export const core = await import(entry('packages/core/dist/index.js'));
 export const multifd = await import(entry('packages/multifd/dist/index.js'));
+/** The multifd stream fixture (`@vmig/multifd/testing`). */
+export const multifdTesting = await import(entry('packages/multifd/dist/testing.js'));
 export const channel = await import(entry('packages/channel/dist/index.js'));
 export const harness = await import(entry('packages/test-harness/dist/index.js'));
 /** Not exported by @vmig/cli's index: the control server is imported from its module. */

@@ -11,7 +11,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { gunzipSync } from 'node:zlib';
-import { core, harness, multifd, FIXTURE_DIR } from './pkgs.mjs';
+import { core, harness, multifd, multifdTesting, FIXTURE_DIR } from './pkgs.mjs';
 
 const {
   DEFAULT_PARAMS,
@@ -427,11 +427,11 @@ export function packetHot(stream) {
 }
 
 /**
- * A channel's byte stream written by vmig's encoder (the test harness's, as the recv parser's
- * tests use it), and the 'pc.ram' RAM it leaves (64 pages, starting as `fill`).
+ * A channel's byte stream written by vmig's encoder (`@vmig/multifd/testing`, as the recv
+ * parser's tests use it), and the 'pc.ram' RAM it leaves (64 pages, starting as `fill`).
  */
 export async function vmigPackets(method, fill = 0xee) {
-  const { stream, expected } = await harness.encodeMultifdStream(method, fill);
+  const { stream, expected } = await multifdTesting.encodeMultifdStream(method, fill);
   return { stream, expected };
 }
 

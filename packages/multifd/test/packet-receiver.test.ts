@@ -5,7 +5,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { GuestRam, TARGET_PAGE_SIZE } from '@vmig/core';
-import { encodeMultifdStream, MULTIFD_STREAM_PAGES, type MultifdStream } from '@vmig/test-harness';
+import { encodeMultifdStream, MULTIFD_STREAM_PAGES, type MultifdStream } from '../src/testing.js';
 import { MULTIFD_PACKET_HEADER_SIZE, PacketReceiver, type PacketReceiverHooks } from '../src/index.js';
 
 const PAGES = MULTIFD_STREAM_PAGES;

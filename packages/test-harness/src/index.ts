@@ -10,4 +10,3 @@ export * from './guest-devices.js';
 export * from './stamp.js';
 export * from './postcopy-verify.js';
 export * from './tls-creds.js';
-export * from './multifd-stream.js';

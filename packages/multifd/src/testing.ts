@@ -1,11 +1,13 @@
 /**
- * A multifd channel's byte stream as vmig's encoder writes it, with the RAM it must leave
- * behind: packets with runs of contiguous pages and scattered ones, zero pages, an empty
- * SYNC packet, each compressed with `method` where that shrinks it. For tests of the recv
- * parser and for the fuzzer's seeds.
+ * `@vmig/multifd/testing`: not part of the migration, a fixture for whoever tests a multifd
+ * receiver (this package's tests, the fuzzer's seeds). A channel's byte stream as vmig's
+ * encoder writes it, with the RAM it must leave behind: packets with runs of contiguous pages
+ * and scattered ones, zero pages, an empty SYNC packet, each compressed with `method` where
+ * that shrinks it.
  */
 import { TARGET_PAGE_SIZE } from '@vmig/core';
-import { compressionByName, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_HEADER_SIZE } from '@vmig/multifd';
+import { compressionByName } from './compress/registry.js';
+import { encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_PACKET_HEADER_SIZE } from './wire/multifd-wire.js';
 
 /** The block the stream names ('pc.ram'), in pages. */
 export const MULTIFD_STREAM_PAGES = 64;
