@@ -25,5 +25,5 @@ export const multifd = await import(entry('packages/multifd/dist/index.js'));
 export const multifdTesting = await import(entry('packages/multifd/dist/testing.js'));
 export const channel = await import(entry('packages/channel/dist/index.js'));
 export const harness = await import(entry('packages/test-harness/dist/index.js'));
-/** Not exported by @vmig/cli's index: the control server is imported from its module. */
+/** Not exported by vmig's index: the control server is imported from its module. */
 export const control = await import(entry('packages/cli/dist/control.js'));

@@ -9,7 +9,7 @@ import { COMPRESSION_NAMES, type CompressionName } from '@vmig/multifd';
 import { CAPABILITIES } from './qmp-info.js';
 import { formatMigrationUri, loadTlsCreds, parseMigrationUri, type TlsOptions } from '@vmig/channel';
 import { LOG_LEVELS, type LogLevel } from './log.js';
-import { MAX_SLICE_US, MIN_SLICE_US } from './thread-slice.js';
+import { DEFAULT_POSTCOPY_BACKGROUND_NICE, DEFAULT_POSTCOPY_FAULT_SLICE_US, MAX_MULTIFD_CHANNELS, MAX_SLICE_US, MIN_SLICE_US, PREEMPT_READERS, type PreemptReaderChoice } from '@vmig/migration';
 import { parseChoice, parseIntFlag, parseRamSpecs, parseSize, type RamSpec } from './args.js';
 
 /** Flags both ends understand; demo passes these to `incoming`. */
@@ -34,11 +34,6 @@ export const SHARED_OPTIONS = {
   json: { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
-
-/** Nice value of the threads that move background pages after the postcopy switch (thread-priority.ts). */
-export const DEFAULT_POSTCOPY_BACKGROUND_NICE = 19;
-/** Scheduler slice (us) of the page-fault path's threads after the postcopy switch (thread-slice.ts). */
-export const DEFAULT_POSTCOPY_FAULT_SLICE_US = MIN_SLICE_US;
 
 export const INCOMING_OPTIONS = {
   ...SHARED_OPTIONS,
@@ -122,8 +117,6 @@ export const MIGRATE_OPTIONS = {
   control: { type: 'string' },
 } as const;
 
-export const MAX_MULTIFD_CHANNELS = 64;
-
 export interface SharedSettings {
   ram: RamSpec[] | undefined;
   /** 0 = no multifd. */
@@ -152,8 +145,6 @@ export interface SharedSettings {
   logLevel: LogLevel;
 }
 
-export const PREEMPT_READERS = ['vcpu', 'thread'] as const;
-export type PreemptReaderChoice = (typeof PREEMPT_READERS)[number];
 
 type Values = Record<string, string | boolean | string[] | undefined>;
 

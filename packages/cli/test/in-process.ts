@@ -19,7 +19,7 @@ import {
   type VmigError,
 } from '@vmig/core';
 import { fillRam, VcpuPool, type WriterOptions } from '@vmig/test-harness';
-import { ReturnPathThread } from '../src/return-path-thread.js';
+import { ReturnPathThread } from '@vmig/migration';
 
 export interface InProcessOptions {
   ramBytes: number;

@@ -10,3 +10,4 @@ export * from './guest-devices.js';
 export * from './stamp.js';
 export * from './postcopy-verify.js';
 export * from './tls-creds.js';
+export * from './test-guest-destination.js';

@@ -2,22 +2,9 @@
  * `vmig migrate URI --ram SIZE ...`: the source. Builds a test guest (RAM + vCPU writers and
  * its devices), migrates it to a destination while the writers run, reports.
  */
-import type net from 'node:net';
-import { BufferedWriter, bridgeTls, connect, type MigrationUri, parseMigrationUri, tlsConnect } from '@vmig/channel';
-import {
-  DeviceRegistry,
-  GlobalStateDevice,
-  GuestRam,
-  InvalidArgumentError,
-  MigrationNotifiers,
-  MigrationStats,
-  PrecopyMigration,
-  RamIntegrityDevice,
-  TimerDevice,
-  toVmigError,
-  type MigrationInfo,
-} from '@vmig/core';
-import { MultifdSender } from '@vmig/multifd';
+import { type MigrationUri, parseMigrationUri } from '@vmig/channel';
+import { GuestRam, InvalidArgumentError, type MigrationInfo, MigrationNotifiers } from '@vmig/core';
+import { migrate, type OutgoingMigration } from '@vmig/migration';
 import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { ControlServer, runtimeParams } from '../control.js';
@@ -27,8 +14,6 @@ import { applyQmpCapabilities, applyQmpMultifdParameters, MIGRATE_OPTIONS, migra
 import { fmtBytes, Output } from '../output.js';
 import { ProgressLine } from '../progress.js';
 import { resourceUsage } from '../resources.js';
-import { ReturnPathThread } from '../return-path-thread.js';
-import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from '../thread-priority.js';
 
 /** How long the source watches its writers after a failed or cancelled migration. */
 const RESUME_CHECK_MS = 200;
@@ -60,13 +45,12 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
-  let mig: PrecopyMigration | undefined;
-  const stats = new MigrationStats();
+  let mig: OutgoingMigration | undefined;
   const control = s.control
     ? await ControlServer.listen(
         s.control,
         {
-          'query-migrate': () => qmpMigrationInfo(mig?.stats.info()),
+          'query-migrate': () => qmpMigrationInfo(mig?.info()),
           'query-status': () => qmpStatus(mig?.stats.status, 'source'),
           'query-migrate-capabilities': () =>
             qmpCapabilities({ 'auto-converge': s.params.autoConverge, 'postcopy-ram': s.postcopy, 'postcopy-preempt': s.postcopyPreempt, multifd: s.multifdChannels > 0 }),
@@ -113,20 +97,6 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     : undefined;
   if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
 
-  // The return path's thread boots while the guest is built (see return-path-thread.ts);
-  // with --postcopy-preempt it opens the channel for requested pages at the switch and
-  // sends them there itself.
-  const tls = tlsOptions(s, 'client');
-  const returnPathFor = (u: MigrationUri): ReturnPathThread =>
-    new ReturnPathThread({
-      preemptUri: s.postcopyPreempt ? u : undefined,
-      faultSliceUs: s.postcopyPreempt ? s.postcopyFaultSliceUs : 0,
-      onPreemptError: (e) => mig?.fail(e),
-      writeTimeoutMs: s.channelTimeoutMs,
-      // With TLS the preempt channel is TLS too; the thread writes its pages through a pair.
-      ...(tls ? { secure: (ps: net.Socket) => tlsConnect(ps, u.transport === 'tcp' ? u.host : 'localhost', tls, s.channelTimeoutMs, 'preempt') } : {}),
-    });
-  let rpThread = uri ? returnPathFor(uri) : undefined;
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
   const vcpus = await VcpuPool.start(ram, { writers: s.writers, dirtyRate: s.dirtyRate, pattern: s.pattern, hotPages: s.hotPages, seed: Number(s.seed) || 1 });
@@ -148,124 +118,62 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       return finish(0);
     }
     uri = asked;
-    rpThread = returnPathFor(uri);
   }
   started = true;
-  const target = uri;
-  const rp = rpThread!;
 
-  const failEarly = async (e: unknown): Promise<number> => {
-    const err = toVmigError(e, 'VMIG_ERR_CONNECT');
-    log.error({ error: err.toJSON() }, 'migration could not start');
-    await rp.close();
-    // The vCPUs were never stopped: say that they run, as a failure after setup does.
-    const writersResumed = vcpus.count > 0 && s.dirtyRate > 0 ? await vcpus.keepsWriting(RESUME_CHECK_MS) : undefined;
-    await vcpus.terminate();
-    control?.event('MIGRATION', { status: 'failed' });
-    out.report(
-      { role: 'source', status: 'failed', error: err.toJSON(), ...(writersResumed !== undefined ? { writersResumed } : {}) },
-      `vmig: migration failed: ${err.message} [${err.code}]`,
-    );
-    return finish(1);
-  };
-
-  let sock;
-  try {
-    sock = await connect(target, { channel: 'main', timeoutMs: s.channelTimeoutMs });
-    if (tls) sock = await tlsConnect(sock, target.transport === 'tcp' ? target.host : 'localhost', tls, s.channelTimeoutMs, 'main');
-  } catch (e) {
-    return failEarly(e);
-  }
-  let multifd: MultifdSender | undefined;
-  if (s.multifdChannels > 0) {
-    try {
-      multifd = await MultifdSender.start(ram, stats, {
-        uri: target,
-        channels: s.multifdChannels,
-        compression: s.compression,
-        zeroPageDetection: s.params.zeroPageDetection,
-        flushAfterEachSection: s.flushAfterEachSection,
-        uuid: s.uuid,
-        connectTimeoutMs: s.channelTimeoutMs,
-        tls,
-      });
-    } catch (e) {
-      sock.destroy();
-      return failEarly(e);
-    }
-  }
-  const sink = new BufferedWriter(sock, { channel: 'main' });
-  // Over TLS the return-path thread reads the decrypted direction through a local pair
-  // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
-  const rpSock = tls ? (await bridgeTls(sock, 'in')).sock : sock;
-  const returnPath = rp;
-  returnPath.attach(rpSock, ram);
   const its = new ItsTableDevice(() => ram);
-  const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
   // The test guest's own sections, unless the destination is QEMU (--guest-devices none).
-  if (s.guestDevices === 'test') {
-    devices
-      .register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern, dirtyRate: s.dirtyRate, hotPages: s.hotPages, seed: Number(s.seed) || 1 })))
-      .register(its);
-  }
-  if (s.integrity) devices.register(new RamIntegrityDevice(() => ram));
+  const devices =
+    s.guestDevices === 'test'
+      ? [new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern, dirtyRate: s.dirtyRate, hotPages: s.hotPages, seed: Number(s.seed) || 1 })), its]
+      : [];
   const notifiers = new MigrationNotifiers();
   notifiers.precopy.add((e) => {
-    if (e.reason === 'AFTER_BITMAP_SYNC') control?.event('MIGRATION_PASS', { pass: stats.dirtySyncCount });
+    if (e.reason === 'AFTER_BITMAP_SYNC') control?.event('MIGRATION_PASS', { pass: mig?.stats.dirtySyncCount ?? 0 });
   });
   const progress = !s.json && process.stderr.isTTY ? new ProgressLine(ram.totalBytes) : undefined;
-  let lowered: PriorityChange | undefined;
-  let switched = false;
-  mig = new PrecopyMigration({
+  mig = migrate({
+    uri,
     ram,
-    sink,
-    stats,
-    multifd,
     vm: vcpus,
     devices,
-    params: s.params,
-    returnPath,
-    signal: abort.signal,
+    ...s.params,
+    multifdChannels: s.multifdChannels,
+    multifdCompression: s.compression,
+    multifdFlushAfterEachSection: s.flushAfterEachSection,
+    uuid: s.uuid,
+    postcopyPreempt: s.postcopyPreempt,
+    postcopyFaultSliceUs: s.postcopyFaultSliceUs,
+    postcopyBackgroundNice: s.postcopyBackgroundNice,
+    integrity: s.integrity,
+    tls: tlsOptions(s, 'client'),
+    channelTimeoutMs: s.channelTimeoutMs,
     notifiers,
     log,
-    channelTimeoutMs: s.channelTimeoutMs,
-    onStatus: (i) => {
-      if (i.status !== 'active') progress?.stop();
-      // With preempt, after the switch this thread only streams background pages: requests
-      // are the return-path thread's (thread-priority.ts). Without, it serves them itself.
-      if (i.status === 'postcopy-active' && s.postcopyPreempt) {
-        switched = true;
-        lowered = lowerBackgroundThreads(s.postcopyBackgroundNice);
-      }
-      control?.event('MIGRATION', { status: i.status });
-      log.info({ status: i.status }, 'migration status');
-      out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, progress ? undefined : `vmig: status ${i.status}`);
-    },
-    onProgress: (i) => {
-      if (progress) progress.update(i);
-      else
-        out.event(
-          { event: 'progress', ...i },
-          `vmig: ${fmtBytes(i.ram.transferred)} sent, ${fmtBytes(i.ram.remaining)} dirty, ${i.ram.mbps.toFixed(0)} Mbit/s, round ${i.ram.dirtySyncCount}, throttle ${i.cpuThrottlePercentage}%, expected downtime ${i.expectedDowntimeMs.toFixed(0)} ms`,
-        );
-    },
   });
-  sock.on('error', (e) => mig?.fail(e));
-  multifd?.onError((e) => mig?.fail(e));
-  const info: MigrationInfo = await mig.run();
+  if (abort.signal.aborted) mig.cancel();
+  abort.signal.addEventListener('abort', () => mig?.cancel());
+  mig.on('status', (i) => {
+    if (i.status !== 'active') progress?.stop();
+    control?.event('MIGRATION', { status: i.status });
+    log.info({ status: i.status }, 'migration status');
+    out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, progress ? undefined : `vmig: status ${i.status}`);
+  });
+  mig.on('progress', (i) => {
+    if (progress) progress.update(i);
+    else
+      out.event(
+        { event: 'progress', ...i },
+        `vmig: ${fmtBytes(i.ram.transferred)} sent, ${fmtBytes(i.ram.remaining)} dirty, ${i.ram.mbps.toFixed(0)} Mbit/s, round ${i.ram.dirtySyncCount}, throttle ${i.cpuThrottlePercentage}%, expected downtime ${i.expectedDowntimeMs.toFixed(0)} ms`,
+      );
+  });
+  const info: MigrationInfo = await mig.result;
   progress?.stop();
-  restoreThreads(lowered);
 
   // After success the vCPUs stay stopped: RAM is exactly what was migrated. After a failure
   // or cancel before the postcopy switch they run again: check that they really do. After
   // the switch they stay stopped (the guest is split; the error says so).
   const digest = info.status === 'completed' ? digestRam(ram).digest : undefined;
-  // The thread does no more I/O on the sockets' fds before they close.
-  await returnPath.close();
-  sock.destroy();
-  if (rpSock !== sock) rpSock.destroy();
-  if (info.status === 'completed') await multifd?.close();
-  else await multifd?.destroy();
   let writersResumed: boolean | undefined;
   if (info.status !== 'completed' && vcpus.count > 0 && s.dirtyRate > 0) {
     writersResumed = await vcpus.keepsWriting(RESUME_CHECK_MS);
@@ -277,7 +185,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     ...info,
     writes,
     ...(writersResumed !== undefined ? { writersResumed } : {}),
-    ...(switched ? { postcopyScheduling: { backgroundNice: lowered?.nice ?? null, faultSliceUs: rp.faultSliceUs } } : {}),
+    ...(mig.scheduling ? { postcopyScheduling: mig.scheduling } : {}),
     devices: { 'vmig-its': its.flushed ?? null },
     resources: resourceUsage(),
     ...(digest ? { ramDigest: digest } : {}),

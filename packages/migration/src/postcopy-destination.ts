@@ -1,10 +1,9 @@
 /**
- * The postcopy side of `vmig incoming`: core's PostcopyIncoming, plus the test guest's part
- * of it. The destination's vCPU threads are the source's (from its `vmig-vcpus` state):
- * created parked when the source announces that state at setup, resumed at RUN. The
- * preempt connection belongs to a thread of its own (preempt-channel.worker.ts); a vCPU
- * that faults reads the pages it asked for from it (core's postcopy/preempt-reader.ts). At
- * the end the threads stop and their writes are checked (test-harness postcopy-verify.ts).
+ * The postcopy side of an incoming migration: core's PostcopyIncoming, the preempt channel's
+ * thread (preempt-channel.worker.ts) and thread priorities, around the application's guest
+ * (`IncomingGuest`, incoming-guest.ts): what runs here once the source says RUN. A vCPU that
+ * faults asks for its page through the received map and, with preempt, reads the pages it
+ * asked for itself (core's postcopy/preempt-reader.ts).
  */
 import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
@@ -13,30 +12,32 @@ import {
   createPreemptReader,
   type GuestRam,
   type MigrationNotifiers,
-  type MissingPagesShared,
   PostcopyIncoming,
   preemptReaderMode,
   preemptReads,
   type PreemptReaderShared,
   type ReturnPathShared,
   TARGET_PAGE_SIZE,
-  toVmigError,
   VmigError,
   workerUrl,
 } from '@vmig/core';
-import { checkStampedRam, VcpuPool, type VcpuState, type VcpuStateDevice } from '@vmig/test-harness';
+import type { IncomingGuest } from './incoming-guest.js';
 import type { PreemptFromThread, PreemptThreadData, PreemptToThread } from './preempt-protocol.js';
-import type { PreemptReaderChoice } from './options.js';
 import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from './thread-priority.js';
 import { awaitExit, exitOf } from './worker-exit.js';
 
-export interface PostcopyGuestOptions {
+/** Who reads the preempt channel: its own thread only, or also a faulting vCPU (preempt-reader.ts). */
+export const PREEMPT_READERS = ['vcpu', 'thread'] as const;
+export type PreemptReaderChoice = (typeof PREEMPT_READERS)[number];
+
+export interface PostcopyDestinationOptions {
   /** Guest RAM once it exists (the destination may build it from the stream). */
   ram: () => GuestRam | undefined;
-  vcpuState: VcpuStateDevice;
+  /** The application's guest on this side; none: nothing runs here (pages are only placed). */
+  guest: IncomingGuest | undefined;
   /** The return path (the main connection's), once it exists. */
   returnPath: () => ReturnPathShared | undefined;
-  /** --postcopy-preempt: start the preempt channel's thread now. */
+  /** postcopy-preempt: start the preempt channel's thread now. */
   preempt: boolean;
   sealMultifd: (() => Promise<void>) | undefined;
   notifiers: MigrationNotifiers;
@@ -49,16 +50,13 @@ export interface PostcopyGuestOptions {
   preemptReader: PreemptReaderChoice;
   /** The first failure anywhere: the migration fails with it. */
   fatal: (e: VmigError) => void;
-  /** --channel-timeout (ms). */
+  /** The channel timeout (ms). */
   timeoutMs: number;
 }
 
-export class PostcopyGuest {
+export class PostcopyDestination {
   readonly incoming: PostcopyIncoming;
-  private vcpus: Promise<VcpuPool> | undefined;
-  /** How many threads `vcpus` has (known before they are up). */
-  private vcpuThreads = 0;
-  /** The preempt channel's thread, started with `vmig incoming` (see its file). */
+  /** The preempt channel's thread, started with the incoming migration (see its file). */
   private readonly preemptThread: Worker | undefined;
   private preemptChannel: { sock: net.Socket; fd: number; first: Uint8Array } | undefined;
   private preemptStarted = false;
@@ -70,7 +68,7 @@ export class PostcopyGuest {
   /** The preempt thread's slice once it places (us); null: the kernel's. */
   private faultSliceUs: number | null = null;
 
-  constructor(private readonly opts: PostcopyGuestOptions) {
+  constructor(private readonly opts: PostcopyDestinationOptions) {
     if (opts.preempt) {
       this.preemptThread = this.startPreemptThread();
       this.preemptReader = createPreemptReader(opts.preemptReader === 'vcpu');
@@ -83,50 +81,23 @@ export class PostcopyGuest {
       blocktime: opts.blocktime,
       finishTimeoutMs: opts.timeoutMs,
       onRun: (shared, placer) => {
-        // vm_start: threads created parked at setup resume; otherwise (or if the count
-        // changed) they start now.
-        const st = opts.vcpuState.loaded;
-        const n = st?.writers ?? 0;
-        placer.setRunningVcpus(n);
-        if (this.vcpus && this.vcpuThreads !== n) {
-          void this.vcpus.then((p) => p.terminate(), () => {});
-          this.vcpus = undefined;
-        }
+        // vm_start: the guest runs here from now on.
         const ram = opts.ram();
-        if (n === 0 || !ram || !st) return;
-        this.vcpus ??= this.startVcpus(ram, st, shared, false);
-        void this.vcpus.then((p) => p.resume(), () => {});
-        // The guest runs here now: background pages must not delay its faults. The vCPU
-        // threads exist (created above or at setup) and keep their priority. Without
-        // preempt this thread places requested pages too, so it keeps its own.
-        if (opts.preempt) this.lowered = lowerBackgroundThreads(opts.backgroundNice);
+        const n = ram && opts.guest ? opts.guest.run({ ram, received: shared, preemptReader: this.preemptReader }) : 0;
+        placer.setRunningVcpus(n);
+        // Background pages must not delay the guest's faults. Without preempt this thread
+        // places requested pages too, so it keeps its own priority.
+        if (opts.preempt && n > 0) this.lowered = lowerBackgroundThreads(opts.backgroundNice);
       },
     });
-    // The vCPU state announced at setup: create the threads now, parked, so that RUN costs
-    // no thread start while pages stream in.
-    opts.vcpuState.onLoaded = (st) => {
-      const ram = opts.ram();
-      if (this.incoming.state !== 'advise' || this.vcpus || !ram || st.writers === 0) return;
-      this.vcpus = this.startVcpus(ram, st, this.incoming.prepare(), true);
-    };
-  }
-
-  /** Each write checked against the received map, and tracked for the final check. */
-  private startVcpus(ram: GuestRam, st: VcpuState, shared: MissingPagesShared, parked: boolean): Promise<VcpuPool> {
-    this.vcpuThreads = st.writers;
-    const p = VcpuPool.start(ram, {
-      writers: st.writers,
-      dirtyRate: st.dirtyRate ?? 0,
-      pattern: st.pattern === 'hot' ? 'hot' : 'uniform',
-      hotPages: st.hotPages ?? 64,
-      seed: (st.seed ?? 1) + 1,
-      missing: shared,
-      preempt: this.preemptReader,
-      track: true,
-      startStopped: parked,
+    opts.guest?.bind?.({
+      prepare: () => {
+        const ram = opts.ram();
+        if (this.incoming.state !== 'advise' || !ram) return undefined;
+        return { ram, received: this.incoming.prepare(), preemptReader: this.preemptReader };
+      },
+      fatal: opts.fatal,
     });
-    p.catch((e: unknown) => this.opts.fatal(toVmigError(e, 'VMIG_ERR_WORKER')));
-    return p;
   }
 
   private startPreemptThread(): Worker {
@@ -187,27 +158,20 @@ export class PostcopyGuest {
   }
 
   /**
-   * The load is complete. After a switch: the vCPUs stop and their writes are checked; the
-   * report's `postcopy` part is returned. Without one (precopy converged first) threads made
-   * ready for it end, and there is nothing to report.
+   * The load is complete. After a switch the guest stops and its report, with the postcopy
+   * figures, is returned. Without one (precopy converged first) there is nothing to report.
    */
   async finish(ram: GuestRam): Promise<Record<string, unknown> | undefined> {
     await this.stopPreempt();
     restoreThreads(this.lowered);
-    const pool = await this.vcpus;
-    if (this.incoming.state !== 'end') {
-      await pool?.terminate();
-      return undefined;
-    }
-    const writes = pool?.writes ?? 0;
-    const tracks = (await pool?.terminate()) ?? [];
+    const switched = this.incoming.state === 'end';
+    const guest = await this.opts.guest?.finish(ram, switched);
+    if (!switched) return undefined;
     const pc = this.incoming.stats();
     return {
       ...pc,
       postcopyBytes: pc.postcopyPages * TARGET_PAGE_SIZE,
-      writers: pool?.count ?? 0,
-      writes,
-      ...checkStampedRam(ram, tracks, pool?.count ?? 0),
+      ...guest,
       ...(this.opts.blocktime ? this.incoming.blocktime() : {}),
       ...(this.preemptReader ? { preemptReader: preemptReaderMode(this.preemptReader), ...preemptReads(this.preemptReader) } : {}),
       ...(this.opts.preempt ? { scheduling: { backgroundNice: this.lowered?.nice ?? null, faultSliceUs: this.faultSliceUs } } : {}),
@@ -220,6 +184,6 @@ export class PostcopyGuest {
     restoreThreads(this.lowered);
     this.preemptThread?.postMessage({ t: 'stop' } satisfies PreemptToThread);
     await this.stopPreempt();
-    await (await this.vcpus?.catch(() => undefined))?.terminate();
+    await this.opts.guest?.abort();
   }
 }

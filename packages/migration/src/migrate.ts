@@ -1,0 +1,241 @@
+/**
+ * migrate(): the source of a live migration (QEMU's `migrate` command and migration.c's
+ * outgoing side). Connects the channels (main, multifd, with TLS if asked), starts the
+ * return path's thread, runs core's migration thread over the application's RAM, devices
+ * and vCPUs, and cleans up every channel and thread whatever the outcome.
+ *
+ * The application keeps its vCPUs: `vm.stop()` at the switchover (resolve once every writer
+ * is parked), `vm.resume()` after a failure or cancel before the postcopy switch.
+ */
+import { EventEmitter } from 'node:events';
+import type net from 'node:net';
+import { BufferedWriter, bridgeTls, connect, type MigrationUri, parseMigrationUri, tlsConnect, type TlsOptions } from '@vmig/channel';
+import {
+  DEFAULT_CHANNEL_TIMEOUT_MS,
+  DEFAULT_PARAMS,
+  DeviceRegistry,
+  GlobalStateDevice,
+  type GuestRam,
+  InvalidArgumentError,
+  type Logger,
+  type MigrationInfo,
+  MigrationNotifiers,
+  type MigrationParams,
+  MigrationStats,
+  PrecopyMigration,
+  RamIntegrityDevice,
+  type RuntimeParams,
+  TimerDevice,
+  toVmigError,
+  VmigError,
+  type VmRunControl,
+  type VmStateDevice,
+} from '@vmig/core';
+import { MultifdSender } from '@vmig/multifd';
+import { checkMigrateOptions, DEFAULT_POSTCOPY_FAULT_SLICE_US, defaultBackgroundNice, type MultifdOptions } from './options.js';
+import { ReturnPathThread } from './return-path-thread.js';
+import { lowerBackgroundThreads, restoreThreads, type PriorityChange } from './thread-priority.js';
+
+export interface MigrateOptions extends Partial<MigrationParams>, MultifdOptions {
+  /** Where the destination listens: `tcp:HOST:PORT` or `unix:PATH`. */
+  uri: string | MigrationUri;
+  ram: GuestRam;
+  /** The application's vCPUs: stopped at the switchover, resumed after a failure or cancel. */
+  vm: VmRunControl;
+  /** The application's devices, sent after the RAM (a name, an instance, a version, save and load). */
+  devices?: readonly VmStateDevice[];
+  /** The postcopy-preempt capability: requested pages on a channel of their own. */
+  postcopyPreempt?: boolean;
+  /** With preempt: the CPU slice (us) asked for the thread that serves requests; 0: the kernel's. Default 100. */
+  postcopyFaultSliceUs?: number;
+  /** With preempt: the nice value for the background stream after the switch; 0: unchanged. Default 19 (0 with TLS). */
+  postcopyBackgroundNice?: number;
+  /** RAM digests per MiB sent with the device state, checked by the destination (vmig's own). */
+  integrity?: boolean;
+  tls?: TlsOptions;
+  /** The longest any wait on the destination or the vCPUs may last (ms). Default 30 s. */
+  channelTimeoutMs?: number;
+  /** Notifier chains (precopy, postcopy, state changes); the application's hooks. */
+  notifiers?: MigrationNotifiers;
+  log?: Logger;
+}
+
+export interface OutgoingMigrationEvents {
+  status: [MigrationInfo];
+  /** About once a second while iterating. */
+  progress: [MigrationInfo];
+}
+
+/** How the source scheduled its threads after a postcopy switch with preempt. */
+export interface PostcopyScheduling {
+  backgroundNice: number | null;
+  faultSliceUs: number | null;
+}
+
+/** Returned by migrate(): the running migration. */
+export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
+  readonly stats = new MigrationStats();
+  /**
+   * The final query-migrate info, whatever the outcome (the `status` says it: `completed`,
+   * `failed`, `cancelled`, with `error`).
+   */
+  readonly result: Promise<MigrationInfo>;
+  /** The final info once `completed`; rejects with the VmigError otherwise. */
+  readonly done: Promise<MigrationInfo>;
+  /** Set after a postcopy switch with preempt. */
+  scheduling: PostcopyScheduling | undefined;
+  private mig: PrecopyMigration | undefined;
+  private readonly abort = new AbortController();
+  private readonly params: MigrationParams;
+
+  constructor(private readonly opts: MigrateOptions) {
+    super();
+    checkMigrateOptions(opts);
+    this.params = { ...DEFAULT_PARAMS, ...pickParams(opts) };
+    if (opts.multifdChannels && opts.zeroPageDetection === undefined && !opts.multifdFlushAfterEachSection) this.params.zeroPageDetection = 'multifd';
+    this.result = this.run();
+    this.done = this.result.then((info) => {
+      if (info.status === 'completed') return info;
+      throw VmigError.fromJSON(info.error ?? { code: 'VMIG_ERR_INTERNAL', message: `migration ${info.status} without an error` });
+    });
+    // `result` is the outcome; a caller that only reads it must not see an unhandled rejection.
+    this.done.catch(() => {});
+  }
+
+  /** query-migrate: the figures so far. */
+  info(): MigrationInfo {
+    return this.stats.info();
+  }
+
+  /** The parameters in force (migrate-set-parameters changes some while it runs). */
+  get parameters(): MigrationParams {
+    return this.mig?.parameters ?? this.params;
+  }
+
+  /** migrate-set-parameters: bandwidth and downtime limit, applied from the next round. */
+  setParameters(p: RuntimeParams): void {
+    if (this.mig) this.mig.setParameters(p);
+    else Object.assign(this.params, p);
+  }
+
+  /** migrate-start-postcopy (needs the postcopy capability). */
+  startPostcopy(): void {
+    if (!this.mig) throw new InvalidArgumentError('no migration is running yet');
+    this.mig.startPostcopy();
+  }
+
+  /** migrate_cancel: before the postcopy switch the guest runs here again (vm.resume). */
+  cancel(): void {
+    this.abort.abort();
+  }
+
+  private async run(): Promise<MigrationInfo> {
+    const o = this.opts;
+    const timeoutMs = o.channelTimeoutMs ?? DEFAULT_CHANNEL_TIMEOUT_MS;
+    const target = typeof o.uri === 'string' ? parseMigrationUri(o.uri) : o.uri;
+    const tlsHost = target.transport === 'tcp' ? target.host : 'localhost';
+    const stats = this.stats;
+    stats.startTime = performance.now();
+    // The return path's thread boots while the channels connect (see return-path-thread.ts);
+    // with preempt it opens the channel for requested pages at the switch and sends them there.
+    const rp = new ReturnPathThread({
+      preemptUri: o.postcopyPreempt ? target : undefined,
+      faultSliceUs: o.postcopyPreempt ? (o.postcopyFaultSliceUs ?? DEFAULT_POSTCOPY_FAULT_SLICE_US) : 0,
+      onPreemptError: (e) => this.mig?.fail(e),
+      writeTimeoutMs: timeoutMs,
+      ...(o.tls ? { secure: (ps: net.Socket) => tlsConnect(ps, tlsHost, o.tls!, timeoutMs, 'preempt') } : {}),
+    });
+    let sock: net.Socket | undefined;
+    let multifd: MultifdSender | undefined;
+    try {
+      sock = await connect(target, { channel: 'main', timeoutMs });
+      if (o.tls) sock = await tlsConnect(sock, tlsHost, o.tls, timeoutMs, 'main');
+      if (o.multifdChannels) {
+        multifd = await MultifdSender.start(o.ram, stats, {
+          uri: target,
+          channels: o.multifdChannels,
+          compression: o.multifdCompression ?? 'none',
+          zeroPageDetection: this.params.zeroPageDetection,
+          flushAfterEachSection: o.multifdFlushAfterEachSection ?? false,
+          uuid: o.uuid,
+          connectTimeoutMs: timeoutMs,
+          tls: o.tls,
+        });
+      }
+    } catch (e) {
+      // The vCPUs were never stopped: they run on.
+      sock?.destroy();
+      await rp.close();
+      return this.failed(toVmigError(e, 'VMIG_ERR_CONNECT'));
+    }
+    const main = sock;
+    const sink = new BufferedWriter(main, { channel: 'main' });
+    // Over TLS the return-path thread reads the decrypted direction through a local pair
+    // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
+    const rpSock = o.tls ? (await bridgeTls(main, 'in')).sock : main;
+    rp.attach(rpSock, o.ram);
+    const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
+    for (const d of o.devices ?? []) devices.register(d);
+    if (o.integrity) devices.register(new RamIntegrityDevice(() => o.ram));
+    let lowered: PriorityChange | undefined;
+    const mig = new PrecopyMigration({
+      ram: o.ram,
+      sink,
+      stats,
+      multifd,
+      vm: o.vm,
+      devices,
+      params: this.params,
+      returnPath: rp,
+      signal: this.abort.signal,
+      notifiers: o.notifiers ?? new MigrationNotifiers(),
+      log: o.log,
+      channelTimeoutMs: timeoutMs,
+      onStatus: (i) => {
+        // With preempt, after the switch this thread only streams background pages: requests
+        // are the return-path thread's (thread-priority.ts). Without, it serves them itself.
+        if (i.status === 'postcopy-active' && o.postcopyPreempt) {
+          lowered = lowerBackgroundThreads(o.postcopyBackgroundNice ?? defaultBackgroundNice(o.tls));
+          this.scheduling = { backgroundNice: lowered?.nice ?? null, faultSliceUs: null };
+        }
+        this.emit('status', i);
+      },
+      onProgress: (i) => this.emit('progress', i),
+    });
+    this.mig = mig;
+    main.on('error', (e) => mig.fail(e));
+    multifd?.onError((e) => mig.fail(e));
+    const info = await mig.run();
+    restoreThreads(lowered);
+    // The thread does no more I/O on the sockets' fds before they close.
+    await rp.close();
+    if (this.scheduling) this.scheduling.faultSliceUs = rp.faultSliceUs;
+    main.destroy();
+    if (rpSock !== main) rpSock.destroy();
+    if (info.status === 'completed') await multifd?.close();
+    else await multifd?.destroy();
+    return info;
+  }
+
+  private failed(err: VmigError): MigrationInfo {
+    this.stats.status = 'failed';
+    this.stats.error = err.toJSON();
+    this.stats.endTime = performance.now();
+    const info = this.stats.info();
+    this.emit('status', info);
+    return info;
+  }
+}
+
+/** Starts a migration of `ram` to `uri` (QEMU's `migrate`); see OutgoingMigration. */
+export function migrate(opts: MigrateOptions): OutgoingMigration {
+  return new OutgoingMigration(opts);
+}
+
+function pickParams(o: Partial<MigrationParams>): Partial<MigrationParams> {
+  const out: Partial<MigrationParams> = {};
+  for (const k of Object.keys(DEFAULT_PARAMS) as (keyof MigrationParams)[]) {
+    if (o[k] !== undefined) (out as Record<string, unknown>)[k] = o[k];
+  }
+  return out;
+}
