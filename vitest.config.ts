@@ -10,7 +10,7 @@ export default defineConfig({
     hookTimeout: 60_000,
     projects: [
       { extends: true, test: { name: 'unit', include: ['packages/*/test/**/*.test.ts'], exclude: ['**/*.e2e.test.ts', '**/node_modules/**'] } },
-      { extends: true, test: { name: 'e2e', include: ['packages/*/test/**/*.e2e.test.ts'], testTimeout: 300_000 } },
+      { extends: true, test: { name: 'e2e', include: ['packages/*/test/**/*.e2e.test.ts', 'examples/*/test/**/*.e2e.test.ts'], testTimeout: 300_000 } },
     ],
   },
 });

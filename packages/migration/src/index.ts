@@ -5,3 +5,4 @@ export { PREEMPT_READERS, type PreemptReaderChoice } from './postcopy-destinatio
 export { DEFAULT_POSTCOPY_BACKGROUND_NICE, DEFAULT_POSTCOPY_FAULT_SLICE_US, MAX_MULTIFD_CHANNELS, type MultifdOptions } from './options.js';
 export { ReturnPathThread } from './return-path-thread.js';
 export { MAX_SLICE_US, MIN_SLICE_US } from './thread-slice.js';
+export { restore, snapshot, SnapshotJob, type RestoreOptions, type RestoreResult, type SnapshotEvents, type SnapshotOptions } from './snapshot.js';

@@ -3,20 +3,8 @@
  * [--verify] [--json]`: a background snapshot of a running test guest into a file in QEMU's
  * stream format; `vmig restore FILE` loads it.
  */
-import { createWriteStream } from 'node:fs';
-import { open } from 'node:fs/promises';
-import { BufferedWriter } from '@vmig/channel';
-import {
-  BackgroundSnapshot,
-  createWriteProtect,
-  DeviceRegistry,
-  GlobalStateDevice,
-  GuestRam,
-  InvalidArgumentError,
-  TimerDevice,
-  VmigError,
-  WriteProtectSaver,
-} from '@vmig/core';
+import { createWriteProtect, GuestRam, InvalidArgumentError, type SnapshotInfo, toVmigError } from '@vmig/core';
+import { snapshot } from '@vmig/migration';
 import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { createLogger } from '../log.js';
@@ -33,60 +21,49 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
   const out = new Output(s.json);
   const log = createLogger(s.logLevel, 'snapshot');
 
-  // Open first: a file that cannot be created fails before any guest exists.
-  let fh;
-  try {
-    fh = await open(s.file, 'w');
-  } catch (e) {
-    const err = new VmigError('VMIG_ERR_SNAPSHOT_IO', `cannot open '${s.file}' for writing: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
-    out.report({ role: 'snapshot', status: 'failed', error: err.toJSON() }, `vmig: snapshot failed: ${err.message} [${err.code}]`);
-    return 1;
-  }
-
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
-  const wpShared = createWriteProtect(ram.totalPages, s.writers, s.cowBufferPages);
-  const wp = new WriteProtectSaver(wpShared);
-  const vcpus = await VcpuPool.start(ram, { writers: s.writers, dirtyRate: s.dirtyRate, pattern: s.pattern, hotPages: s.hotPages, seed: Number(s.seed) || 1, writeProtect: wpShared });
+  const writeProtect = createWriteProtect(ram.totalPages, s.writers, s.cowBufferPages);
+  const vcpus = await VcpuPool.start(ram, { writers: s.writers, dirtyRate: s.dirtyRate, pattern: s.pattern, hotPages: s.hotPages, seed: Number(s.seed) || 1, writeProtect });
   out.event(
     { event: 'guest', ram: ram.totalBytes, writers: s.writers, dirtyRate: s.dirtyRate, fill: s.fill, snapshotCowBuffer: s.cowBufferPages * 4096 },
     `vmig: guest of ${fmtBytes(ram.totalBytes)} (${s.fill}), ${s.writers} writer(s); snapshot to ${s.file}${s.cowBufferPages ? ` with a ${fmtBytes(s.cowBufferPages * 4096)} copy-on-write buffer` : ''}`,
   );
 
-  const stream = createWriteStream('', { fd: fh.fd, autoClose: false });
-  const sink = new BufferedWriter(stream, { channel: 'file' });
-  const abort = new AbortController();
-  const onSignal = (): void => abort.abort();
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
-  const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
   // The test guest's own sections, unless the file is for QEMU (--guest-devices none).
-  if (s.guestDevices === 'test') devices.register(new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern }))).register(new ItsTableDevice(() => ram));
+  const devices = s.guestDevices === 'test' ? [new VcpuStateDevice(() => ({ writers: vcpus.count, writes: vcpus.writes, pattern: s.pattern })), new ItsTableDevice(() => ram)] : [];
   let digestAtStop: string | undefined;
-  const snap = new BackgroundSnapshot({
+  const job = snapshot({
+    file: s.file,
     ram,
-    sink,
     vm: vcpus,
     devices,
-    wp,
+    writeProtect,
     zeroPages: s.zeroPages,
-    signal: abort.signal,
     log,
     ...(s.verify ? { atStop: () => (digestAtStop = digestRam(ram).digest) } : {}),
-    onStatus: (st) => {
-      log.info({ status: st }, 'snapshot status');
-      out.event({ event: 'status', status: st }, `vmig: snapshot ${st}`);
-    },
-    onProgress: (i) => out.event({ event: 'progress', ...i }, `vmig: ${fmtBytes(i.ram.transferred)} written, ${i.writeProtect.faultsBlocking + i.writeProtect.faultsCow} fault(s)`),
   });
-  const info = await snap.run();
+  const onSignal = (): void => job.cancel();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  job.on('status', (st) => {
+    log.info({ status: st }, 'snapshot status');
+    out.event({ event: 'status', status: st }, `vmig: snapshot ${st}`);
+  });
+  job.on('progress', (i) => out.event({ event: 'progress', ...i }, `vmig: ${fmtBytes(i.ram.transferred)} written, ${i.writeProtect.faultsBlocking + i.writeProtect.faultsCow} fault(s)`));
+  let info: SnapshotInfo;
+  try {
+    info = await job.result;
+  } catch (e) {
+    // The file could not be opened: nothing was saved.
+    await vcpus.terminate();
+    const err = toVmigError(e, 'VMIG_ERR_SNAPSHOT_IO');
+    out.report({ role: 'snapshot', status: 'failed', error: err.toJSON() }, `vmig: snapshot failed: ${err.message} [${err.code}]`);
+    return 1;
+  }
   process.off('SIGINT', onSignal);
   process.off('SIGTERM', onSignal);
 
-  // Close the file whatever happened; a failed snapshot leaves a partial file behind, which
-  // `restore` rejects as truncated.
-  await new Promise<void>((resolve) => stream.end(() => resolve()));
-  await fh.close().catch(() => {});
   let writersResumed: boolean | undefined;
   if (vcpus.count > 0 && s.dirtyRate > 0) {
     // Writers never stay blocked: after the snapshot (done or failed) they keep writing.

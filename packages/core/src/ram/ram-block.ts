@@ -117,7 +117,20 @@ export class RamBlock {
     }
     if (data.length === 0) return;
     this.host.set(data, offset);
-    const last = Math.floor((offset + data.length - 1) / TARGET_PAGE_SIZE);
+    this.markDirty(offset, data.length);
+  }
+
+  /**
+   * Marks `length` bytes at `offset` written, so that the next bitmap sync sends their pages
+   * again. Any thread, AFTER the write (the ordering rule of migration/dirty-sync.ts: the
+   * sync clears the bit before it reads the page, so a write marked after it is never lost).
+   */
+  markDirty(offset: number, length: number): void {
+    if (!Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > this.usedLength) {
+      throw new RangeError(`range of ${length} bytes at ${offset} outside block '${this.idstr}' (${this.usedLength} bytes)`);
+    }
+    if (length === 0) return;
+    const last = Math.floor((offset + length - 1) / TARGET_PAGE_SIZE);
     for (let p = Math.floor(offset / TARGET_PAGE_SIZE); p <= last; p++) this.dirtyLog.set(p);
   }
 
@@ -168,8 +181,13 @@ export class GuestRam {
     }
   }
 
-  static create(specs: readonly { idstr: string; size: number }[], opts: { prefault?: boolean } = {}): GuestRam {
-    if (specs.length === 0) throw new InvalidArgumentError('guest RAM needs at least one block');
+  /**
+   * Allocates the blocks (zero, pre-faulted unless `prefault: false`). A block is named by
+   * `idstr` (QEMU's word) or `name`; its size is a multiple of 4 KiB.
+   */
+  static create(blockSpecs: readonly ({ idstr: string; size: number } | { name: string; size: number })[], opts: { prefault?: boolean } = {}): GuestRam {
+    if (blockSpecs.length === 0) throw new InvalidArgumentError('guest RAM needs at least one block');
+    const specs = blockSpecs.map((b) => ({ idstr: 'idstr' in b ? b.idstr : b.name, size: b.size }));
     const names = new Set<string>();
     for (const s of specs) {
       validateIdstr(s.idstr);
@@ -204,8 +222,25 @@ export class GuestRam {
     return new GuestRam(shared.map((s) => RamBlock.fromShared(s)));
   }
 
+  /** The same RAM in another thread: `GuestRam.attach(ram.share())` there (no copy). */
+  static attach(shared: readonly RamBlockShared[]): GuestRam {
+    return GuestRam.fromShared(shared);
+  }
+
   toShared(): RamBlockShared[] {
     return this.blocks.map((b) => b.toShared());
+  }
+
+  /** What to post to a worker thread (SharedArrayBuffers: the memory, not a copy). */
+  share(): RamBlockShared[] {
+    return this.toShared();
+  }
+
+  /** The block named `name`; throws if there is none. */
+  block(name: string): RamBlock {
+    const b = this.byName.get(name);
+    if (!b) throw new InvalidArgumentError(`no RAM block named '${name}' (blocks: ${[...this.byName.keys()].join(', ')})`);
+    return b;
   }
 
   /**
