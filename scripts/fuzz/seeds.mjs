@@ -2,7 +2,7 @@
  * Seed corpora: valid inputs of every decoder, from three origins:
  *  - the real QEMU 7.2 capture in packages/cli/test/fixtures/qemu-7.2-multifd-2ch/ (main
  *    channel, two multifd channels, the RAM it carried);
- *  - streams produced by vmig's own code in this process (PrecopyMigration into a
+ *  - streams produced by vmig's own code in this process (MigrationThread into a
  *    MemorySink, with and without the integrity section, a fake multifd link for the main
  *    channel's modern dialect, a postcopy switch; BackgroundSnapshot for snapshot files;
  *    the multifd packet encoder and the compression methods; the return-path encoders);
@@ -20,7 +20,7 @@ const {
   GuestRam,
   MemorySink,
   MemorySource,
-  PrecopyMigration,
+  MigrationThread,
   BackgroundSnapshot,
   WriteProtectSaver,
   createWriteProtect,
@@ -142,7 +142,7 @@ export async function precopyStream(ram, { zeroPageDetection = 'legacy', integri
       resume() {},
     };
   }
-  const info = await new PrecopyMigration(ctx).run();
+  const info = await new MigrationThread(ctx).run();
   if (info.status !== 'completed') throw new Error(`seed precopy failed: ${JSON.stringify(info.error)}`);
   return sink.bytes();
 }

@@ -11,7 +11,7 @@ import {
   encodeRpShut,
   GuestRam,
   MigrationNotifiers,
-  PrecopyMigration,
+  MigrationThread,
   qemuLoadVmState,
   toVmigError,
   type MigrationInfo,
@@ -28,7 +28,7 @@ export interface InProcessOptions {
   srcDevices?: (ram: GuestRam, vcpus: VcpuPool) => DeviceRegistry;
   dstDevices?: (ram: () => GuestRam | undefined) => DeviceRegistry;
   /** Called with the migration before it runs (register notifiers, schedule faults). */
-  prepare?: (mig: PrecopyMigration, ctx: { srcRam: GuestRam; vcpus: VcpuPool; abort: AbortController; destroyDestination: () => void }) => void;
+  prepare?: (mig: MigrationThread, ctx: { srcRam: GuestRam; vcpus: VcpuPool; abort: AbortController; destroyDestination: () => void }) => void;
 }
 
 export interface InProcessResult {
@@ -81,7 +81,7 @@ export async function migrateInProcess(o: InProcessOptions): Promise<InProcessRe
   const abort = new AbortController();
   const returnPath = new ReturnPathThread();
   returnPath.attach(sock, srcRam);
-  const mig = new PrecopyMigration({
+  const mig = new MigrationThread({
     ram: srcRam,
     sink: new BufferedWriter(sock, { channel: 'main' }),
     returnPath,

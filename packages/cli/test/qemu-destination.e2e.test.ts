@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { BufferedWriter, connect, parseMigrationUri } from '@vmig/channel';
-import { DEFAULT_PARAMS, DeviceRegistry, GlobalStateDevice, GuestRam, PrecopyMigration, TimerDevice } from '@vmig/core';
+import { DEFAULT_PARAMS, DeviceRegistry, GlobalStateDevice, GuestRam, MigrationThread, TimerDevice } from '@vmig/core';
 import { digestRam, fillRam, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN, haveQemu, QEMU } from './cli.js';
 
@@ -134,13 +134,13 @@ describe.runIf(haveQemu())('a real QEMU 7.2 destination', () => {
     expect((report['ram'] as { postcopyBytes: number }).postcopyBytes).toBeGreaterThan(0);
   });
 
-  it("through the library's API (core's PrecopyMigration with the application's own device list): the same", async () => {
+  it("through the library's API (core's MigrationThread with the application's own device list): the same", async () => {
     const { qemu, uri } = await qemuDestination();
     const ram = GuestRam.create([{ idstr: 'mem', size: RAM }]);
     fillRam(ram, 'random', '11');
     const sock = await connect(parseMigrationUri(uri));
     // An application's guest: its RAM, its run control, and the device sections QEMU knows.
-    const mig = new PrecopyMigration({
+    const mig = new MigrationThread({
       ram,
       sink: new BufferedWriter(sock, { channel: 'main' }),
       vm: { stop: async () => {}, resume: () => {} },

@@ -3,7 +3,7 @@ import {
   GlobalStateDevice,
   GuestRam,
   MemorySink,
-  PrecopyMigration,
+  MigrationThread,
   DEFAULT_PARAMS,
   TimerDevice,
   type VmRunControl,
@@ -22,7 +22,7 @@ export function createRamFrom(blocks: readonly { idstr: string; usedLength: numb
 /** Runs a whole precopy migration of `ram` into memory and returns the stream. */
 export async function precopyToMemory(ram: GuestRam): Promise<Uint8Array> {
   const sink = new MemorySink();
-  const mig = new PrecopyMigration({ ram, sink, vm: idleVm, devices: qemuDevices(), params: DEFAULT_PARAMS });
+  const mig = new MigrationThread({ ram, sink, vm: idleVm, devices: qemuDevices(), params: DEFAULT_PARAMS });
   const info = await mig.run();
   if (info.status !== 'completed') throw new Error(`precopy failed: ${JSON.stringify(info.error)}`);
   return sink.bytes();

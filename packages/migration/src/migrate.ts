@@ -22,7 +22,7 @@ import {
   MigrationNotifiers,
   type MigrationParams,
   MigrationStats,
-  PrecopyMigration,
+  MigrationThread,
   RamIntegrityDevice,
   type RuntimeParams,
   TimerDevice,
@@ -84,7 +84,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
   readonly done: Promise<MigrationInfo>;
   /** Set after a postcopy switch with preempt. */
   scheduling: PostcopyScheduling | undefined;
-  private mig: PrecopyMigration | undefined;
+  private mig: MigrationThread | undefined;
   private readonly abort = new AbortController();
   private readonly params: MigrationParams;
 
@@ -178,7 +178,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     for (const d of o.devices ?? []) devices.register(d);
     if (o.integrity) devices.register(new RamIntegrityDevice(() => o.ram));
     let lowered: PriorityChange | undefined;
-    const mig = new PrecopyMigration({
+    const mig = new MigrationThread({
       ram: o.ram,
       sink,
       stats,

@@ -1,6 +1,6 @@
 /**
  * The control socket (packages/cli/src/control.ts): a real ControlServer on a unix socket,
- * with the commands `vmig migrate` registers (migrate.ts, over a PrecopyMigration that is
+ * with the commands `vmig migrate` registers (migrate.ts, over a MigrationThread that is
  * not running), each input sent by a fresh client as request line(s), then a half-close.
  *
  * Invariants: the server stays up (an exception in its handlers would reach the worker's
@@ -19,7 +19,7 @@ import { mutate } from '../mutate.mjs';
 import * as S from '../seeds.mjs';
 
 const { ControlServer, MAX_LINE, runtimeParams } = control;
-const { DEFAULT_PARAMS, GuestRam, InvalidArgumentError, MemorySink, PrecopyMigration, VmigError, TARGET_PAGE_SIZE: P, DeviceRegistry } = core;
+const { DEFAULT_PARAMS, GuestRam, InvalidArgumentError, MemorySink, MigrationThread, VmigError, TARGET_PAGE_SIZE: P, DeviceRegistry } = core;
 
 /** JSON texts a request's values may be: deep nesting, edge numbers, odd strings and keys. */
 function weirdValue(rng) {
@@ -76,7 +76,7 @@ export const controlTarget = {
     const dir = mkdtempSync(join(tmpdir(), 'vmig-fuzz-ctl-'));
     const path = join(dir, 'ctl.sock');
     const ram = GuestRam.create([{ idstr: 'pc.ram', size: 16 * P }], { prefault: false });
-    const mig = new PrecopyMigration({ ram, sink: new MemorySink(), vm: { stop: async () => {}, resume() {} }, devices: new DeviceRegistry(), params: { ...DEFAULT_PARAMS } });
+    const mig = new MigrationThread({ ram, sink: new MemorySink(), vm: { stop: async () => {}, resume() {} }, devices: new DeviceRegistry(), params: { ...DEFAULT_PARAMS } });
     const state = { dir, path, handlerCrashes: [], warns: 0, cancels: 0 };
     // A handler may refuse (InvalidArgumentError, VmigError); anything else is recorded.
     const guard = (fn) => (args) => {

@@ -1,32 +1,25 @@
 /**
- * The source's migration thread for precopy (QEMU's migration_thread /
- * migration_iteration_run / migration_completion): setup, iterate in rounds over the
- * migration bitmap with a dirty-log sync at each wrap, switch over once what is dirty fits
- * the downtime limit at the measured bandwidth, then stop the vCPUs and send the rest.
+ * The source's migration thread (QEMU's migration_thread in migration.c): the state machine
+ * and its cleanup, the rounds of precopy and the switchover (switchover.ts decides), the stop
+ * and the completion, or the postcopy switch (postcopy-source.ts). The stream's pieces are
+ * written by savevm.ts (header, commands), ram-sections.ts (RAM sections and the multifd
+ * flush) and device-sections.ts; every wait on a peer or a thread is bounded (watchdog.ts).
  */
 import type { DeviceRegistry } from '../devices/device.js';
 import { postcopySplitError, VmigError, toVmigError } from '../errors.js';
-import { MemorySink, type StreamSink } from '../io.js';
+import type { StreamSink } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
-import {
-  MIG_CMD_OPEN_RETURN_PATH,
-  MIG_CMD_PACKAGED,
-  MIG_CMD_POSTCOPY_ADVISE,
-  MIG_CMD_POSTCOPY_LISTEN,
-  MIG_CMD_POSTCOPY_RAM_DISCARD,
-  MIG_CMD_POSTCOPY_RUN,
-} from '../wire/constants.js';
-import { putCommand, putEof, putFileHeader, putRamMultifdFlush } from '../wire/main-stream.js';
-import { discardCommands, encodePackagedLength, encodePostcopyAdvise } from '../wire/postcopy.js';
-import { putDeviceSections, putDeviceSectionsAndEof, putSetupDeviceSections } from './device-sections.js';
+import { putDeviceSectionsAndEof, putSetupDeviceSections } from './device-sections.js';
 import { MigrationNotifiers, type MigrationStateEvent, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
 import { silentLogger, type Logger } from '../log.js';
 import { AutoConverge } from './auto-converge.js';
-import { createUrgentPages, UrgentPagesTally } from '../postcopy/urgent-pages.js';
-import { PageRequestQueue } from './page-requests.js';
+import { PostcopySource, SHUT } from './postcopy-source.js';
+import { MAIN, RAM_SECTION_ID, RamSections } from './ram-sections.js';
 import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
 import { RateLimiter } from './rate-limit.js';
+import { putStreamStart } from './savevm.js';
+import { SwitchoverPolicy } from './switchover.js';
 import { Watchdog } from './watchdog.js';
 import type { SourceReturnPath } from './source-return-path.js';
 import { isTerminal, type MigrationStatus } from './state.js';
@@ -77,17 +70,7 @@ export const DEFAULT_PARAMS: MigrationParams = {
   maxPostcopyBandwidth: 0,
 };
 
-/** What the bounded waits wait for, as the timeout's message names it. */
-const MAIN = 'the main channel to take more bytes';
-const MULTIFD = 'the multifd channels to take more pages';
-const SHUT = "the destination's answer (SHUT) after the stream ended";
-
-/** Postcopy's automatic switch: rounds in a row in which what is dirty did not shrink by a tenth. */
-const POSTCOPY_STALLED_ROUNDS = 3;
-/** Background pages per postcopy section: requests wait behind at most this many (no preempt). */
-const POSTCOPY_SLICE_PAGES = 32;
-
-export interface PrecopyContext {
+export interface MigrationContext {
   ram: GuestRam;
   sink: StreamSink;
   vm: VmRunControl;
@@ -118,18 +101,8 @@ export const DEFAULT_CHANNEL_TIMEOUT_MS = 30_000;
 
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
 const BANDWIDTH_PERIOD_MS = 100;
-/** Pages per slice: the unit between backpressure checks (the main stream buffers them). */
-const SLICE_PAGES = 1024;
-/**
- * With multifd a slice only queues jobs of page numbers, so it can be larger: fewer turns of
- * the loop between the channels' completions (1 GiB of zeros: ~0.45 s -> ~0.33 s).
- */
-const MULTIFD_SLICE_PAGES = 8192;
-/** How long one RAM section iterates (QEMU's MAX_WAIT in ram_save_iterate). */
-const SECTION_MS = 50;
-const RAM_SECTION_ID = 2;
 
-export class PrecopyMigration {
+export class MigrationThread {
   readonly stats: MigrationStats;
   readonly saver: RamSaver;
   private error: VmigError | undefined;
@@ -145,28 +118,22 @@ export class PrecopyMigration {
   private autoConverge: AutoConverge | undefined;
   /** migrate-start-postcopy was asked for. */
   private postcopyRequested = false;
-  /** The package (LISTEN, devices, RUN) is written: page requests are served from here on. */
-  private postcopyListening = false;
   /**
    * The destination may have run the guest: from here a failure cannot give the guest back
    * to the source (its state is split between the two sides).
    */
   private guestSplit = false;
-  /** Page requests from the destination for the main stream, after the switch. */
-  private readonly requests: PageRequestQueue;
-  /** What the return-path thread sent itself (preempt), after the switch. */
-  private urgent: UrgentPagesTally | undefined;
-  /** Bytes it wrote on the preempt channel, as last counted. */
-  private urgentBytes = 0;
+  /** The RAM sections and the multifd flush on the main stream. */
+  private readonly sections: RamSections;
 
-  constructor(private readonly ctx: PrecopyContext) {
+  constructor(private readonly ctx: MigrationContext) {
     this.stats = ctx.stats ?? new MigrationStats();
     this.notifiers = ctx.notifiers ?? new MigrationNotifiers();
     this.log = ctx.log ?? silentLogger;
     this.params = { ...ctx.params };
     this.saver = new RamSaver(ctx.ram, this.stats, ctx.params.zeroPageDetection);
     if (ctx.multifd) this.saver.pageSender = ctx.multifd;
-    this.requests = new PageRequestQueue(ctx.ram, this.saver, this.stats);
+    this.sections = new RamSections(this.saver, ctx.sink, ctx.multifd, this.stats, (p, what) => this.guard(p, what));
     this.stats.totalBytes = ctx.ram.totalBytes;
     const timeoutMs = ctx.channelTimeoutMs ?? DEFAULT_CHANNEL_TIMEOUT_MS;
     this.watchdog = new Watchdog(timeoutMs, (what) =>
@@ -310,7 +277,7 @@ export class PrecopyMigration {
     this.notifyPrecopy('AFTER_BITMAP_SYNC');
     const ac = this.autoConverge;
     if (ac) {
-      const pct = ac.onBitmapSync(newly, TARGET_PAGE_SIZE, this.writtenBytes(), performance.now());
+      const pct = ac.onBitmapSync(newly, TARGET_PAGE_SIZE, this.sections.writtenBytes(), performance.now());
       if (pct !== undefined) {
         this.stats.cpuThrottlePercentage = pct;
         this.ctx.vm.setThrottle?.(pct);
@@ -330,9 +297,9 @@ export class PrecopyMigration {
     // ram_init_bitmaps: the first sync, right after logging started.
     this.bitmapSyncPrecopy();
     if (params.autoConverge) this.autoConverge = new AutoConverge(performance.now(), 0);
-    putFileHeader(sink, params.machineName);
+    if (params.postcopy && !returnPath) throw new VmigError('VMIG_ERR_POSTCOPY', 'postcopy needs the return path');
+    putStreamStart(sink, { machineName: params.machineName, returnPath: !!returnPath, postcopy: params.postcopy });
     if (returnPath) {
-      putCommand(sink, MIG_CMD_OPEN_RETURN_PATH);
       this.shutStatus = returnPath.shut;
       this.shutStatus.then(
         (status) => {
@@ -341,78 +308,24 @@ export class PrecopyMigration {
         (e: unknown) => this.fail(e),
       );
     }
-    if (params.postcopy) {
-      if (!returnPath) throw new VmigError('VMIG_ERR_POSTCOPY', 'postcopy needs the return path');
-      putCommand(sink, MIG_CMD_POSTCOPY_ADVISE, encodePostcopyAdvise());
-    }
-    this.saver.writeSetupSection(sink, RAM_SECTION_ID);
-    // The setup barrier: every channel synced once before any page travels.
-    await this.multifdSync(true);
-    this.saver.writeSectionEnd(sink, RAM_SECTION_ID);
+    await this.sections.setupSection();
     // Postcopy: what the destination must prepare before the switch (its vCPU threads).
     if (params.postcopy) putSetupDeviceSections(sink, this.ctx.devices, RAM_SECTION_ID + 1);
     await this.guard(sink.flush(), MAIN);
     this.stats.setupTimeMs = performance.now() - this.stats.startTime;
   }
 
-  /** Bytes on every channel (main stream and multifd) the transports took. */
-  private flushedBytes(): number {
-    return this.ctx.sink.bytesFlushed + this.stats.multifdBytes;
-  }
-
-  private writtenBytes(): number {
-    return this.ctx.sink.bytesWritten + this.stats.multifdBytes;
-  }
-
-  /**
-   * What max-bandwidth charges: bytes written, plus pages handed to multifd and not written
-   * yet (as whole pages). Charging them only once written let up to the channels' in-flight
-   * jobs through on top of the limit.
-   */
-  private chargedBytes(): number {
-    return this.writtenBytes() + (this.ctx.multifd?.pendingBytes ?? 0);
-  }
-
-  /** Pages were handed to multifd since the last barrier. */
-  private unsynced = false;
-
-  /**
-   * The flush-and-sync barrier, written inside a RAM section before its EOS: every channel
-   * writes SYNC after what it holds, then the main stream carries RAM_SAVE_FLAG_MULTIFD_FLUSH
-   * (modern) or relies on the EOS that follows (legacy dialect, QEMU 7.2). `always` forces it
-   * in the modern dialect too (setup, a round boundary, completion); in the legacy dialect
-   * every section end syncs.
-   */
-  private async multifdSync(always: boolean): Promise<void> {
-    const mf = this.ctx.multifd;
-    // After the postcopy switch multifd carries nothing and syncs nothing.
-    if (!mf || this.postcopyListening) return;
-    if (!mf.flushAfterEachSection && !always) return;
-    await this.guard(mf.flushAndSync(), MULTIFD);
-    this.unsynced = false;
-    if (!mf.flushAfterEachSection) putRamMultifdFlush(this.ctx.sink);
-  }
-
-  /** Backpressure on every channel. */
-  private async channelsReady(): Promise<void> {
-    await this.guard(this.ctx.sink.ready(), MAIN);
-    if (this.ctx.multifd) await this.guard(this.ctx.multifd.ready(), MULTIFD);
-  }
-
   private async iterate(): Promise<'complete' | 'postcopy'> {
-    const { sink } = this.ctx;
-    const { stats, saver, params } = this;
+    const { stats, saver, params, sections } = this;
     let periodStart = performance.now();
     // Bandwidth counts what the transports took, not what is queued in front of them.
-    let periodBytes = this.flushedBytes();
+    let periodBytes = sections.flushedBytes();
     let periodPages = stats.normalPages + stats.zeroPages;
     let lastProgress = periodStart;
     const limiter = new RateLimiter(params.maxBandwidth, BANDWIDTH_PERIOD_MS, periodStart);
     this.limiter = limiter;
-    limiter.account(this.chargedBytes());
-    let rounds = 0;
-    let stalled = 0;
-    let lastPending = Infinity;
+    limiter.account(sections.chargedBytes());
+    const policy = new SwitchoverPolicy();
 
     for (;;) {
       if (this.error) throw this.error;
@@ -420,10 +333,10 @@ export class PrecopyMigration {
       const now = performance.now();
       if (now - periodStart >= BANDWIDTH_PERIOD_MS) {
         const secs = (now - periodStart) / 1000;
-        stats.bandwidth = (this.flushedBytes() - periodBytes) / secs;
+        stats.bandwidth = (sections.flushedBytes() - periodBytes) / secs;
         stats.pagesPerSecond = (stats.normalPages + stats.zeroPages - periodPages) / secs;
         periodStart = now;
-        periodBytes = this.flushedBytes();
+        periodBytes = sections.flushedBytes();
         periodPages = stats.normalPages + stats.zeroPages;
         if (now - lastProgress >= 1000) {
           lastProgress = now;
@@ -431,32 +344,17 @@ export class PrecopyMigration {
         }
       }
 
-      const threshold = (stats.bandwidth * params.downtimeLimitMs) / 1000;
       let pending = saver.dirtyPages * TARGET_PAGE_SIZE;
-      if (pending <= threshold || saver.dirtyPages === 0) {
-        // A new round starts: pages of the last one must all land before any page of the
-        // next (a page re-sent on another channel must not be overtaken by its old copy).
-        if (this.unsynced) await this.barrierSection();
+      if (pending <= SwitchoverPolicy.threshold(stats.bandwidth, params.downtimeLimitMs) || saver.dirtyPages === 0) {
+        await sections.endRound();
         // The scan wrapped or little is left: look at what the vCPUs dirtied since.
         this.bitmapSyncPrecopy();
         pending = saver.dirtyPages * TARGET_PAGE_SIZE;
         stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : 0;
-        rounds++;
-        // A switch that is due wins over completing (QEMU checks start_postcopy first too).
-        if (params.postcopy && params.postcopyAfterRounds > 0 && rounds >= params.postcopyAfterRounds) {
-          this.log.info({ rounds, pending }, 'switching to postcopy after the rounds asked for');
-          return 'postcopy';
-        }
-        if (pending <= threshold) return 'complete';
-        if (params.postcopy) {
-          // The automatic switch: rounds stopped making progress (what is dirty no longer
-          // shrinks by a tenth from one round to the next) while it does not fit the limit.
-          stalled = pending > 0.9 * lastPending ? stalled + 1 : 0;
-          lastPending = pending;
-          if (stalled >= POSTCOPY_STALLED_ROUNDS) {
-            this.log.info({ rounds, pending, stalled }, 'switching to postcopy: precopy does not converge');
-            return 'postcopy';
-          }
+        const { decision, reason } = policy.afterRound(pending, stats.bandwidth, params);
+        if (decision !== 'iterate') {
+          if (reason) this.log.info({ rounds: policy.rounds, pending, reason }, `switching to ${decision}`);
+          return decision;
         }
         if (saver.dirtyPages === 0) {
           // Nothing dirty yet and no bandwidth measured: wait for the vCPUs a little.
@@ -466,181 +364,59 @@ export class PrecopyMigration {
       }
       stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : stats.expectedDowntimeMs;
 
-      limiter.account(this.chargedBytes());
+      limiter.account(sections.chargedBytes());
       if (limiter.allowance(now) <= 0) {
         // migration_rate_limit: over max-bandwidth, wait for credit.
         await this.nap(limiter.waitMs(now));
         continue;
       }
-
-      // One RAM section (ram_save_iterate): slices of pages until the scan wraps, the
-      // section has run SECTION_MS, or the rate limit is reached.
-      saver.writePartHeader(sink, RAM_SECTION_ID, false);
-      const sectionStart = performance.now();
-      let wrapped = false;
-      do {
-        const pagesBefore = saver.dirtyPages;
-        const allowance = limiter.allowance();
-        const r = saver.savePages(sink, Math.min(this.ctx.multifd ? MULTIFD_SLICE_PAGES : SLICE_PAGES, Math.max(1, Math.ceil(allowance / TARGET_PAGE_SIZE))));
-        if (this.ctx.multifd && saver.dirtyPages !== pagesBefore) this.unsynced = true;
-        wrapped = r.wrapped;
-        await this.channelsReady();
-        limiter.account(this.chargedBytes());
-      } while (!wrapped && saver.dirtyPages > 0 && performance.now() - sectionStart < SECTION_MS && limiter.allowance() > 0);
-      await this.multifdSync(wrapped);
-      saver.writeSectionEnd(sink, RAM_SECTION_ID);
-      // Like QEMU's qemu_fflush at the end of ram_save_iterate: the section, and above all
-      // a barrier marker in it, must reach the destination now. Multifd channels parked at
-      // their SYNC wait for that marker; left in a staging buffer it would deadlock them.
-      await this.guard(sink.flush(), MAIN);
-      stats.transferred = this.writtenBytes();
+      await sections.iterateSection(limiter);
+      stats.transferred = sections.writtenBytes();
       stats.precopyBytes = stats.transferred;
-      await this.channelsReady();
     }
   }
 
-  /** A RAM section holding only the barrier (a round ended without the scan seeing the wrap). */
-  private async barrierSection(): Promise<void> {
-    this.saver.writePartHeader(this.ctx.sink, RAM_SECTION_ID, false);
-    await this.multifdSync(true);
-    this.saver.writeSectionEnd(this.ctx.sink, RAM_SECTION_ID);
-    await this.guard(this.ctx.sink.flush(), MAIN);
-  }
-
-  /**
-   * postcopy_start, then postcopy's page loop (QEMU's order): flush-and-sync every multifd
-   * channel and EOS (save_postcopy_prepare), stop, the completion hook, the final (discard)
-   * bitmap sync, discard commands for every page still dirty, the package {LISTEN, device
-   * state, RUN}. Then background pages on the main stream, requested pages first (on the
-   * preempt channel if there is one), and the END section and EOF.
-   */
+  /** postcopy_start and postcopy's page loop (postcopy-source.ts). */
   private async postcopy(): Promise<void> {
-    const { ctx, stats, saver } = this;
-    const { sink, vm, devices } = ctx;
-    // setup() refused postcopy without a return path.
-    const rp = ctx.returnPath!;
-    if (rp.openPreempt) await this.guard(rp.openPreempt(), 'the postcopy preempt channel to connect');
-    // Multifd writes are not atomic: every page queued on a channel lands before the switch.
-    await this.barrierSection();
-    ctx.multifd?.quiesce();
-    const downtimeStart = performance.now();
-    const bytesBefore = this.writtenBytes();
-    await this.guard(vm.stop(), 'the vCPUs to stop');
-    if (this.error) throw this.error;
-    for (const d of devices.list()) d.flushToRam?.();
-    // ram_postcopy_send_discard_bitmap: the sync without precopy's notifiers.
-    saver.bitmapSync();
-    saver.usePostcopyStreams();
-    for (const [i, block] of ctx.ram.blocks.entries()) {
-      const bm = saver.bitmaps[i]!;
-      for (const cmd of discardCommands(block.idstr, block.pages, (from) => bm.findNextSet(from), (from) => bm.findNextClear(from))) {
-        putCommand(sink, MIG_CMD_POSTCOPY_RAM_DISCARD, cmd);
-      }
-    }
-    const pkg = new MemorySink();
-    putCommand(pkg, MIG_CMD_POSTCOPY_LISTEN);
-    putDeviceSections(pkg, devices, RAM_SECTION_ID + 1);
-    putCommand(pkg, MIG_CMD_POSTCOPY_RUN);
-    const blob = pkg.bytes();
-    putCommand(sink, MIG_CMD_PACKAGED, encodePackagedLength(blob.length));
-    sink.putBytes(blob);
-    // Requests are accepted before the package can reach the destination (whose vCPUs ask
-    // for pages only after RUN).
-    const urgent = createUrgentPages(saver.bitmaps, this.params.zeroPageDetection !== 'none');
-    this.urgent = new UrgentPagesTally(urgent);
-    rp.listen(urgent, (type, data) => this.requests.add(type, data));
-    this.postcopyListening = true;
-    this.guestSplit = true;
-    await this.guard(sink.flush(), MAIN);
-    stats.downtimeMs = performance.now() - downtimeStart;
-    stats.downtimeBytes = this.writtenBytes() - bytesBefore;
-    this.setStatus('postcopy-active');
-    const postcopyStart = this.writtenBytes();
-    // Background pages only; requested pages are never held back.
-    const limiter = new RateLimiter(this.params.maxPostcopyBandwidth, BANDWIDTH_PERIOD_MS, performance.now());
-    limiter.account(this.writtenBytes());
-
-    while (this.takeUrgent() > 0) {
-      if (this.error) throw this.error;
-      limiter.account(this.writtenBytes());
-      if (limiter.allowance() <= 0) {
-        // Requests keep being served while background pages wait for credit.
-        if (this.requests.pending > 0) {
-          saver.writePartHeader(sink, RAM_SECTION_ID, false);
-          this.requests.serve(sink);
-          saver.writeSectionEnd(sink, RAM_SECTION_ID);
-          await this.guard(sink.flush(), MAIN);
-        }
-        await this.nap(Math.min(2, limiter.waitMs()));
-        continue;
-      }
-      saver.writePartHeader(sink, RAM_SECTION_ID, false);
-      this.requests.serve(sink);
-      saver.savePages(sink, POSTCOPY_SLICE_PAGES);
-      saver.writeSectionEnd(sink, RAM_SECTION_ID);
-      await this.guard(sink.flush(), MAIN);
-      // A flush the kernel takes at once resolves without an I/O turn: yield, so that page
-      // requests on the return path are read now, not once the socket buffer is full.
-      await new Promise<void>((r) => setImmediate(r));
-      stats.transferred = this.writtenBytes() + this.urgentBytes;
-      stats.postcopyBytes = stats.transferred - postcopyStart;
-    }
-    saver.writePartHeader(sink, RAM_SECTION_ID, true);
-    saver.writeSectionEnd(sink, RAM_SECTION_ID);
-    putEof(sink);
-    await this.guard(sink.flush(), MAIN);
-    stats.remainingPages = 0;
-    // The destination answers once every page is in place (requested pages the return-path
-    // thread sent included: it has written them before it reads SHUT).
-    const status = await this.guard(this.shutStatus!, SHUT);
-    this.takeUrgent();
-    stats.transferred = this.writtenBytes() + this.urgentBytes;
-    stats.postcopyBytes = stats.transferred - postcopyStart;
-    if (status !== 0) throw new VmigError('VMIG_ERR_REMOTE', `destination reported failure ${status}`, { channel: 'return-path' });
+    const { ctx } = this;
+    await new PostcopySource({
+      ram: ctx.ram,
+      sink: ctx.sink,
+      vm: ctx.vm,
+      devices: ctx.devices,
+      // setup() refused postcopy without a return path.
+      returnPath: ctx.returnPath!,
+      saver: this.saver,
+      sections: this.sections,
+      stats: this.stats,
+      shutStatus: this.shutStatus!,
+      guard: (p, what) => this.guard(p, what),
+      nap: (ms) => this.nap(ms),
+      failed: () => this.error,
+      zeroPageDetection: this.params.zeroPageDetection,
+      maxPostcopyBandwidth: this.params.maxPostcopyBandwidth,
+      onSwitched: () => (this.guestSplit = true),
+      onActive: () => this.setStatus('postcopy-active'),
+    }).run();
   }
 
-  /**
-   * Counts what the return-path thread sent itself since the last call, and moves the scan
-   * next to the page it was last asked for. Returns the pages still dirty.
-   */
-  private takeUrgent(): number {
-    const u = this.urgent!.take();
-    const { stats, saver } = this;
-    saver.clearedElsewhere(u.cleared);
-    if (u.next) saver.moveScan(u.next.block, u.next.page);
-    stats.postcopyRequests += u.requests;
-    stats.normalPages += u.normal;
-    stats.zeroPages += u.zero;
-    this.urgentBytes = u.bytes;
-    return saver.dirtyPages;
-  }
-
+  /** migration_completion: stop, the completion hook, the last pass, the device state, EOF, SHUT. */
   private async complete(): Promise<void> {
     const { sink, vm, devices } = this.ctx;
-    const { stats, saver } = this;
+    const { stats, sections } = this;
     const downtimeStart = performance.now();
-    const bytesBefore = this.writtenBytes();
+    const bytesBefore = sections.writtenBytes();
     await this.guard(vm.stop(), 'the vCPUs to stop');
     if (this.error) throw this.error;
     this.notifyPrecopy('COMPLETE');
     // The completion hook: devices flush cached state into RAM now, before the final sync.
     for (const d of devices.list()) d.flushToRam?.();
-
     this.bitmapSyncPrecopy();
-    saver.writePartHeader(sink, RAM_SECTION_ID, true);
-    while (saver.dirtyPages > 0) {
-      saver.savePages(sink, SLICE_PAGES);
-      await this.channelsReady();
-    }
-    // Every page must have landed before the device state and EOF are loaded.
-    await this.multifdSync(true);
-    this.ctx.multifd?.quiesce();
-    saver.writeSectionEnd(sink, RAM_SECTION_ID);
-
+    await sections.completeSection();
     putDeviceSectionsAndEof(sink, devices, RAM_SECTION_ID + 1);
     await this.guard(sink.flush(), MAIN);
-    stats.transferred = this.writtenBytes();
-    stats.downtimeBytes = this.writtenBytes() - bytesBefore;
+    stats.transferred = sections.writtenBytes();
+    stats.downtimeBytes = sections.writtenBytes() - bytesBefore;
     stats.remainingPages = 0;
 
     if (this.shutStatus) {
