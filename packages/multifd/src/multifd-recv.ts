@@ -12,13 +12,16 @@ import { detachFd, type TlsOptions } from '@vmig/channel';
 import { FirstError, type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
 import { ABORT, APPLYING, CONTROL_WORDS, DIALECT, DIALECT_LEGACY, DIALECT_MODERN, MAX_CHANNELS, POSTED, RELEASED, SEALED } from './recv-control.js';
 import { type CompressionName, compressionByName } from './compress/registry.js';
-import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
+import type { RecvChannelApi, RecvThreadConfig, RecvTotals } from './recv-protocol.js';
+import { Comlink, endpoint } from './recv-rpc.js';
 import { decodeMultifdInit, MULTIFD_INIT_SIZE, type MultifdInit } from './wire/multifd-wire.js';
 
 export class MultifdReceiver {
   readonly control = new SharedArrayBuffer(CONTROL_WORDS * 4);
   private readonly ctl = new Int32Array(this.control);
   private readonly workers: Worker[];
+  /** Each thread's control plane (comlink, recv-protocol.ts). */
+  private readonly threads: Comlink.Remote<RecvChannelApi>[] = [];
   /** Channel ids whose init was accepted. */
   private readonly attached: boolean[];
   /** Threads (slots) that own a connection. */
@@ -96,7 +99,7 @@ export class MultifdReceiver {
     const fd = detachFd(sock);
     this.slotBusy[init.id] = true;
     const leftover = first.subarray(MULTIFD_INIT_SIZE);
-    this.workers[init.id]!.postMessage({ t: 'channel', fd, leftover } satisfies RecvToChannel);
+    void this.threads[init.id]!.attach(fd, leftover);
   }
 
   /**
@@ -113,7 +116,16 @@ export class MultifdReceiver {
     }
     this.slotBusy[slot] = true;
     const fd = detachFd(sock);
-    this.workers[slot]!.postMessage({ t: 'tls-channel', fd, tls, timeoutMs: this.timeoutMs } satisfies RecvToChannel);
+    void this.threads[slot]!.attachTls(fd, tls, this.timeoutMs).then((init) => {
+      if (!init) return; // the thread reported why
+      try {
+        const checked = this.checkInit(init);
+        this.channelOfSlot[slot] = checked.id;
+        void this.threads[slot]!.adopt(checked.id);
+      } catch (e) {
+        this.fail(e as VmigError);
+      }
+    });
   }
 
   /** A thread has no connection yet (under TLS, a connection after main goes to one). */
@@ -153,21 +165,21 @@ export class MultifdReceiver {
     // `id` is the thread's slot: the channel it serves is the same, but for a TLS connection,
     // whose id comes with its init.
     this.channelOfSlot[id] = id;
-    w.on('message', (m: RecvFromChannel) => {
-      if (m.t === 'error') this.fail(VmigError.fromJSON(m.error));
-      else if (m.t === 'init') {
-        try {
-          const init = this.checkInit(m.init);
-          this.channelOfSlot[id] = init.id;
-          w.postMessage({ t: 'adopt', id: init.id } satisfies RecvToChannel);
-        } catch (e) {
-          this.fail(e as VmigError);
-        }
-      } else {
-        this.channelStats[id] = { normal: m.normal, zero: m.zero, bytes: m.bytes };
-        if (m.t === 'end') this.ended[this.channelOfSlot[id]!] = true;
-      }
-    });
+    const thread = Comlink.wrap<RecvChannelApi>(endpoint(w));
+    this.threads[id] = thread;
+    const stats = (t: RecvTotals): void => {
+      this.channelStats[id] = { normal: t.normal, zero: t.zero, bytes: t.bytes };
+    };
+    void thread.listen(
+      Comlink.proxy({
+        stats,
+        end: (t: RecvTotals) => {
+          stats(t);
+          this.ended[this.channelOfSlot[id]!] = true;
+        },
+        error: (e) => this.fail(VmigError.fromJSON(e)),
+      }),
+    );
     w.on('error', (e) => this.fail(new VmigError('VMIG_ERR_WORKER', `multifd recv thread failed: ${e.message}`, { channel: `multifd/${id}` })));
     return w;
   }
@@ -178,8 +190,8 @@ export class MultifdReceiver {
 
   /** Guest RAM exists (possibly built from the stream's block list): tell every channel. */
   setRam(ram: GuestRam): void {
-    const msg: RecvToChannel = { t: 'ram', ram: ram.toShared() };
-    for (const w of this.workers) w.postMessage(msg);
+    const shared = ram.toShared();
+    for (const t of this.threads) void t.setRam(shared);
   }
 
   /**

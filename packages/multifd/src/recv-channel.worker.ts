@@ -15,7 +15,8 @@ import { GuestRam, setThreadName, StreamError, toVmigError, VmigError } from '@v
 import { PacketReceiver } from './packet-receiver.js';
 import { MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
 import { ABORT, APPLYING, DIALECT, DIALECT_LEGACY, POSTED, RELEASED, SEALED } from './recv-control.js';
-import type { RecvFromChannel, RecvThreadConfig, RecvToChannel } from './recv-protocol.js';
+import type { RecvChannelApi, RecvChannelEvents, RecvThreadConfig } from './recv-protocol.js';
+import { Comlink, endpoint } from './recv-rpc.js';
 
 const cfg = workerData as RecvThreadConfig;
 const port = parentPort!;
@@ -31,18 +32,37 @@ const ctl = new Int32Array(cfg.control);
 let ram: GuestRam | undefined;
 let ramArrived: (() => void) | undefined;
 let adopted: ((id: number) => void) | undefined;
-port.on('message', (m: RecvToChannel) => {
-  if (m.t === 'ram') {
-    ram = GuestRam.fromShared(m.ram);
+/** The load loop's listener (a comlink proxy); its calls are queued messages, never awaited. */
+let events: Comlink.Remote<RecvChannelEvents> | undefined;
+
+const api: RecvChannelApi = {
+  listen(e) {
+    events = e as unknown as Comlink.Remote<RecvChannelEvents>;
+  },
+  setRam(shared) {
+    ram = GuestRam.fromShared(shared);
     ramArrived?.();
-  } else if (m.t === 'channel') {
-    attach(m.fd, m.leftover);
-  } else if (m.t === 'tls-channel') {
-    attachTls(m.fd, m.tls, m.timeoutMs).catch((e: unknown) => finish(e));
-  } else {
-    adopted?.(m.id);
-  }
-});
+  },
+  attach(fd, leftover) {
+    try {
+      attach(fd, leftover);
+    } catch (e) {
+      finish(e);
+    }
+  },
+  async attachTls(fd, tls, timeoutMs) {
+    try {
+      return await attachTls(fd, tls, timeoutMs);
+    } catch (e) {
+      finish(e);
+      return null;
+    }
+  },
+  adopt(id) {
+    adopted?.(id);
+  },
+};
+Comlink.expose(api, endpoint(port));
 
 let releases = 0;
 let finished = false;
@@ -83,7 +103,7 @@ const receiver = new PacketReceiver(
  * kernel's buffer fills and the sender waits, as QEMU's recv thread does on its semaphore.
  */
 function syncBarrier(): void {
-  port.postMessage({ t: 'stats', ...receiver.totals } satisfies RecvFromChannel);
+  void events?.stats({ ...receiver.totals });
   Atomics.add(ctl, POSTED + id, 1);
   Atomics.notify(ctl, POSTED + id);
   releases++;
@@ -134,7 +154,7 @@ function settleEnd(): void {
  * any packet is parsed. Packets then go through the parser by copy (TLS decrypts into its
  * own buffers, so there is no reading straight into guest RAM).
  */
-async function attachTls(fd: number, opts: TlsOptions, timeoutMs: number): Promise<void> {
+async function attachTls(fd: number, opts: TlsOptions, timeoutMs: number): Promise<Uint8Array> {
   const raw = new net.Socket({ fd, readable: true, writable: true });
   raw.on('error', () => {});
   const t = await tlsAccept(raw, opts, timeoutMs, channel);
@@ -156,9 +176,20 @@ async function attachTls(fd: number, opts: TlsOptions, timeoutMs: number): Promi
     t.on('data', onData);
     t.once('end', () => reject(new VmigError('VMIG_ERR_MULTIFD_HANDSHAKE', 'channel ended inside its MultiFDInit_t', { channel })));
   });
-  const accepted = new Promise<number>((resolve) => (adopted = resolve));
-  port.postMessage({ t: 'init', init: new Uint8Array(first.subarray(0, MULTIFD_INIT_SIZE)) } satisfies RecvFromChannel);
-  id = await accepted;
+  // The load loop checks the init and names the channel with adopt().
+  adopted = (accepted) => {
+    try {
+      serveTls(t, first, accepted);
+    } catch (e) {
+      finish(e);
+    }
+  };
+  return new Uint8Array(first.subarray(0, MULTIFD_INIT_SIZE));
+}
+
+/** The channel's id is known: packets from here on. */
+function serveTls(t: net.Socket, first: Buffer, accepted: number): void {
+  id = accepted;
   channel = `multifd/${id}`;
   setThreadName(`mig/dst/recv_${id}`);
   receiver.feed(first.subarray(MULTIFD_INIT_SIZE));
@@ -174,8 +205,10 @@ async function attachTls(fd: number, opts: TlsOptions, timeoutMs: number): Promi
 function finish(err?: unknown): void {
   if (finished) return;
   finished = true;
-  if (err === undefined) port.postMessage({ t: 'end', ...receiver.totals } satisfies RecvFromChannel);
-  else port.postMessage({ t: 'error', error: toVmigError(err, 'VMIG_ERR_CHANNEL', { channel }).toJSON() } satisfies RecvFromChannel);
+  if (err === undefined) void events?.end({ ...receiver.totals });
+  else void events?.error(toVmigError(err, 'VMIG_ERR_CHANNEL', { channel }).toJSON());
   sock?.destroy();
+  // The release goes after the last event on the same port; then nothing keeps this thread up.
+  events?.[Comlink.releaseProxy]();
   port.close();
 }

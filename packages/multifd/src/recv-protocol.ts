@@ -1,6 +1,11 @@
-/** Messages between the destination's load loop and a multifd recv thread. */
+/**
+ * The control plane between the destination's load loop and a multifd recv thread, as
+ * comlink calls (recv-rpc.ts): the thread exposes RecvChannelApi, the load loop listens to
+ * RecvChannelEvents through a proxy. Pages never travel here: they go from the socket
+ * straight into guest RAM, and the barrier is Atomics (recv-control.ts).
+ */
 import type { TlsOptions } from '@vmig/channel';
-import type { RamBlockShared } from '@vmig/core';
+import type { RamBlockShared, VmigErrorJSON } from '@vmig/core';
 
 /** A recv thread's workerData: it starts before its channel connects (see multifd-recv.ts). */
 export interface RecvThreadConfig {
@@ -12,19 +17,33 @@ export interface RecvThreadConfig {
   compressionFlag: number;
 }
 
-export type RecvToChannel =
-  /** Guest RAM exists (given on the command line, or built from the stream's block list). */
-  | { t: 'ram'; ram: RamBlockShared[] }
-  /** The channel's connection: from now on the thread owns `fd`. */
-  | { t: 'channel'; fd: number; leftover: Uint8Array }
-  /** A connection that may be a channel, under TLS: the thread owns `fd`, does the handshake and posts the init. */
-  | { t: 'tls-channel'; fd: number; tls: TlsOptions; timeoutMs: number }
-  /** The init it posted was accepted: it serves channel `id` (its barrier slots, its name). */
-  | { t: 'adopt'; id: number };
+export interface RecvTotals {
+  normal: number;
+  zero: number;
+  bytes: number;
+}
 
-export type RecvFromChannel =
-  | { t: 'stats'; normal: number; zero: number; bytes: number }
-  | { t: 'end'; normal: number; zero: number; bytes: number }
-  | { t: 'error'; error: { code: string; message: string } }
-  /** A TLS connection's MultiFDInit_t, read after the handshake, for the load loop to check. */
-  | { t: 'init'; init: Uint8Array };
+/** What the load loop calls on a recv thread. None of these throws: failures come as `error` events. */
+export interface RecvChannelApi {
+  /** Where the thread's events go (first call, before any channel). */
+  listen(events: RecvChannelEvents): void;
+  /** Guest RAM exists (given at start, or built from the stream's block list). */
+  setRam(ram: RamBlockShared[]): void;
+  /** The channel's connection: from this call on the thread owns `fd`. */
+  attach(fd: number, leftover: Uint8Array): void;
+  /**
+   * A connection that may be a channel, under TLS: the thread owns `fd`, does the handshake
+   * and resolves with the MultiFDInit_t it read through it (null if that failed: see `error`).
+   */
+  attachTls(fd: number, tls: TlsOptions, timeoutMs: number): Promise<Uint8Array | null>;
+  /** The init it read was accepted: it serves channel `id` (its barrier slots, its name). */
+  adopt(id: number): void;
+}
+
+export interface RecvChannelEvents {
+  /** At each SYNC, before the thread parks at the barrier. */
+  stats(t: RecvTotals): void;
+  /** The channel ended cleanly (between packets). */
+  end(t: RecvTotals): void;
+  error(e: VmigErrorJSON): void;
+}
