@@ -34,7 +34,7 @@ import {
   type VmStateDevice,
 } from '@vmig/core';
 import { MultifdReceiver } from '@vmig/multifd';
-import { acceptChannels } from './channel-accept.js';
+import { acceptChannels, type MainChannel } from './channel-accept.js';
 import type { IncomingGuest } from './incoming-guest.js';
 import { checkMultifdOptions, DEFAULT_POSTCOPY_FAULT_SLICE_US, defaultBackgroundNice, type MultifdOptions } from './options.js';
 import { PostcopyDestination, type PreemptReaderChoice } from './postcopy-destination.js';
@@ -94,19 +94,33 @@ export interface IncomingMigrationEvents {
   postcopy: [string];
 }
 
+/** The main connection once it is up: the stream's reader and the return path's writer. */
+interface MainConnection {
+  reader: ByteReader;
+  /** The connection (its handle owns the fd from now on). */
+  sock: net.Socket;
+  returnPath: ReturnPathShared;
+  rp: ReturnPathWriter;
+  /** Over TLS: the local end the return path is written on (tls-bridge.ts); closed after rp. */
+  rpBridge: TlsBridge | undefined;
+}
+
 export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
   /** The address actually bound (a TCP port 0 is resolved). */
   readonly uri: string;
   status: MigrationStatus = 'setup';
   /** The result once `completed`; rejects with the VmigError otherwise. */
   readonly done: Promise<IncomingResult>;
+  private readonly timeoutMs: number;
   private firstError: VmigError | undefined;
   private rejectFatal!: (e: VmigError) => void;
   private readonly fatalError = new Promise<never>((_, reject) => (this.rejectFatal = reject));
-  private mainSock: net.Socket | undefined;
-  private rp: ReturnPathWriter | undefined;
-  private receiver: MultifdReceiver | undefined;
+  private readonly receiver: MultifdReceiver | undefined;
+  private readonly postcopy: PostcopyDestination | undefined;
+  private main: MainConnection | undefined;
   private loadRam: GuestRam | undefined;
+  /** The source sent OPEN_RETURN_PATH: it waits for SHUT. */
+  private returnPathOpen = false;
 
   constructor(
     private readonly opts: IncomingOptions,
@@ -114,7 +128,16 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
   ) {
     super();
     this.uri = formatMigrationUri(listener.uri);
+    this.timeoutMs = opts.channelTimeoutMs ?? DEFAULT_CHANNEL_TIMEOUT_MS;
+    this.loadRam = opts.ram;
     this.fatalError.catch(() => {});
+    const fatal = (e: VmigError): void => this.fatal(e);
+    this.receiver = opts.multifdChannels
+      ? new MultifdReceiver(opts.multifdChannels, true, { compression: opts.multifdCompression ?? 'none', timeoutMs: this.timeoutMs, uuid: opts.uuid ?? new Uint8Array(16) })
+      : undefined;
+    if (opts.ram) this.receiver?.setRam(opts.ram);
+    this.receiver?.onError(fatal);
+    this.postcopy = opts.postcopy ? this.postcopyDestination() : undefined;
     this.done = this.run();
     this.done.catch(() => {});
   }
@@ -141,170 +164,187 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     // The accept of the main channel, or the load loop (it fails on its next read).
     this.rejectFatal(e);
     // No return-path write may be in flight when the fd closes.
-    this.rp?.close();
-    this.mainSock?.destroy();
+    this.main?.rp.close();
+    this.main?.sock.destroy();
     this.receiver?.abort(e);
   }
 
-  private async run(): Promise<IncomingResult> {
+  private postcopyDestination(): PostcopyDestination {
     const o = this.opts;
-    const timeoutMs = o.channelTimeoutMs ?? DEFAULT_CHANNEL_TIMEOUT_MS;
-    const fatal = (e: VmigError): void => this.fatal(e);
-    let ram = o.ram;
-    this.loadRam = ram;
-    const receiver = o.multifdChannels
-      ? new MultifdReceiver(o.multifdChannels, true, { compression: o.multifdCompression ?? 'none', timeoutMs, uuid: o.uuid ?? new Uint8Array(16) })
-      : undefined;
-    this.receiver = receiver;
-    if (ram) receiver?.setRam(ram);
-    receiver?.onError(fatal);
-    let mainReader: ByteReader | undefined;
-    /** The return path's fd, shared with the vCPUs for their page requests (postcopy, plaintext). */
-    let returnPathShared: ReturnPathShared | undefined;
-    /** Over TLS: the local end the return path is written on (tls-bridge.ts); closed after rp. */
-    let rpBridge: TlsBridge | undefined;
     const notifiers = o.notifiers ?? new MigrationNotifiers();
-    let postcopy: PostcopyDestination | undefined;
-    if (o.postcopy) {
-      notifiers.postcopy.add((e) => {
-        if (e.reason === 'INBOUND_LISTEN') this.setStatus('postcopy-active');
-        o.log?.info({ reason: e.reason }, 'postcopy notifier');
-        this.emit('postcopy', e.reason);
-      });
-      postcopy = new PostcopyDestination({
-        ram: () => ram,
-        guest: o.guest,
-        returnPath: () => returnPathShared,
-        preempt: o.postcopyPreempt ?? false,
-        sealMultifd: receiver ? () => receiver.seal() : undefined,
-        notifiers,
-        blocktime: o.postcopyBlocktime ?? false,
-        backgroundNice: o.postcopyBackgroundNice ?? defaultBackgroundNice(o.tls),
-        faultSliceUs: o.postcopyFaultSliceUs ?? DEFAULT_POSTCOPY_FAULT_SLICE_US,
-        preemptReader: o.postcopyPreemptReader ?? 'vcpu',
-        fatal,
-        timeoutMs,
-      });
-    }
-    const onPreempt = o.postcopyPreempt && postcopy ? postcopy.onPreempt.bind(postcopy) : undefined;
+    notifiers.postcopy.add((e) => {
+      if (e.reason === 'INBOUND_LISTEN') this.setStatus('postcopy-active');
+      o.log?.info({ reason: e.reason }, 'postcopy notifier');
+      this.emit('postcopy', e.reason);
+    });
+    const receiver = this.receiver;
+    return new PostcopyDestination({
+      ram: () => this.loadRam,
+      guest: o.guest,
+      returnPath: () => this.main?.returnPath,
+      preempt: o.postcopyPreempt ?? false,
+      sealMultifd: receiver ? () => receiver.seal() : undefined,
+      notifiers,
+      blocktime: o.postcopyBlocktime ?? false,
+      backgroundNice: o.postcopyBackgroundNice ?? defaultBackgroundNice(o.tls),
+      faultSliceUs: o.postcopyFaultSliceUs ?? DEFAULT_POSTCOPY_FAULT_SLICE_US,
+      preemptReader: o.postcopyPreemptReader ?? 'vcpu',
+      fatal: (e) => this.fatal(e),
+      timeoutMs: this.timeoutMs,
+    });
+  }
+
+  private async run(): Promise<IncomingResult> {
     const start = performance.now();
-    let loadStart = start;
-    let returnPath = false;
     try {
-      const main = await Promise.race([acceptChannels(this.listener, receiver, fatal, onPreempt, timeoutMs, o.log ?? silentLogger, o.tls), this.fatalError]);
-      if (this.firstError) throw this.firstError;
-      loadStart = performance.now();
+      const accepted = await this.acceptMain();
+      const loadStart = performance.now();
       this.setStatus('active');
-      let rpFd: number;
-      if (main.tls) {
-        // TLS: this thread reads the main stream off the TLS socket; the return path, which
-        // the vCPUs write too (page requests, straight on an fd), goes through a local pair.
-        mainReader = new ByteReader(main.sock, { channel: 'main', initial: main.first, idleTimeoutMs: timeoutMs });
-        rpBridge = await bridgeTls(main.sock, 'out');
-        rpFd = detachFd(rpBridge.sock);
-      } else {
-        // The main channel reads into a pool of reused buffers (ByteReader.fromFd): from here
-        // on `conn` is the connection, and the accepted socket's handle is never used again.
-        rpFd = detachFd(main.sock);
-        mainReader = ByteReader.fromFd(rpFd, { channel: 'main', initial: main.first, idleTimeoutMs: timeoutMs });
-      }
-      returnPathShared = createReturnPath(rpFd, timeoutMs);
-      const rp = new ReturnPathWriter(returnPathShared);
-      this.rp = rp;
-      const reader = mainReader;
-      const conn = reader.input as net.Socket;
-      this.mainSock = conn;
-      // A source with integrity on sends its RAM digests; they are checked whenever they come.
-      const integrity = new RamIntegrityDevice(() => ram);
-      const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(integrity);
-      for (const d of o.devices ?? []) devices.register(d);
-      const result = await qemuLoadVmState(reader, {
-        ram,
-        zeroUnlessLoaded: true,
-        createRam: (blocks) => GuestRam.fromStream(blocks, o.maxRam ?? DEFAULT_MAX_RAM),
-        onRamReady: (r) => {
-          ram = r;
-          this.loadRam = r;
-          receiver?.setRam(r);
-        },
-        multifd: receiver,
-        expectLegacyDialect: o.multifdFlushAfterEachSection ?? false,
-        devices,
-        onOpenReturnPath: () => (returnPath = true),
-        onPing: (v) => rp.write(encodeRpPong(v)),
-        postcopy: postcopy?.incoming,
-        failed: () => this.firstError,
-      });
-      const loaded = result.ram;
-      ram = loaded;
-      // A precopy stream sends every page in its first pass: one that never arrived was sent
-      // where this side did not read (multifd channels it was not started for).
-      if (!postcopy || !POSTCOPY_SWITCHED.includes(postcopy.incoming.state)) checkEveryPageArrived(loaded);
-      if (integrity.received) {
-        // Nothing may write RAM after the check: multifd is sealed first (a packet with pages
-        // after this fails the load), and the main stream is over.
-        await receiver?.seal();
-        integrity.verify();
-      } else if (o.integrity) {
-        throw new VmigError('VMIG_ERR_INTEGRITY', 'this side asked for integrity (--integrity), but the source sent no RAM digests (start it with --integrity too)', { channel: 'main', phase: 'load' });
-      }
-      const loadMs = performance.now() - loadStart;
-      // Loaded (the last barrier put every multifd page in place; in postcopy every page is in
-      // the received map): tell the source at once (its downtime ends here).
-      if (returnPath) rp.write(encodeRpShut(0));
-      // Postcopy: the guest ran here since RUN; it stops now.
-      const postcopyReport = await postcopy?.finish(loaded);
-      // QEMU appends a JSON description after EOF; read it if the source sends one. Everything
-      // is loaded by now: a source that hangs up here (over TLS QEMU resets rather than ends)
-      // changes nothing.
-      try {
-        await readVmDescription(reader);
-      } catch (e) {
-        if (!(e instanceof EndOfStream) && !(e instanceof VmigError && e.code === 'VMIG_ERR_PEER_CLOSED')) throw e;
-      }
-      rp.close();
-      // Over TLS the return path's last bytes (SHUT) may still be in the local pair: closing
-      // it waits until they went into the TLS connection, which then ends (tls-bridge.ts).
-      if (rpBridge) await rpBridge.close();
-      else conn.end();
-      await this.listener.close();
-      await receiver?.close();
+      this.main = await this.openMain(accepted);
+      const loaded = await this.load(this.main);
+      const loadTimeMs = performance.now() - loadStart;
+      const postcopy = await this.complete(this.main, loaded.ram);
       this.setStatus('completed');
-      const mf = receiver?.totals() ?? { normal: 0, zero: 0, bytes: 0 };
+      const mf = this.receiver?.totals() ?? { normal: 0, zero: 0, bytes: 0 };
       return {
         status: 'completed',
         totalTimeMs: performance.now() - start,
-        loadTimeMs: loadMs,
-        machine: result.machine ?? null,
-        ram: loaded,
-        pages: { normal: result.normalPages + mf.normal, zero: result.zeroPages + mf.zero, multifdBytes: mf.bytes },
-        integrity: integrity.verified ? { verified: true, ranges: integrity.ranges } : null,
-        ...(postcopyReport ? { postcopy: postcopyReport } : {}),
+        loadTimeMs,
+        machine: loaded.machine,
+        ram: loaded.ram,
+        pages: { normal: loaded.normalPages + mf.normal, zero: loaded.zeroPages + mf.zero, multifdBytes: mf.bytes },
+        integrity: loaded.integrity,
+        ...(postcopy ? { postcopy } : {}),
       };
     } catch (e) {
-      let err: VmigError =
-        this.firstError ??
-        (e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'source closed the migration stream early', { channel: 'main', phase: 'load' }) : toVmigError(e, 'VMIG_ERR_CHANNEL'));
-      // This side may have run the guest: it cannot go back to the source whole.
-      if (postcopy?.incoming.placing) err = postcopySplitError(err);
-      await postcopy?.abort();
-      const mainSock = this.mainSock;
-      if (mainSock && returnPath && !mainSock.destroyed) {
-        this.rp?.write(encodeRpShut(1));
-        this.rp?.close();
-        // Over TLS: SHUT goes through the local pair first (tls-bridge.ts).
-        if (rpBridge) await rpBridge.close(200);
-        await drainAndClose(mainSock, mainReader);
-      }
-      this.rp?.close();
-      rpBridge?.sock.destroy();
-      mainSock?.destroy();
-      await this.listener.close().catch(() => {});
-      await receiver?.close(0);
-      this.setStatus('failed');
-      o.log?.error({ error: err.toJSON() }, 'incoming migration failed');
-      throw err;
+      throw await this.failed(e);
     }
+  }
+
+  /** Connections until the main channel (channel-accept.ts), or the first failure. */
+  private async acceptMain(): Promise<MainChannel> {
+    const o = this.opts;
+    const onPreempt = o.postcopyPreempt && this.postcopy ? this.postcopy.onPreempt.bind(this.postcopy) : undefined;
+    const main = await Promise.race([acceptChannels(this.listener, this.receiver, (e) => this.fatal(e), onPreempt, this.timeoutMs, o.log ?? silentLogger, o.tls), this.fatalError]);
+    if (this.firstError) throw this.firstError;
+    return main;
+  }
+
+  /** The main stream's reader and the return path's writer on the main connection. */
+  private async openMain(main: MainChannel): Promise<MainConnection> {
+    let reader: ByteReader;
+    let rpFd: number;
+    let rpBridge: TlsBridge | undefined;
+    if (main.tls) {
+      // TLS: this thread reads the main stream off the TLS socket; the return path, which
+      // the vCPUs write too (page requests, straight on an fd), goes through a local pair.
+      reader = new ByteReader(main.sock, { channel: 'main', initial: main.first, idleTimeoutMs: this.timeoutMs });
+      rpBridge = await bridgeTls(main.sock, 'out');
+      rpFd = detachFd(rpBridge.sock);
+    } else {
+      // The main channel reads into a pool of reused buffers (ByteReader.fromFd): from here
+      // on `reader.input` is the connection, and the accepted socket's handle is never used again.
+      rpFd = detachFd(main.sock);
+      reader = ByteReader.fromFd(rpFd, { channel: 'main', initial: main.first, idleTimeoutMs: this.timeoutMs });
+    }
+    const returnPath = createReturnPath(rpFd, this.timeoutMs);
+    return { reader, sock: reader.input as net.Socket, returnPath, rp: new ReturnPathWriter(returnPath), rpBridge };
+  }
+
+  /** qemu_loadvm_state, then what a complete load must satisfy (every page, the digests). */
+  private async load(main: MainConnection): Promise<{ ram: GuestRam; machine: string | null; normalPages: number; zeroPages: number; integrity: IncomingResult['integrity'] }> {
+    const o = this.opts;
+    const receiver = this.receiver;
+    // A source with integrity on sends its RAM digests; they are checked whenever they come.
+    const integrity = new RamIntegrityDevice(() => this.loadRam);
+    const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(integrity);
+    for (const d of o.devices ?? []) devices.register(d);
+    const result = await qemuLoadVmState(main.reader, {
+      ram: o.ram,
+      zeroUnlessLoaded: true,
+      createRam: (blocks) => GuestRam.fromStream(blocks, o.maxRam ?? DEFAULT_MAX_RAM),
+      onRamReady: (r) => {
+        this.loadRam = r;
+        receiver?.setRam(r);
+      },
+      multifd: receiver,
+      expectLegacyDialect: o.multifdFlushAfterEachSection ?? false,
+      devices,
+      onOpenReturnPath: () => (this.returnPathOpen = true),
+      onPing: (v) => main.rp.write(encodeRpPong(v)),
+      postcopy: this.postcopy?.incoming,
+      failed: () => this.firstError,
+    });
+    const ram = result.ram;
+    this.loadRam = ram;
+    // A precopy stream sends every page in its first pass: one that never arrived was sent
+    // where this side did not read (multifd channels it was not started for).
+    if (!this.postcopy || !POSTCOPY_SWITCHED.includes(this.postcopy.incoming.state)) checkEveryPageArrived(ram);
+    if (integrity.received) {
+      // Nothing may write RAM after the check: multifd is sealed first (a packet with pages
+      // after this fails the load), and the main stream is over.
+      await receiver?.seal();
+      integrity.verify();
+    } else if (o.integrity) {
+      throw new VmigError('VMIG_ERR_INTEGRITY', 'this side asked for integrity (--integrity), but the source sent no RAM digests (start it with --integrity too)', { channel: 'main', phase: 'load' });
+    }
+    return {
+      ram,
+      machine: result.machine ?? null,
+      normalPages: result.normalPages,
+      zeroPages: result.zeroPages,
+      integrity: integrity.verified ? { verified: true, ranges: integrity.ranges } : null,
+    };
+  }
+
+  /** Loaded: SHUT, the guest here stops (postcopy), the source's description, every channel closed. */
+  private async complete(main: MainConnection, ram: GuestRam): Promise<Record<string, unknown> | undefined> {
+    // The last barrier put every multifd page in place; in postcopy every page is in the
+    // received map: tell the source at once (its downtime ends here).
+    if (this.returnPathOpen) main.rp.write(encodeRpShut(0));
+    const postcopy = await this.postcopy?.finish(ram);
+    // QEMU appends a JSON description after EOF; read it if the source sends one. Everything
+    // is loaded by now: a source that hangs up here (over TLS QEMU resets rather than ends)
+    // changes nothing.
+    try {
+      await readVmDescription(main.reader);
+    } catch (e) {
+      if (!(e instanceof EndOfStream) && !(e instanceof VmigError && e.code === 'VMIG_ERR_PEER_CLOSED')) throw e;
+    }
+    main.rp.close();
+    // Over TLS the return path's last bytes (SHUT) may still be in the local pair: closing
+    // it waits until they went into the TLS connection, which then ends (tls-bridge.ts).
+    if (main.rpBridge) await main.rpBridge.close();
+    else main.sock.end();
+    await this.listener.close();
+    await this.receiver?.close();
+    return postcopy;
+  }
+
+  /** Any failure: SHUT(1) if the source listens for it, every thread and channel closed. */
+  private async failed(e: unknown): Promise<VmigError> {
+    let err: VmigError =
+      this.firstError ??
+      (e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'source closed the migration stream early', { channel: 'main', phase: 'load' }) : toVmigError(e, 'VMIG_ERR_CHANNEL'));
+    // This side may have run the guest: it cannot go back to the source whole.
+    if (this.postcopy?.incoming.placing) err = postcopySplitError(err);
+    await this.postcopy?.abort();
+    const main = this.main;
+    if (main && this.returnPathOpen && !main.sock.destroyed) {
+      main.rp.write(encodeRpShut(1));
+      main.rp.close();
+      // Over TLS: SHUT goes through the local pair first (tls-bridge.ts).
+      if (main.rpBridge) await main.rpBridge.close(200);
+      await drainAndClose(main.sock, main.reader);
+    }
+    main?.rp.close();
+    main?.rpBridge?.sock.destroy();
+    main?.sock.destroy();
+    await this.listener.close().catch(() => {});
+    await this.receiver?.close(0);
+    this.setStatus('failed');
+    this.opts.log?.error({ error: err.toJSON() }, 'incoming migration failed');
+    return err;
   }
 }
 
