@@ -39,13 +39,17 @@ export class KvStore {
     this.workers = [];
   }
 
-  /** Starts `n` writer threads; resolves once each runs. */
-  async serve(n) {
+  /**
+   * Starts `n` writer threads; resolves once each runs. `received`: the received map of a
+   * postcopy destination (vmig's IncomingGuest.run); the writers then ask for a page before
+   * they touch it.
+   */
+  async serve(n, received) {
     Atomics.store(this.ctl, QUIT, 0);
     this.workers = await Promise.all(
       Array.from({ length: n }, (_, id) => {
         const w = new Worker(new URL('./writer.worker.mjs', import.meta.url), {
-          workerData: { ram: this.ram.share(), ctl: this.ctl.buffer, acked: this.acked.buffer, id, writers: n, keys: this.keys },
+          workerData: { ram: this.ram.share(), ctl: this.ctl.buffer, acked: this.acked.buffer, id, writers: n, keys: this.keys, received },
         });
         return new Promise((resolve, reject) => {
           w.once('message', () => resolve(w));
@@ -102,6 +106,30 @@ export class KvStore {
       writes += this.acked[k];
     }
     return { keys: this.keys, acknowledgedWrites: writes, lost, examples };
+  }
+
+  /**
+   * The store as vmig's postcopy guest on a destination: its writers start at RUN, before
+   * every page arrived, and stop when the migration completes.
+   */
+  postcopyGuest(writers) {
+    let serving;
+    return {
+      run: ({ ram, received }) => {
+        this.ram = ram;
+        serving = this.serve(writers, received);
+        return writers;
+      },
+      finish: async () => {
+        await serving;
+        await this.stop();
+        return { writers };
+      },
+      abort: async () => {
+        await serving?.catch(() => {});
+        await this.close();
+      },
+    };
   }
 
   /** The device that carries `acked` with the RAM (QEMU's VMStateDescription idea). */

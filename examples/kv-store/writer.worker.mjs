@@ -1,13 +1,15 @@
 /** A writer thread of the store (kv-store.mjs): puts to its own keys until told to quit. */
 import { parentPort, workerData } from 'node:worker_threads';
-import { GuestRam } from 'vmig/vcpu';
+import { GuestRam, MissingPagesVcpu } from 'vmig/vcpu';
 
 const STOP = 0;
 const PARKED = 1;
 const QUIT = 2;
 const RECORD = 64;
 
-const { ram, ctl, acked: ackedSab, id, writers, keys } = workerData;
+const { ram, ctl, acked: ackedSab, id, writers, keys, received } = workerData;
+/** On a postcopy destination: a page is asked for (and waited for) before it is touched. */
+const missing = received ? new MissingPagesVcpu(received, id) : undefined;
 const block = GuestRam.attach(ram).block('kv');
 const host = block.host;
 const view = new DataView(host.buffer, host.byteOffset, keys * RECORD);
@@ -37,6 +39,8 @@ for (;;) {
     const k = id + writers * (seed % mine);
     const version = acked[k] + 1;
     const off = k * RECORD;
+    // false: postcopy failed, this write must not happen (the store is split between two processes).
+    if (missing && !missing.beforeWrite(off >>> 12)) break;
     host.fill(version % 251, off + 16, off + RECORD);
     view.setUint32(off + 8, k, true);
     view.setUint32(off + 12, checksum(k, version), true);
