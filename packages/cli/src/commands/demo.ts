@@ -23,7 +23,10 @@ export async function demoCommand(argv: string[]): Promise<number> {
   const merged: Record<string, string | boolean | string[] | undefined> = { ...values };
   const defaults = { ...DEMO_DEFAULTS, ...(merged['postcopy'] ? POSTCOPY_DEMO_DEFAULTS : {}) };
   for (const [k, v] of Object.entries(defaults)) {
-    if (merged[k] === undefined && !(k === 'ram' && merged['ram-block'] !== undefined)) merged[k] = v;
+    if (merged[k] !== undefined || (k === 'ram' && merged['ram-block'] !== undefined)) continue;
+    // `--writers 0`: a guest that does not write has no dirty rate.
+    if (k === 'dirty-rate' && merged['writers'] === '0') continue;
+    merged[k] = v;
   }
   const s = migrateSettings(merged);
   const out = new Output(s.json);
