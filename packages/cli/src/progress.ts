@@ -1,46 +1,87 @@
 /**
- * The live progress line in a terminal (cli-progress): transferred/total, throughput,
- * dirty rate, round and expected downtime. Only used when stderr is a TTY and not --json.
+ * The live progress line on a terminal (stderr a TTY, no --json): one line, rewritten in
+ * place, that fits the terminal's width. Fields are dropped whole, least useful first, never
+ * cut. "remaining" is RAM still to send in this round; "sent" counts every byte, re-sent pages
+ * too, so it is not measured against the guest's size. The last frame says how it ended.
  */
-import { SingleBar } from 'cli-progress';
 import type { MigrationInfo } from '@vmig/core';
 import { fmtBytes } from './output.js';
 
-export class ProgressLine {
-  private readonly bar: SingleBar;
-  private started = false;
+const BAR = 20;
 
-  constructor(private readonly total: number) {
-    this.bar = new SingleBar({
-      stream: process.stderr,
-      format: 'vmig {bar} {sent}/{size} | {mbps} Mbit/s | dirty {dirty}/s | round {round} | throttle {throttle}% | expected downtime {downtime} ms',
-      barsize: 24,
-      hideCursor: true,
-      clearOnComplete: false,
-      etaBuffer: 1,
-    });
+/** One frame for `columns` columns (pure: tested on its own). */
+export function formatProgress(i: MigrationInfo, total: number, columns: number): string {
+  const remaining = Math.min(total, i.ram.remaining);
+  const frac = total > 0 ? (total - remaining) / total : 1;
+  const filled = Math.round(frac * BAR);
+  // In priority order: what a glance needs first.
+  const fields = [
+    `vmig ${i.status}`,
+    `[${'#'.repeat(filled)}${'.'.repeat(BAR - filled)}] ${Math.floor(frac * 100)}%`,
+    `remaining ${fmtBytes(remaining)} of ${fmtBytes(total)}`,
+    `${i.ram.mbps.toFixed(0)} Mbit/s`,
+    `round ${i.ram.dirtySyncCount}`,
+    `expected downtime ${i.expectedDowntimeMs.toFixed(0)} ms`,
+    `dirtying ${fmtBytes(i.ram.dirtyPagesRate * i.ram.pageSize)}/s`,
+    `sent ${fmtBytes(i.ram.transferred)}`,
+    `throttle ${i.cpuThrottlePercentage}%`,
+  ];
+  let line = fields[0]!;
+  for (const f of fields.slice(1)) {
+    const next = `${line} | ${f}`;
+    if (next.length > columns - 1) break;
+    line = next;
+  }
+  // A terminal narrower than the first field: the field, cut (nothing else can go).
+  return line.slice(0, Math.max(1, columns - 1));
+}
+
+/** The final frame: the outcome, then the figures that fit. */
+export function formatOutcome(i: MigrationInfo, columns: number): string {
+  const head =
+    i.status === 'completed'
+      ? `vmig completed in ${i.totalTimeMs.toFixed(0)} ms`
+      : `vmig ${i.status}${i.error ? `: ${i.error.code}` : ''}`;
+  const fields = [
+    head,
+    ...(i.downtimeMs !== undefined ? [`downtime ${i.downtimeMs.toFixed(1)} ms`] : []),
+    `${i.ram.dirtySyncCount} round(s)`,
+    `sent ${fmtBytes(i.ram.transferred)}`,
+  ];
+  let line = fields[0]!;
+  for (const f of fields.slice(1)) {
+    const next = `${line} | ${f}`;
+    if (next.length > columns - 1) break;
+    line = next;
+  }
+  return line.slice(0, Math.max(1, columns - 1));
+}
+
+export class ProgressLine {
+  private last: MigrationInfo | undefined;
+  private done = false;
+
+  constructor(
+    private readonly total: number,
+    private readonly out: NodeJS.WriteStream = process.stderr,
+  ) {}
+
+  private get columns(): number {
+    return this.out.columns || 80;
   }
 
   update(i: MigrationInfo): void {
-    // Progress within a round: what is not dirty anymore.
-    const done = Math.max(0, this.total - i.ram.remaining);
-    const payload = {
-      sent: fmtBytes(i.ram.transferred),
-      size: fmtBytes(this.total),
-      mbps: i.ram.mbps.toFixed(0),
-      dirty: fmtBytes(i.ram.dirtyPagesRate * i.ram.pageSize),
-      round: i.ram.dirtySyncCount,
-      throttle: i.cpuThrottlePercentage,
-      downtime: i.expectedDowntimeMs.toFixed(0),
-    };
-    if (!this.started) {
-      this.bar.start(this.total, done, payload);
-      this.started = true;
-    } else this.bar.update(done, payload);
+    if (this.done) return;
+    this.last = i;
+    // Carriage return, the frame, then clear what a longer frame left to its right.
+    this.out.write(`\r${formatProgress(i, this.total, this.columns)}\x1b[K`);
   }
 
-  stop(): void {
-    if (this.started) this.bar.stop();
-    this.started = false;
+  /** The last frame, with the outcome, and a new line; later updates are ignored. */
+  finish(final: MigrationInfo): void {
+    if (this.done) return;
+    this.done = true;
+    if (this.last === undefined && final.status !== 'completed') return;
+    this.out.write(`\r${formatOutcome(final, this.columns)}\x1b[K\n`);
   }
 }

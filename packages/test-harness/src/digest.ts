@@ -1,9 +1,11 @@
 /**
  * Per-page digests of guest RAM (xxh3-64) and one digest over them; the single digest is
  * what reports carry, the per-page array locates a difference when debugging.
+ * digestRam runs on the calling thread; parallel-digest.ts spreads the same work over cores.
  */
 import { xxh3 } from '@node-rs/xxhash';
-import { type GuestRam, TARGET_PAGE_SIZE } from '@vmig/core';
+import type { GuestRam } from '@vmig/core';
+import { digestPages } from './page-digest.js';
 
 export interface RamDigest {
   /** xxh3-64 of each page, blocks in order. */
@@ -14,12 +16,10 @@ export interface RamDigest {
 
 export function digestRam(ram: GuestRam): RamDigest {
   const pages = new BigUint64Array(ram.totalPages);
-  let i = 0;
+  let first = 0;
   for (const block of ram.blocks) {
-    const buf = Buffer.from(block.hostSab, 0, block.usedLength);
-    for (let off = 0; off < block.usedLength; off += TARGET_PAGE_SIZE) {
-      pages[i++] = xxh3.xxh64(buf.subarray(off, off + TARGET_PAGE_SIZE));
-    }
+    digestPages(Buffer.from(block.hostSab, 0, block.usedLength), pages.subarray(first, first + block.pages));
+    first += block.pages;
   }
   return { pages, digest: hexDigest(pages) };
 }

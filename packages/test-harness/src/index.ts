@@ -1,6 +1,7 @@
 export * from './fill.js';
 export * from './rng.js';
 export * from './digest.js';
+export * from './parallel-digest.js';
 export * from './vcpu-control.js';
 export * from './vcpu-pool.js';
 

@@ -5,7 +5,7 @@
 import { type MigrationUri, parseMigrationUri } from '@vmig/channel';
 import { GuestRam, InvalidArgumentError, type MigrationInfo, MigrationNotifiers } from '@vmig/core';
 import { migrate, type OutgoingMigration } from '@vmig/migration';
-import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
+import { digestRamParallel, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { ControlServer, runtimeParams } from '../control.js';
 import { qmpCapabilities, qmpMigrationInfo, qmpParameters, qmpStatus } from '../qmp-info.js';
@@ -154,7 +154,6 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   if (abort.signal.aborted) mig.cancel();
   abort.signal.addEventListener('abort', () => mig?.cancel());
   mig.on('status', (i) => {
-    if (i.status !== 'active') progress?.stop();
     control?.event('MIGRATION', { status: i.status });
     log.info({ status: i.status }, 'migration status');
     out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, progress ? undefined : `vmig: status ${i.status}`);
@@ -164,16 +163,16 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     else
       out.event(
         { event: 'progress', ...i },
-        `vmig: ${fmtBytes(i.ram.transferred)} sent, ${fmtBytes(i.ram.remaining)} dirty, ${i.ram.mbps.toFixed(0)} Mbit/s, round ${i.ram.dirtySyncCount}, throttle ${i.cpuThrottlePercentage}%, expected downtime ${i.expectedDowntimeMs.toFixed(0)} ms`,
+        `vmig: ${fmtBytes(i.ram.transferred)} sent, ${fmtBytes(i.ram.remaining)} remaining, dirtying ${fmtBytes(i.ram.dirtyPagesRate * i.ram.pageSize)}/s, ${i.ram.mbps.toFixed(0)} Mbit/s, round ${i.ram.dirtySyncCount}, throttle ${i.cpuThrottlePercentage}%, expected downtime ${i.expectedDowntimeMs.toFixed(0)} ms`,
       );
   });
   const info: MigrationInfo = await mig.result;
-  progress?.stop();
+  progress?.finish(info);
 
   // After success the vCPUs stay stopped: RAM is exactly what was migrated. After a failure
   // or cancel before the postcopy switch they run again: check that they really do. After
   // the switch they stay stopped (the guest is split; the error says so).
-  const digest = info.status === 'completed' ? digestRam(ram).digest : undefined;
+  const digest = info.status === 'completed' ? (await digestRamParallel(ram)).digest : undefined;
   let writersResumed: boolean | undefined;
   if (info.status !== 'completed' && vcpus.count > 0 && s.dirtyRate > 0) {
     writersResumed = await vcpus.keepsWriting(RESUME_CHECK_MS);
@@ -186,6 +185,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     writes,
     ...(writersResumed !== undefined ? { writersResumed } : {}),
     ...(mig.scheduling ? { postcopyScheduling: mig.scheduling } : {}),
+    timeline: mig.stats.timeline.toJSON(),
     devices: { 'vmig-its': its.flushed ?? null },
     resources: resourceUsage(),
     ...(digest ? { ramDigest: digest } : {}),

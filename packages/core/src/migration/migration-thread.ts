@@ -222,6 +222,8 @@ export class MigrationThread {
     ctx.signal?.addEventListener('abort', onAbort, { once: true });
     this.watchdog.start();
     stats.startTime = performance.now();
+    stats.timeline.begin(stats.startTime);
+    stats.timeline.enter('setup', stats.startTime);
     this.setStatus('setup');
     this.notifyState({ type: 'setup', status: 'setup' });
     let outcome: 'completed' | 'failed' | 'cancelled' = 'completed';
@@ -229,6 +231,7 @@ export class MigrationThread {
       if (ctx.signal?.aborted) this.cancel();
       if (this.error) throw this.error;
       await this.setup();
+      stats.timeline.enter('iterations', performance.now());
       this.setStatus('active');
       if ((await this.iterate()) === 'postcopy') await this.postcopy();
       else await this.complete();
@@ -249,6 +252,7 @@ export class MigrationThread {
     } finally {
       ctx.signal?.removeEventListener('abort', onAbort);
       this.watchdog.stop();
+      stats.timeline.close(stats.endTime ?? performance.now());
     }
     // migration_cleanup: CLEANUP exactly once, on every path, before the final status. The
     // vCPUs run unthrottled again; the stats keep the throttle the migration ended with.
@@ -326,6 +330,9 @@ export class MigrationThread {
     this.limiter = limiter;
     limiter.account(sections.chargedBytes());
     const policy = new SwitchoverPolicy();
+    // The round under way: since the last dirty-log sync (setup's was the first).
+    let roundStart = performance.now();
+    let roundBytes = sections.writtenBytes();
 
     for (;;) {
       if (this.error) throw this.error;
@@ -348,9 +355,22 @@ export class MigrationThread {
       if (pending <= SwitchoverPolicy.threshold(stats.bandwidth, params.downtimeLimitMs) || saver.dirtyPages === 0) {
         await sections.endRound();
         // The scan wrapped or little is left: look at what the vCPUs dirtied since.
-        this.bitmapSyncPrecopy();
+        const dirtied = this.bitmapSyncPrecopy();
         pending = saver.dirtyPages * TARGET_PAGE_SIZE;
         stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : 0;
+        const roundEnd = performance.now();
+        stats.timeline.round({
+          round: policy.rounds + 1,
+          startedAt: roundStart,
+          endedAt: roundEnd,
+          bytes: sections.writtenBytes() - roundBytes,
+          dirtiedPages: dirtied,
+          mbps: Math.round((stats.bandwidth * 8) / 1e3) / 1e3,
+          expectedDowntimeMs: Math.round(stats.expectedDowntimeMs * 1000) / 1000,
+          cpuThrottlePercentage: stats.cpuThrottlePercentage,
+        });
+        roundStart = roundEnd;
+        roundBytes = sections.writtenBytes();
         const { decision, reason } = policy.afterRound(pending, stats.bandwidth, params);
         if (decision !== 'iterate') {
           if (reason) this.log.info({ rounds: policy.rounds, pending, reason }, `switching to ${decision}`);
@@ -395,8 +415,12 @@ export class MigrationThread {
       failed: () => this.error,
       zeroPageDetection: this.params.zeroPageDetection,
       maxPostcopyBandwidth: this.params.maxPostcopyBandwidth,
+      onStop: () => this.stats.timeline.enter('stop-and-copy', performance.now()),
       onSwitched: () => (this.guestSplit = true),
-      onActive: () => this.setStatus('postcopy-active'),
+      onActive: () => {
+        this.stats.timeline.enter('postcopy', performance.now());
+        this.setStatus('postcopy-active');
+      },
     }).run();
   }
 
@@ -405,6 +429,7 @@ export class MigrationThread {
     const { sink, vm, devices } = this.ctx;
     const { stats, sections } = this;
     const downtimeStart = performance.now();
+    stats.timeline.enter('stop-and-copy', downtimeStart);
     const bytesBefore = sections.writtenBytes();
     await this.guard(vm.stop(), 'the vCPUs to stop');
     if (this.error) throw this.error;
@@ -418,6 +443,8 @@ export class MigrationThread {
     stats.transferred = sections.writtenBytes();
     stats.downtimeBytes = sections.writtenBytes() - bytesBefore;
     stats.remainingPages = 0;
+    // The destination loads what is in flight and answers.
+    stats.timeline.enter('completion', performance.now());
 
     if (this.shutStatus) {
       const status = await this.guard(this.shutStatus, SHUT);

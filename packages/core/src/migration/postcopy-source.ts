@@ -44,6 +44,8 @@ export interface PostcopySourceContext {
   failed: () => VmigError | undefined;
   zeroPageDetection: ZeroPageDetection;
   maxPostcopyBandwidth: number;
+  /** The vCPUs are about to stop. */
+  onStop: () => void;
   /** The package is written: requests are served from here, and the destination may run the guest. */
   onSwitched: () => void;
   /** The package reached the transport: the downtime is over, postcopy-active. */
@@ -68,6 +70,7 @@ export class PostcopySource {
     if (c.returnPath.openPreempt) await guard(c.returnPath.openPreempt(), 'the postcopy preempt channel to connect');
     await sections.beforePostcopy();
     const downtimeStart = performance.now();
+    c.onStop();
     const bytesBefore = sections.writtenBytes();
     await guard(c.vm.stop(), 'the vCPUs to stop');
     const failed = c.failed();

@@ -36,6 +36,74 @@ export interface MigrationInfo {
   error?: { code: string; message: string };
 }
 
+/** The phases of a migration, in QEMU's terms. */
+export type MigrationPhase = 'setup' | 'iterations' | 'stop-and-copy' | 'postcopy' | 'completion';
+
+export interface PhaseRecord {
+  phase: MigrationPhase;
+  /** Since the migration started (ms). */
+  startMs: number;
+  durationMs: number;
+}
+
+/** One precopy round: from one dirty-log sync to the next. */
+export interface RoundRecord {
+  round: number;
+  startMs: number;
+  durationMs: number;
+  /** Bytes written on every channel during the round. */
+  bytes: number;
+  /** Pages the sync that ended the round found newly dirtied. */
+  dirtiedPages: number;
+  /** Bandwidth as last measured in the round (Mbit/s). */
+  mbps: number;
+  expectedDowntimeMs: number;
+  cpuThrottlePercentage: number;
+}
+
+export interface MigrationTimeline {
+  phases: PhaseRecord[];
+  rounds: RoundRecord[];
+}
+
+/** The most rounds kept (a migration that never converges may run many). */
+const MAX_ROUNDS = 10_000;
+
+/** Phases and rounds as they happen; `toJSON()` is the report's `timeline`. */
+export class TimelineRecorder {
+  private readonly phases: PhaseRecord[] = [];
+  private readonly rounds: RoundRecord[] = [];
+  private open: { phase: MigrationPhase; at: number } | undefined;
+  private start = 0;
+
+  begin(now: number): void {
+    this.start = now;
+  }
+
+  enter(phase: MigrationPhase, now: number): void {
+    this.close(now);
+    this.open = { phase, at: now };
+  }
+
+  /** Ends the open phase (at the migration's end). */
+  close(now: number): void {
+    const o = this.open;
+    if (!o) return;
+    this.phases.push({ phase: o.phase, startMs: round(o.at - this.start), durationMs: round(now - o.at) });
+    this.open = undefined;
+  }
+
+  round(r: Omit<RoundRecord, 'startMs' | 'durationMs'> & { startedAt: number; endedAt: number }): void {
+    if (this.rounds.length >= MAX_ROUNDS) return;
+    const { startedAt, endedAt, ...rest } = r;
+    this.rounds.push({ ...rest, startMs: round(startedAt - this.start), durationMs: round(endedAt - startedAt) });
+  }
+
+  toJSON(): MigrationTimeline {
+    return { phases: [...this.phases], rounds: [...this.rounds] };
+  }
+}
+
 /** Counters the migration thread updates; `info()` renders them. */
 export class MigrationStats {
   status: MigrationStatus = 'none';
@@ -62,6 +130,7 @@ export class MigrationStats {
   postcopyBytes = 0;
   cpuThrottlePercentage = 0;
   error: { code: string; message: string } | undefined;
+  readonly timeline = new TimelineRecorder();
 
   info(now = performance.now()): MigrationInfo {
     const end = this.endTime ?? now;
