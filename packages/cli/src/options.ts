@@ -40,6 +40,7 @@ export const INCOMING_OPTIONS = {
   'dump-ram': { type: 'string' },
   'max-ram': { type: 'string' },
   control: { type: 'string' },
+  metrics: { type: 'string' },
 } as const;
 
 export interface IncomingSettings extends SharedSettings {
@@ -47,10 +48,23 @@ export interface IncomingSettings extends SharedSettings {
   maxRam: number;
   /** --control ADDRESS: the QMP control socket, if any. */
   control: string | undefined;
+  /** --metrics ADDRESS: the Prometheus endpoint (metrics.ts), if any. */
+  metrics: string | undefined;
 }
 
 export function incomingSettings(v: Values): IncomingSettings {
-  return { ...sharedSettings(v), maxRam: maxRamSetting(v), control: controlAddress(v) };
+  return { ...sharedSettings(v), maxRam: maxRamSetting(v), control: controlAddress(v), metrics: metricsAddress(v) };
+}
+
+/** --metrics tcp:HOST:PORT or unix:PATH. */
+export function metricsAddress(v: Values): string | undefined {
+  const m = str(v, 'metrics');
+  if (m === undefined) return undefined;
+  try {
+    return formatMigrationUri(parseMigrationUri(m));
+  } catch (e) {
+    throw new InvalidArgumentError(`--metrics: ${(e as Error).message}`);
+  }
 }
 
 function controlAddress(v: Values): string | undefined {
@@ -115,6 +129,7 @@ export const MIGRATE_OPTIONS = {
   'max-postcopy-bandwidth': { type: 'string' },
   'auto-converge': { type: 'boolean' },
   control: { type: 'string' },
+  metrics: { type: 'string' },
 } as const;
 
 export interface SharedSettings {
@@ -222,6 +237,8 @@ export interface MigrateSettings extends SharedSettings, GuestSettings {
   params: MigrationParams;
   /** --control ADDRESS: the control socket, if any. */
   control: string | undefined;
+  /** --metrics ADDRESS: the Prometheus endpoint (metrics.ts), if any. */
+  metrics: string | undefined;
 }
 
 export function migrateSettings(v: Values): MigrateSettings {
@@ -262,6 +279,7 @@ export function migrateSettings(v: Values): MigrateSettings {
       maxPostcopyBandwidth: maxPostcopyBw === undefined ? 0 : parseSize('max-postcopy-bandwidth', maxPostcopyBw),
     },
     control: controlAddress(v),
+    metrics: metricsAddress(v),
   };
 }
 
@@ -280,6 +298,7 @@ export const SNAPSHOT_OPTIONS = {
   'auto-converge': { type: 'boolean' },
   'multifd-channels': { type: 'string' },
   'multifd-compression': { type: 'string' },
+  metrics: { type: 'string' },
 } as const;
 
 export const RESTORE_OPTIONS = {
@@ -298,6 +317,7 @@ export interface SnapshotSettings extends GuestSettings {
   verify: boolean;
   json: boolean;
   logLevel: LogLevel;
+  metrics: string | undefined;
 }
 
 /** Where a snapshot goes: `file:PATH` or a plain path; never a migration URI. */
@@ -333,6 +353,7 @@ export function snapshotSettings(file: string, v: Values): SnapshotSettings {
     ram,
     ...guest,
     zeroPages: zpd === 'legacy',
+    metrics: metricsAddress(v),
     cowBufferPages: cowBytes / 4096,
     verify: v['verify'] === true,
     json: v['json'] === true,

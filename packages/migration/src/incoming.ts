@@ -147,6 +147,21 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     return this.loadRam;
   }
 
+  /** Bytes each multifd channel received so far. */
+  multifdChannelBytes(): number[] {
+    return this.receiver?.channelTotals().map((t) => t.bytes) ?? [];
+  }
+
+  /** Postcopy so far: requests, pages placed (undefined without postcopy). */
+  postcopyStats(): { postcopyRequests: number; postcopyPages: number } | undefined {
+    return this.postcopy?.incoming.stats();
+  }
+
+  /** Fault latencies (ms) of this side's vCPUs so far (postcopy with blocktime). */
+  faultLatencies(): number[] {
+    return this.postcopy?.incoming.faultLatencies() ?? [];
+  }
+
   /** Ends the incoming migration with VMIG_ERR_CANCELLED (cleans up, as a failure does). */
   cancel(reason = 'cancelled'): void {
     this.fatal(new VmigError('VMIG_ERR_CANCELLED', `incoming migration ${reason}`, { channel: 'main' }));

@@ -85,6 +85,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
   /** Set after a postcopy switch with preempt. */
   scheduling: PostcopyScheduling | undefined;
   private mig: MigrationThread | undefined;
+  private multifd: MultifdSender | undefined;
   private readonly abort = new AbortController();
   private readonly params: MigrationParams;
 
@@ -100,6 +101,11 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     });
     // `result` is the outcome; a caller that only reads it must not see an unhandled rejection.
     this.done.catch(() => {});
+  }
+
+  /** Bytes each multifd channel wrote so far. */
+  multifdChannelBytes(): number[] {
+    return [...(this.multifd?.channelBytes ?? [])];
   }
 
   /** query-migrate: the figures so far. */
@@ -161,6 +167,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
           connectTimeoutMs: timeoutMs,
           tls: o.tls,
         });
+        this.multifd = multifd;
       }
     } catch (e) {
       // The vCPUs were never stopped: they run on.

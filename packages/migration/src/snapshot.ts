@@ -61,9 +61,11 @@ export class SnapshotJob extends EventEmitter<SnapshotEvents> {
   /** The final info once `completed`; rejects with the VmigError otherwise. */
   readonly done: Promise<SnapshotInfo>;
   private readonly abort = new AbortController();
+  private readonly wp: WriteProtectSaver;
 
   constructor(private readonly opts: SnapshotOptions) {
     super();
+    this.wp = new WriteProtectSaver(opts.writeProtect ?? createWriteProtect(opts.ram.totalPages, 0, 0));
     this.result = this.run();
     this.done = this.result.then((info) => {
       if (info.status === 'completed') return info;
@@ -74,6 +76,11 @@ export class SnapshotJob extends EventEmitter<SnapshotEvents> {
 
   cancel(): void {
     this.abort.abort();
+  }
+
+  /** How long writers stalled on write-protected pages (ms), sampled so far. */
+  stallSamples(): number[] {
+    return this.wp.stallSamples();
   }
 
   private async run(): Promise<SnapshotInfo> {
@@ -90,7 +97,7 @@ export class SnapshotJob extends EventEmitter<SnapshotEvents> {
         sink: new BufferedWriter(stream, { channel: 'file' }),
         vm: o.vm,
         devices,
-        wp: new WriteProtectSaver(o.writeProtect ?? createWriteProtect(o.ram.totalPages, 0, 0)),
+        wp: this.wp,
         zeroPages: o.zeroPages ?? true,
         signal: this.abort.signal,
         log: o.log,

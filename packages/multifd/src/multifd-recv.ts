@@ -255,6 +255,11 @@ export class MultifdReceiver {
     }
   }
 
+  /** What each channel received so far (as of its last SYNC or its end). */
+  channelTotals(): RecvTotals[] {
+    return this.channelStats.map((s) => ({ ...s }));
+  }
+
   totals(): { normal: number; zero: number; bytes: number } {
     return this.channelStats.reduce((a, s) => ({ normal: a.normal + s.normal, zero: a.zero + s.zero, bytes: a.bytes + s.bytes }), { normal: 0, zero: 0, bytes: 0 });
   }

@@ -67,6 +67,8 @@ export class MultifdSender implements MultifdLink {
   }
 
   private closed = false;
+  /** Bytes each channel wrote (its jobs and SYNC packets). */
+  readonly channelBytes: number[] = [];
   /** The last barrier is written (quiesce()). */
   private quiesced = false;
   private readyCount = 0;
@@ -121,11 +123,13 @@ export class MultifdSender implements MultifdLink {
         this.stats.normalPages += m.normal;
         this.stats.zeroPages += m.zero;
         this.stats.multifdBytes += m.bytes;
+        this.channelBytes[id] = (this.channelBytes[id] ?? 0) + m.bytes;
         this.dispatch();
         break;
       case 'synced':
         this.syncPending--;
         this.stats.multifdBytes += m.bytes;
+        this.channelBytes[id] = (this.channelBytes[id] ?? 0) + m.bytes;
         break;
       case 'error':
         // After the last barrier the destination may hang up (QEMU closes its channels once

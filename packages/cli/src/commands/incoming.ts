@@ -14,6 +14,7 @@ import { applyQmpCapabilities, applyQmpMultifdParameters, INCOMING_OPTIONS, inco
 import { qmpCapabilities, qmpStatus } from '../qmp-info.js';
 import { parseCommandArgs } from '../args.js';
 import { fmtBytes, Output } from '../output.js';
+import { MetricsServer, migrationRegistry } from '../metrics.js';
 import { resourceUsage } from '../resources.js';
 
 export async function incomingCommand(argv: string[]): Promise<number> {
@@ -74,6 +75,22 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       )
     : undefined;
   if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
+  let dst: IncomingMigration | undefined;
+  const metrics = settings.metrics
+    ? await MetricsServer.listen(
+        settings.metrics,
+        migrationRegistry(
+          {
+            status: () => status,
+            channelBytes: () => dst?.multifdChannelBytes() ?? [],
+            postcopy: () => dst?.postcopyStats(),
+            faultLatenciesMs: () => dst?.faultLatencies() ?? [],
+          },
+          'destination',
+        ),
+      )
+    : undefined;
+  if (metrics) out.event({ event: 'metrics', address: metrics.address }, `vmig: metrics on http ${metrics.address}/metrics`);
   let uriText = positionals[0];
   if (uriText === undefined) {
     // Until migrate-incoming, `quit` or a signal.
@@ -84,6 +101,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
     process.off('SIGTERM', quitAsked);
     if (asked === undefined) {
       await control?.close();
+      await metrics?.close();
       return 0;
     }
     uriText = asked;
@@ -97,13 +115,13 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       await quit;
     }
     await control?.close();
+    await metrics?.close();
   };
 
   const ram = settings.ram ? GuestRam.create(settings.ram) : undefined;
   // The test guest: its devices, and its vCPUs after a postcopy switch (`vmig-vcpus` says
   // how many and how they write).
   const vcpuState = new VcpuStateDevice(() => ({ writers: 0, writes: 0, pattern: '' }));
-  let dst: IncomingMigration | undefined;
   const its = new ItsTableDevice(() => dst?.ram);
   const notifiers = new MigrationNotifiers();
   const start = performance.now();

@@ -12,6 +12,7 @@ import { qmpCapabilities, qmpMigrationInfo, qmpParameters, qmpStatus } from '../
 import { createLogger } from '../log.js';
 import { applyQmpCapabilities, applyQmpMultifdParameters, MIGRATE_OPTIONS, migrateSettings, tlsOptions } from '../options.js';
 import { fmtBytes, Output } from '../output.js';
+import { MetricsServer, migrationRegistry } from '../metrics.js';
 import { ProgressLine } from '../progress.js';
 import { resourceUsage } from '../resources.js';
 
@@ -96,6 +97,13 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       )
     : undefined;
   if (control) out.event({ event: 'control', address: control.address }, `vmig: control socket on ${control.address}`);
+  const metrics = s.metrics
+    ? await MetricsServer.listen(
+        s.metrics,
+        migrationRegistry({ status: () => mig?.info().status ?? 'none', info: () => mig?.info(), channelBytes: () => mig?.multifdChannelBytes() ?? [] }, 'source'),
+      )
+    : undefined;
+  if (metrics) out.event({ event: 'metrics', address: metrics.address }, `vmig: metrics on http ${metrics.address}/metrics`);
 
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
@@ -108,6 +116,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     await control?.close();
+    await metrics?.close();
     return code;
   };
 

@@ -3,8 +3,9 @@
  * [--verify] [--json]`: a background snapshot of a running test guest into a file in QEMU's
  * stream format; `vmig restore FILE` loads it.
  */
-import { createWriteProtect, GuestRam, InvalidArgumentError, type SnapshotInfo, toVmigError } from '@vmig/core';
-import { snapshot } from '@vmig/migration';
+import { createWriteProtect, GuestRam, InvalidArgumentError, type MigrationStatus, type SnapshotInfo, toVmigError } from '@vmig/core';
+import { snapshot, type SnapshotJob } from '@vmig/migration';
+import { MetricsServer, migrationRegistry } from '../metrics.js';
 import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { createLogger } from '../log.js';
@@ -20,6 +21,13 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
   const s = snapshotSettings(positionals[0]!, values);
   const out = new Output(s.json);
   const log = createLogger(s.logLevel, 'snapshot');
+
+  let snapStatus: MigrationStatus = 'setup';
+  let running: SnapshotJob | undefined;
+  const metrics = s.metrics
+    ? await MetricsServer.listen(s.metrics, migrationRegistry({ status: () => snapStatus, snapshotStallsMs: () => running?.stallSamples() ?? [] }, 'snapshot'))
+    : undefined;
+  if (metrics) out.event({ event: 'metrics', address: metrics.address }, `vmig: metrics on http ${metrics.address}/metrics`);
 
   const ram = GuestRam.create(s.ram.map((r) => ({ idstr: r.idstr, size: r.size })));
   fillRam(ram, s.fill, s.seed);
@@ -43,10 +51,12 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
     log,
     ...(s.verify ? { atStop: () => (digestAtStop = digestRam(ram).digest) } : {}),
   });
+  running = job;
   const onSignal = (): void => job.cancel();
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   job.on('status', (st) => {
+    snapStatus = st;
     log.info({ status: st }, 'snapshot status');
     out.event({ event: 'status', status: st }, `vmig: snapshot ${st}`);
   });
@@ -59,6 +69,7 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
     await vcpus.terminate();
     const err = toVmigError(e, 'VMIG_ERR_SNAPSHOT_IO');
     out.report({ role: 'snapshot', status: 'failed', error: err.toJSON() }, `vmig: snapshot failed: ${err.message} [${err.code}]`);
+    await metrics?.close();
     return 1;
   }
   process.off('SIGINT', onSignal);
@@ -87,5 +98,6 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
       ? `vmig: snapshot completed: ${fmtBytes(info.ram.total)} to ${s.file} in ${info.totalTimeMs.toFixed(0)} ms, downtime ${info.downtimeMs?.toFixed(1)} ms; pages by scan ${info.ram.pagesByScan}, by fault ${info.ram.pagesByFault}, by copy-on-write ${info.ram.pagesByCow}; writer stall p50 ${info.writeProtect.stallP50Ms} ms, p99 ${info.writeProtect.stallP99Ms} ms, max ${info.writeProtect.stallMaxMs} ms${digestAtStop ? `; digest at stop ${digestAtStop}` : ''}`
       : `vmig: snapshot ${info.status}: ${info.error?.message} [${info.error?.code}]${writersResumed ? '; the guest keeps running' : ''}`,
   );
+  await metrics?.close();
   return ok ? 0 : 1;
 }

@@ -312,6 +312,11 @@ export class MissingPagesPlacer {
     return Atomics.load(this.v.ctl, ABORT) !== 0;
   }
 
+  /** Fault latencies (ms) sampled so far (with blocktime on). */
+  faultLatencies(): number[] {
+    return this.v.latency.samples();
+  }
+
   blocktime(): PostcopyBlocktime {
     const s: LatencySummary = this.v.latency.summary();
     return {

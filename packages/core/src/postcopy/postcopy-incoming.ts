@@ -196,6 +196,11 @@ export class PostcopyIncoming implements PostcopyPlacing {
     this.placerImpl?.abort();
   }
 
+  /** Fault latencies (ms) sampled so far (with blocktime on). */
+  faultLatencies(): number[] {
+    return this.placerImpl?.faultLatencies() ?? [];
+  }
+
   blocktime(): PostcopyBlocktime | undefined {
     return this.placerImpl?.blocktime();
   }

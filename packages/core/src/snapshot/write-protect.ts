@@ -207,6 +207,11 @@ export class WriteProtectSaver {
     this.v = new Views(shared);
   }
 
+  /** Writer stalls (ms) sampled so far. */
+  stallSamples(): number[] {
+    return this.v.stalls.samples();
+  }
+
   /** Protects every page (vCPUs are stopped when this runs) and turns checking on. */
   protectAll(): void {
     const v = this.v;

@@ -42,6 +42,18 @@ export class LatencySamples {
     f[base + 2] = f[base + 2]! + ms;
   }
 
+  /** Every sample kept so far (ms), unsorted; a reader may race a writer's newest one. */
+  samples(): number[] {
+    const f = this.f;
+    const out: number[] = [];
+    for (let w = 0; w < this.writers; w++) {
+      const base = w * ROW;
+      const n = Math.min(f[base]!, SAMPLES_PER_WRITER);
+      for (let i = 0; i < n; i++) out.push(f[base + 3 + i]!);
+    }
+    return out;
+  }
+
   summary(): LatencySummary {
     const f = this.f;
     const samples: number[] = [];
