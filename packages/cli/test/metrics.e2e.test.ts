@@ -6,7 +6,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { spawnCli } from '@vmig/test-harness';
+import { runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
 
 type Json = Record<string, any>;
@@ -118,5 +118,33 @@ describe('--metrics', () => {
     const r = await spawnCli(CLI_MAIN, ['incoming', 'tcp:127.0.0.1:0', '--metrics', 'http://x']).done;
     expect(r.code).toBe(2);
     expect(r.stderr).toContain('metrics');
+  });
+});
+
+describe('--log-level debug', () => {
+  it('both ends log each phase and channel: connect, handshake, barrier, rounds, the switchover and why', async () => {
+    const { source, destination } = await runMigrationPair(
+      CLI_MAIN,
+      ['--multifd-channels', '2', '--log-level', 'debug'],
+      ['--ram', '64M', '--multifd-channels', '2', '--writers', '1', '--dirty-rate', '8M', '--max-bandwidth', '64M', '--log-level', 'debug'],
+    );
+    expect(source.code, source.stderr).toBe(0);
+    expect(destination.code, destination.stderr).toBe(0);
+    const msgs = (stderr: string) =>
+      stderr
+        .split('\n')
+        .filter((l) => l.startsWith('{'))
+        .map((l) => JSON.parse(l) as Json);
+    const src = msgs(source.stderr);
+    const dst = msgs(destination.stderr);
+    const has = (lines: Json[], msg: string, where: string) => expect(lines.some((l) => String(l['msg']).startsWith(msg)), `${where}: ${msg}`).toBe(true);
+    for (const m of ['connected', 'multifd channels connected', 'return-path thread reading', 'setup done', 'multifd barrier', 'round ended', 'switchover: what is dirty fits', 'vCPUs stopped', 'device state and EOF sent', 'migration thread done']) has(src, m, 'source');
+    for (const m of ['main channel connected', 'multifd channel connected', 'loading the main stream', 'RAM ready', 'multifd barrier dialect', 'multifd barrier: every channel', 'stream loaded', 'loaded; SHUT sent']) has(dst, m, 'destination');
+    // Each round's numbers.
+    const round = src.find((l) => l['msg'] === 'round ended (dirty-log sync)')!;
+    for (const k of ['round', 'pending', 'dirtiedPages', 'mbps', 'expectedDowntimeMs', 'downtimeLimitMs']) expect(round, k).toHaveProperty(k);
+    // Both ends name their role.
+    expect(src[0]!['role']).toBe('source');
+    expect(dst[0]!['role']).toBe('destination');
   });
 });

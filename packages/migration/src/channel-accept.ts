@@ -90,6 +90,7 @@ export function acceptChannels(
         return;
       }
       mainSeen = true;
+      log.debug({ channel: 'main' }, 'main channel connected, TLS handshake done');
       resolveMain({ sock: t, first, tls: true });
     };
     const handle = async (sock: net.Socket): Promise<void> => {
@@ -114,6 +115,7 @@ export function acceptChannels(
       if (magic === QEMU_VM_FILE_MAGIC && !mainSeen) {
         mainSeen = true;
         clearTimeout(mainTimer);
+        log.debug({ channel: 'main', from: sock.remoteAddress ?? 'unix' }, 'main channel connected');
         resolveMain({ sock, first, tls: false });
       } else if (magic === MULTIFD_MAGIC) {
         if (!receiver) {
@@ -129,6 +131,7 @@ export function acceptChannels(
             return;
           }
         }
+        log.debug({ channel: 'multifd', id: first[24] }, 'multifd channel connected, handed to its recv thread');
         receiver.addChannel(sock, first);
         if (!mainSeen && !mainTimer) {
           mainTimer = setTimeout(

@@ -216,6 +216,7 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
       const loadStart = performance.now();
       this.setStatus('active');
       this.main = await this.openMain(accepted);
+      this.opts.log?.debug({ channel: 'main', tls: accepted.tls }, 'loading the main stream; return path open');
       const loaded = await this.load(this.main);
       const loadTimeMs = performance.now() - loadStart;
       const postcopy = await this.complete(this.main, loaded.ram);
@@ -274,6 +275,8 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     const integrity = new RamIntegrityDevice(() => this.loadRam);
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice()).register(integrity);
     for (const d of o.devices ?? []) devices.register(d);
+    const log = o.log ?? silentLogger;
+    let barriers = 0;
     const result = await qemuLoadVmState(main.reader, {
       ram: o.ram,
       zeroUnlessLoaded: true,
@@ -281,8 +284,19 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
       onRamReady: (r) => {
         this.loadRam = r;
         receiver?.setRam(r);
+        log.debug({ blocks: r.blocks.map((b) => ({ idstr: b.idstr, size: b.usedLength })), fromStream: o.ram === undefined }, 'RAM ready (setup section read)');
       },
-      multifd: receiver,
+      multifd: receiver && {
+        sync: async () => {
+          const t0 = performance.now();
+          await receiver.sync();
+          log.debug({ channel: 'multifd', barrier: ++barriers, waitedMs: performance.now() - t0 }, 'multifd barrier: every channel sent its SYNC; released');
+        },
+        setDialect: (legacy: boolean) => {
+          log.debug({ channel: 'multifd', dialect: legacy ? '7.2' : 'modern' }, 'multifd barrier dialect read off the stream');
+          receiver.setDialect(legacy);
+        },
+      },
       expectLegacyDialect: o.multifdFlushAfterEachSection ?? false,
       devices,
       onOpenReturnPath: () => (this.returnPathOpen = true),
@@ -295,6 +309,7 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     // A precopy stream sends every page in its first pass: one that never arrived was sent
     // where this side did not read (multifd channels it was not started for).
     if (!this.postcopy || !POSTCOPY_SWITCHED.includes(this.postcopy.incoming.state)) checkEveryPageArrived(ram);
+    log.debug({ normalPages: result.normalPages, zeroPages: result.zeroPages, machine: result.machine, barriers }, 'stream loaded (EOF)');
     if (integrity.received) {
       // Nothing may write RAM after the check: multifd is sealed first (a packet with pages
       // after this fails the load), and the main stream is over.
@@ -317,6 +332,7 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     // The last barrier put every multifd page in place; in postcopy every page is in the
     // received map: tell the source at once (its downtime ends here).
     if (this.returnPathOpen) main.rp.write(encodeRpShut(0));
+    this.opts.log?.debug({ channel: 'return-path', returnPath: this.returnPathOpen }, 'loaded; SHUT sent');
     const postcopy = await this.postcopy?.finish(ram);
     // QEMU appends a JSON description after EOF; read it if the source sends one. Everything
     // is loaded by now: a source that hangs up here (over TLS QEMU resets rather than ends)

@@ -9,7 +9,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
-import { BufferedWriter, bridgeTls, connect, type MigrationUri, parseMigrationUri, tlsConnect, type TlsOptions } from '@vmig/channel';
+import { BufferedWriter, bridgeTls, connect, formatMigrationUri, type MigrationUri, parseMigrationUri, tlsConnect, type TlsOptions } from '@vmig/channel';
 import {
   DEFAULT_CHANNEL_TIMEOUT_MS,
   DEFAULT_PARAMS,
@@ -25,6 +25,7 @@ import {
   MigrationThread,
   RamIntegrityDevice,
   type RuntimeParams,
+  silentLogger,
   TimerDevice,
   toVmigError,
   VmigError,
@@ -153,9 +154,14 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     });
     let sock: net.Socket | undefined;
     let multifd: MultifdSender | undefined;
+    const log = o.log ?? silentLogger;
     try {
       sock = await connect(target, { channel: 'main', timeoutMs });
-      if (o.tls) sock = await tlsConnect(sock, tlsHost, o.tls, timeoutMs, 'main');
+      log.debug({ channel: 'main', uri: formatMigrationUri(target) }, 'connected');
+      if (o.tls) {
+        sock = await tlsConnect(sock, tlsHost, o.tls, timeoutMs, 'main');
+        log.debug({ channel: 'main', hostname: o.tls.hostname ?? tlsHost }, 'TLS handshake done');
+      }
       if (o.multifdChannels) {
         multifd = await MultifdSender.start(o.ram, stats, {
           uri: target,
@@ -168,6 +174,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
           tls: o.tls,
         });
         this.multifd = multifd;
+        log.debug({ channel: 'multifd', channels: o.multifdChannels, compression: o.multifdCompression ?? 'none', tls: !!o.tls }, 'multifd channels connected, their MultiFDInit_t sent');
       }
     } catch (e) {
       // The vCPUs were never stopped: they run on.
@@ -181,6 +188,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
     const rpSock = o.tls ? (await bridgeTls(main, 'in')).sock : main;
     rp.attach(rpSock, o.ram);
+    log.debug({ channel: 'return-path', preempt: !!o.postcopyPreempt }, 'return-path thread reading');
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
     for (const d of o.devices ?? []) devices.register(d);
     if (o.integrity) devices.register(new RamIntegrityDevice(() => o.ram));
@@ -213,6 +221,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     main.on('error', (e) => mig.fail(e));
     multifd?.onError((e) => mig.fail(e));
     const info = await mig.run();
+    log.debug({ status: info.status, totalTimeMs: info.totalTimeMs, downtimeMs: info.downtimeMs }, 'migration thread done; closing the channels');
     restoreThreads(lowered);
     // The thread does no more I/O on the sockets' fds before they close.
     await rp.close();

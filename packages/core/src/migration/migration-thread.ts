@@ -133,7 +133,7 @@ export class MigrationThread {
     this.params = { ...ctx.params };
     this.saver = new RamSaver(ctx.ram, this.stats, ctx.params.zeroPageDetection);
     if (ctx.multifd) this.saver.pageSender = ctx.multifd;
-    this.sections = new RamSections(this.saver, ctx.sink, ctx.multifd, this.stats, (p, what) => this.guard(p, what));
+    this.sections = new RamSections(this.saver, ctx.sink, ctx.multifd, this.stats, (p, what) => this.guard(p, what), this.log);
     this.stats.totalBytes = ctx.ram.totalBytes;
     const timeoutMs = ctx.channelTimeoutMs ?? DEFAULT_CHANNEL_TIMEOUT_MS;
     this.watchdog = new Watchdog(timeoutMs, (what) =>
@@ -317,6 +317,7 @@ export class MigrationThread {
     if (params.postcopy) putSetupDeviceSections(sink, this.ctx.devices, RAM_SECTION_ID + 1);
     await this.guard(sink.flush(), MAIN);
     this.stats.setupTimeMs = performance.now() - this.stats.startTime;
+    this.log.debug({ setupTimeMs: this.stats.setupTimeMs, blocks: this.ctx.ram.blocks.length, multifd: !!this.ctx.multifd, returnPath: !!returnPath, postcopy: params.postcopy }, 'setup done');
   }
 
   private async iterate(): Promise<'complete' | 'postcopy'> {
@@ -371,9 +372,14 @@ export class MigrationThread {
         });
         roundStart = roundEnd;
         roundBytes = sections.writtenBytes();
+        this.log.debug(
+          { round: policy.rounds + 1, pending, dirtiedPages: dirtied, mbps: (stats.bandwidth * 8) / 1e6, expectedDowntimeMs: stats.expectedDowntimeMs, downtimeLimitMs: params.downtimeLimitMs, throttle: stats.cpuThrottlePercentage },
+          'round ended (dirty-log sync)',
+        );
         const { decision, reason } = policy.afterRound(pending, stats.bandwidth, params);
         if (decision !== 'iterate') {
           if (reason) this.log.info({ rounds: policy.rounds, pending, reason }, `switching to ${decision}`);
+          else this.log.debug({ rounds: policy.rounds, pending, thresholdBytes: SwitchoverPolicy.threshold(stats.bandwidth, params.downtimeLimitMs) }, 'switchover: what is dirty fits the downtime limit');
           return decision;
         }
         if (saver.dirtyPages === 0) {
@@ -433,6 +439,7 @@ export class MigrationThread {
     const bytesBefore = sections.writtenBytes();
     await this.guard(vm.stop(), 'the vCPUs to stop');
     if (this.error) throw this.error;
+    this.log.debug({ stopMs: performance.now() - downtimeStart }, 'vCPUs stopped');
     this.notifyPrecopy('COMPLETE');
     // The completion hook: devices flush cached state into RAM now, before the final sync.
     for (const d of devices.list()) d.flushToRam?.();
@@ -445,6 +452,7 @@ export class MigrationThread {
     stats.remainingPages = 0;
     // The destination loads what is in flight and answers.
     stats.timeline.enter('completion', performance.now());
+    this.log.debug({ downtimeBytes: stats.downtimeBytes }, 'device state and EOF sent; waiting for the destination (SHUT)');
 
     if (this.shutStatus) {
       const status = await this.guard(this.shutStatus, SHUT);

@@ -6,6 +6,7 @@
  * and cuts it short on a failure (migration-thread.ts).
  */
 import type { StreamSink } from '../io.js';
+import type { Logger } from '../log.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { putRamMultifdFlush } from '../wire/main-stream.js';
 import type { RateLimiter } from './rate-limit.js';
@@ -42,6 +43,7 @@ export class RamSections {
     private readonly multifd: MultifdLink | undefined,
     private readonly stats: MigrationStats,
     private readonly guard: Guard,
+    private readonly log: Logger,
   ) {}
 
   /** Bytes on every channel (main stream and multifd) the transports took. */
@@ -80,7 +82,9 @@ export class RamSections {
     const mf = this.multifd;
     if (!mf || this.multifdOff) return;
     if (!mf.flushAfterEachSection && !always) return;
+    const t0 = performance.now();
     await this.guard(mf.flushAndSync(), MULTIFD);
+    this.log.debug({ channel: 'multifd', waitedMs: performance.now() - t0, dialect: mf.flushAfterEachSection ? '7.2' : 'modern' }, 'multifd barrier: every channel wrote its SYNC');
     this.unsynced = false;
     if (!mf.flushAfterEachSection) putRamMultifdFlush(this.sink);
   }
