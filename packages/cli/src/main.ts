@@ -8,6 +8,7 @@ import { BENCH_OPTIONS, benchCommand } from './commands/bench.js';
 import { demoCommand } from './commands/demo.js';
 import { incomingCommand } from './commands/incoming.js';
 import { migrateCommand } from './commands/migrate.js';
+import { REPORT_OPTIONS, reportCommand } from './commands/report.js';
 import { restoreCommand } from './commands/restore.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { INCOMING_OPTIONS, MIGRATE_OPTIONS, RESTORE_OPTIONS, SNAPSHOT_OPTIONS } from './options.js';
@@ -20,17 +21,19 @@ commands:
   demo                both ends as two processes on loopback, verified by RAM digest
   snapshot FILE       background snapshot of a running guest into FILE (QEMU stream format)
   restore FILE        load a snapshot file into fresh RAM, report its digest
-  bench               benchmark scenarios (JSON lines); --list, --scenario NAME, --ram SIZE
+  bench               benchmark scenarios (JSON lines); --list, --scenario NAME, --ram SIZE, --html FILE
+  report FILE... -o F one HTML page (charts) from a run's --json output, or from bench output
   help                this text (vmig COMMAND --help: the command's flags; vmig --version)
 
 URI: tcp:HOST:PORT or unix:PATH. Sizes take K, M, G suffixes (binary).
 See README.md for every flag.`;
 
-const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; synopsis: string; options: Record<string, { type: string; multiple?: boolean }>; role: string }> = {
+const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; synopsis: string; options: Record<string, { type: string; multiple?: boolean; short?: string }>; role: string }> = {
   incoming: { run: incomingCommand, synopsis: 'incoming URI [flags]', options: INCOMING_OPTIONS, role: 'destination' },
   migrate: { run: migrateCommand, synopsis: 'migrate URI --ram SIZE [flags]', options: MIGRATE_OPTIONS, role: 'source' },
   demo: { run: demoCommand, synopsis: 'demo [migrate flags]', options: MIGRATE_OPTIONS, role: 'demo' },
-  bench: { run: benchCommand, synopsis: 'bench [--scenario NAME ...] [--ram SIZE] [--repeat N] [--list]', options: BENCH_OPTIONS, role: 'bench' },
+  bench: { run: benchCommand, synopsis: 'bench [--scenario NAME ...] [--ram SIZE] [--repeat N] [--list] [--html FILE]', options: BENCH_OPTIONS, role: 'bench' },
+  report: { run: reportCommand, synopsis: 'report RUN.jsonl [MORE.jsonl ...] -o report.html', options: REPORT_OPTIONS, role: 'report' },
   snapshot: { run: snapshotCommand, synopsis: 'snapshot FILE --ram SIZE [flags]', options: SNAPSHOT_OPTIONS, role: 'snapshot' },
   restore: { run: restoreCommand, synopsis: 'restore FILE [flags]', options: RESTORE_OPTIONS, role: 'restore' },
 };
@@ -39,7 +42,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; synop
 function commandHelp(name: string): string {
   const c = COMMANDS[name]!;
   const flags = Object.entries(c.options)
-    .map(([k, o]) => `  --${k}${o.type === 'string' ? ' VALUE' : ''}${o.multiple ? ' (repeatable)' : ''}`)
+    .map(([k, o]) => `  ${o.short ? `-${o.short}, ` : ''}--${k}${o.type === 'string' ? ' VALUE' : ''}${o.multiple ? ' (repeatable)' : ''}`)
     .join('\n');
   return `usage: vmig ${c.synopsis}\n\nflags:\n${flags}\n  --help\n\nSee README.md (CLI reference) for what each flag does.`;
 }

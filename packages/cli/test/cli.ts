@@ -1,27 +1,8 @@
 import { spawnSync } from 'node:child_process';
-import { release } from 'node:os';
 import { fileURLToPath } from 'node:url';
 
 /** The built CLI entry, as `./vmig` runs it. */
 export const CLI_MAIN = fileURLToPath(new URL('../dist/main.js', import.meta.url));
-
-/** Whether this kernel takes a custom slice for a SCHED_OTHER thread (EEVDF, Linux 6.12+; thread-slice.ts). */
-export function kernelHasCustomSlices(): boolean {
-  if (process.platform !== 'linux' || !['x64', 'arm64'].includes(process.arch)) return false;
-  const [major = 0, minor = 0] = release().split('.').map(Number);
-  return major > 6 || (major === 6 && minor >= 12);
-}
-
-/**
- * Runs `script` (an ES module) in a child Node process with `moduleUrl` as its argument and
- * returns the JSON it printed; throws with its stderr if it failed. Tests of thread
- * scheduling and names use it so that the test runner's own threads keep theirs.
- */
-export function runChildScript(script: string, moduleUrl: string): any {
-  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, moduleUrl], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`child exited ${r.status}: ${r.stderr}`);
-  return JSON.parse(r.stdout.trim());
-}
 
 /** Debian's QEMU 7.2 (`qemu-system-x86`, which .ci/run installs). */
 export const QEMU = 'qemu-system-x86_64';
@@ -33,5 +14,15 @@ export const QEMU = 'qemu-system-x86_64';
 export function haveQemu(): boolean {
   const ok = spawnSync(QEMU, ['--version']).status === 0;
   if (!ok && process.env['CI']) throw new Error(`${QEMU} is required in CI (.ci/run installs qemu-system-x86)`);
+  return ok;
+}
+
+/** Debian's chromium, for the report page's test (.ci/run installs it). */
+export const CHROMIUM = 'chromium';
+
+/** Whether a headless browser can run here. In CI it must: a missing one fails the file. */
+export function haveChromium(): boolean {
+  const ok = spawnSync(CHROMIUM, ['--version']).status === 0;
+  if (!ok && process.env['CI']) throw new Error(`${CHROMIUM} is required in CI (.ci/run installs it)`);
   return ok;
 }

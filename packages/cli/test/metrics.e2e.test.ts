@@ -76,7 +76,7 @@ describe('--metrics', () => {
     expect(t.rounds.length).toBe(s.report?.['ram'].dirtySyncCount - 2);
     expect(t.rounds[0]).toMatchObject({ round: 1 });
     expect(t.rounds.reduce((n: number, x: Json) => n + x.bytes, 0)).toBeGreaterThan(128 * 2 ** 20);
-    for (const x of t.rounds) expect(Object.keys(x).sort()).toEqual(['bytes', 'cpuThrottlePercentage', 'dirtiedPages', 'durationMs', 'expectedDowntimeMs', 'mbps', 'round', 'startMs']);
+    for (const x of t.rounds) expect(Object.keys(x).sort()).toEqual(['bytes', 'cpuThrottlePercentage', 'dirtiedPages', 'durationMs', 'expectedDowntimeMs', 'mbps', 'remainingBytes', 'round', 'startMs']);
   });
 
   it('a postcopy destination serves its requests and its vCPUs\' fault latency as a histogram', async () => {

@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { libc } from '@vmig/core';
 import { type CliProcess, type CliRun, runMigrationPair, spawnCli } from '@vmig/test-harness';
-import { CLI_MAIN, kernelHasCustomSlices } from './cli.js';
+import { kernelHasCustomSlices } from '@vmig/test-harness';
+import { CLI_MAIN } from './cli.js';
 import { ControlClient } from './control-client.js';
 
 type Report = Record<string, any>;

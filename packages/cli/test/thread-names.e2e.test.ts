@@ -7,7 +7,8 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { spawnCli } from '@vmig/test-harness';
-import { CLI_MAIN, runChildScript } from './cli.js';
+import { runChildScript } from '@vmig/test-harness';
+import { CLI_MAIN } from './cli.js';
 
 const coreModule = new URL('../../core/dist/thread-name.js', import.meta.url).href;
 

@@ -12,3 +12,4 @@ export * from './stamp.js';
 export * from './postcopy-verify.js';
 export * from './tls-creds.js';
 export * from './test-guest-destination.js';
+export * from './child-script.js';

@@ -3,13 +3,15 @@
  * loopback. Prints one JSON object per run. Timings are measured
  * here, never asserted in tests.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { InvalidArgumentError } from '@vmig/core';
 import { makeTlsCreds, runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
+import { benchPage } from '../report/bench-page.js';
+import { renderPage } from '../report/html-page.js';
 
 interface Scenario {
   name: string;
@@ -91,6 +93,7 @@ function scenarios(ram: string): Scenario[] {
 
 export const BENCH_OPTIONS = {
   scenario: { type: 'string', multiple: true },
+  html: { type: 'string' },
   ram: { type: 'string' },
   repeat: { type: 'string' },
   list: { type: 'boolean' },
@@ -121,7 +124,18 @@ export async function benchCommand(argv: string[]): Promise<number> {
   } finally {
     if (tlsDir) rmSync(tlsDir, { recursive: true, force: true });
   }
+  const html = values['html'] as string | undefined;
+  if (html) writeFileSync(html, renderPage(benchPage(results)));
   return failures === 0 ? 0 : 1;
+}
+
+/** Every result line of this run, for --html. */
+const results: Record<string, unknown>[] = [];
+
+/** A result: one JSON line on stdout. */
+function emit(r: Record<string, unknown>): void {
+  results.push(r);
+  process.stdout.write(JSON.stringify(r) + '\n');
 }
 
 async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: number, tlsFlags: () => string[]): Promise<number> {
@@ -142,8 +156,7 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
       const ok = src?.status === 'completed' && dst?.status === 'completed' && src?.ramDigest === (pc ? pc.restoredDigest : dst?.ramDigest) && (!pc || pc.badStamps === 0);
       if (!ok) failures++;
       const total = src?.ram?.total ?? 0;
-      process.stdout.write(
-        JSON.stringify({
+      emit({
           scenario: s.name,
           description: s.description,
           run: i + 1,
@@ -176,8 +189,7 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
           source: src?.resources,
           destination: dst?.resources,
           error: src?.error ?? dst?.error,
-        }) + '\n',
-      );
+        });
     }
   }
   return failures;
@@ -189,8 +201,7 @@ async function benchSnapshot(cliMain: string, s: Scenario, run: number): Promise
   try {
     const r = (await spawnCli(cliMain, ['snapshot', join(dir, 'bench.snap'), '--json', ...s.shared, ...s.source]).done).report as Record<string, any> | undefined;
     const ok = r?.status === 'completed';
-    process.stdout.write(
-      JSON.stringify({
+    emit({
         scenario: s.name,
         description: s.description,
         run,
@@ -205,8 +216,7 @@ async function benchSnapshot(cliMain: string, s: Scenario, run: number): Promise
         writeProtect: r?.writeProtect,
         snapshot: r?.resources,
         error: r?.error,
-      }) + '\n',
-    );
+      });
     return ok;
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -195,6 +195,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     ...(writersResumed !== undefined ? { writersResumed } : {}),
     ...(mig.scheduling ? { postcopyScheduling: mig.scheduling } : {}),
     timeline: mig.stats.timeline.toJSON(),
+    ...(s.multifdChannels > 0 ? { multifdChannelBytes: mig.multifdChannelBytes() } : {}),
     devices: { 'vmig-its': its.flushed ?? null },
     resources: resourceUsage(),
     ...(digest ? { ramDigest: digest } : {}),

@@ -366,6 +366,7 @@ export class MigrationThread {
           endedAt: roundEnd,
           bytes: sections.writtenBytes() - roundBytes,
           dirtiedPages: dirtied,
+          remainingBytes: pending,
           mbps: Math.round((stats.bandwidth * 8) / 1e3) / 1e3,
           expectedDowntimeMs: Math.round(stats.expectedDowntimeMs * 1000) / 1000,
           cpuThrottlePercentage: stats.cpuThrottlePercentage,

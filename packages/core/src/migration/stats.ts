@@ -55,6 +55,8 @@ export interface RoundRecord {
   bytes: number;
   /** Pages the sync that ended the round found newly dirtied. */
   dirtiedPages: number;
+  /** Bytes dirty after that sync: what the next round starts with. */
+  remainingBytes: number;
   /** Bandwidth as last measured in the round (Mbit/s). */
   mbps: number;
   expectedDowntimeMs: number;

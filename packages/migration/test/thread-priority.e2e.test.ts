@@ -4,7 +4,7 @@
  * A child process, so that the test runner's threads keep theirs.
  */
 import { describe, expect, it } from 'vitest';
-import { runChildScript } from './cli.js';
+import { runChildScript } from '@vmig/test-harness';
 
 const priorityModule = new URL('../dist/thread-priority.js', import.meta.url).href;
 

@@ -5,7 +5,7 @@
  * runner's threads keep theirs.
  */
 import { describe, expect, it } from 'vitest';
-import { kernelHasCustomSlices, runChildScript } from './cli.js';
+import { kernelHasCustomSlices, runChildScript } from '@vmig/test-harness';
 
 const sliceModule = new URL('../dist/thread-slice.js', import.meta.url).href;
 

@@ -1,0 +1,81 @@
+/** A run's page (run-model.ts) as charts (html-page.ts). */
+import type { ChartSpec, PageSpec } from './html-page.js';
+import type { RunModel } from './run-model.js';
+
+export function runPage(m: RunModel): PageSpec {
+  const charts: ChartSpec[] = [];
+  const empty: string[] = [];
+  const t = m.series.map((p) => p.t);
+  const marks = m.rounds.map((r) => r.endS);
+  const xMax = Math.max(0, ...m.phases.map((p) => p.endS));
+  const bands = m.phases
+    .filter((p) => p.phase === 'stop-and-copy' || p.phase === 'postcopy')
+    .map((p) => ({ from: p.startS, to: p.endS, label: p.phase === 'stop-and-copy' ? 'downtime' : 'postcopy' }));
+  if (m.series.length > 0) {
+    charts.push({
+      title: 'Throughput (rounds dashed, downtime and postcopy shaded)',
+      kind: 'line',
+      xLabel: 'time (s)',
+      x: t,
+      series: [{ label: 'Mbit/s', values: m.series.map((p) => p.mbps) }],
+      yLabel: 'Mbit/s',
+      marks,
+      bands,
+      xMax,
+    });
+    charts.push({
+      title: 'Remaining RAM and dirty rate',
+      kind: 'line',
+      xLabel: 'time (s)',
+      x: t,
+      series: [
+        { label: 'remaining (MiB)', values: m.series.map((p) => p.remainingMiB) },
+        { label: 'dirtied (MiB/s)', values: m.series.map((p) => p.dirtyMiBps), axis: 'right' },
+      ],
+      yLabel: 'MiB',
+      yRightLabel: 'MiB/s',
+      marks,
+      bands,
+      xMax,
+    });
+  } else empty.push('No figures over time: the run printed no progress and no rounds.');
+  if (m.rounds.length > 0) {
+    charts.push({
+      title: 'Each round: bytes sent and expected downtime at its end',
+      kind: 'bars',
+      xLabel: 'round',
+      x: m.rounds.map((r) => r.round),
+      xNames: m.rounds.map((r) => String(r.round)),
+      series: [
+        { label: 'sent (MiB)', values: m.rounds.map((r) => r.mib) },
+        { label: 'expected downtime (ms)', values: m.rounds.map((r) => r.expectedDowntimeMs), axis: 'right' },
+      ],
+      yLabel: 'MiB',
+      yRightLabel: 'ms',
+    });
+  }
+  if (m.latency) {
+    const names = m.latency.bucketsMs.map((b) => `<=${b}`).concat([`>${m.latency.bucketsMs.at(-1)}`]);
+    charts.push({
+      title: 'Postcopy fault latency (destination vCPUs)',
+      kind: 'bars',
+      xLabel: 'latency (ms)',
+      x: names.map((_, i) => i),
+      xNames: names,
+      series: [{ label: 'faults', values: m.latency.counts }],
+      yLabel: 'faults',
+    });
+  } else empty.push('No postcopy fault latencies (a postcopy run with --postcopy-blocktime, and the destination\'s output, have them).');
+  if (m.channelsMiB.length > 0) {
+    charts.push({
+      title: 'Bytes per multifd channel',
+      kind: 'bars',
+      xLabel: 'channel',
+      x: m.channelsMiB.map((_, i) => i),
+      xNames: m.channelsMiB.map((_, i) => String(i)),
+      series: [{ label: 'MiB', values: m.channelsMiB }],
+      yLabel: 'MiB',
+    });
+  }
+  return { title: m.title, summary: m.summary, charts, empty };
+}
