@@ -26,7 +26,7 @@ commands:
   help                this text (vmig COMMAND --help: the command's flags; vmig --version)
 
 URI: tcp:HOST:PORT or unix:PATH. Sizes take K, M, G suffixes (binary).
-See README.md for every flag.`;
+See docs/cli.md for every flag.`;
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; synopsis: string; options: Record<string, { type: string; multiple?: boolean; short?: string }>; role: string }> = {
   incoming: { run: incomingCommand, synopsis: 'incoming URI [flags]', options: INCOMING_OPTIONS, role: 'destination' },
@@ -38,13 +38,13 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; synop
   restore: { run: restoreCommand, synopsis: 'restore FILE [flags]', options: RESTORE_OPTIONS, role: 'restore' },
 };
 
-/** `vmig COMMAND --help`: the synopsis and every flag the command takes (README.md explains each). */
+/** `vmig COMMAND --help`: the synopsis and every flag the command takes (docs/cli.md explains each). */
 function commandHelp(name: string): string {
   const c = COMMANDS[name]!;
   const flags = Object.entries(c.options)
     .map(([k, o]) => `  ${o.short ? `-${o.short}, ` : ''}--${k}${o.type === 'string' ? ' VALUE' : ''}${o.multiple ? ' (repeatable)' : ''}`)
     .join('\n');
-  return `usage: vmig ${c.synopsis}\n\nflags:\n${flags}\n  --help\n\nSee README.md (CLI reference) for what each flag does.`;
+  return `usage: vmig ${c.synopsis}\n\nflags:\n${flags}\n  --help\n\nSee docs/cli.md for what each flag does.`;
 }
 
 function version(): string {
