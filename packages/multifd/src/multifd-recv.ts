@@ -3,8 +3,8 @@
  * accepts channels (checking MultiFDInit_t: magic, version, one migration's uuid, an expected
  * and unused id), hands each socket to its own recv thread, and runs the barrier. The recv
  * threads are started with the receiver, before any channel connects: a thread takes ~0.1 s
- * to boot here, and started on connect that time fell inside the first round, while the
- * source's packets waited in the kernel (1 GiB of zero pages: ~0.6 s -> see benchmarks.md).
+ * to boot here, which started on connect would fall inside the first round, while the
+ * source's packets wait in the kernel.
  */
 import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
