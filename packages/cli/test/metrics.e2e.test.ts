@@ -2,7 +2,7 @@
  * --metrics: Prometheus text scraped from a live migration on both ends, and from a
  * background snapshot; the report's timeline.
  */
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -104,7 +104,8 @@ describe('--metrics', () => {
   });
 
   it('a background snapshot serves its writer stalls as a histogram', async () => {
-    const file = join(mkdtempSync(join(tmpdir(), 'vmig-metrics-')), 'snap.vmig');
+    const dir = mkdtempSync(join(tmpdir(), 'vmig-metrics-'));
+    const file = join(dir, 'snap.vmig');
     const snap = spawnCli(CLI_MAIN, ['snapshot', file, '--json', '--ram', '256M', '--writers', '2', '--dirty-rate', '64M', '--metrics', 'tcp:127.0.0.1:0']);
     const address = String((await snap.waitFor((l) => l['event'] === 'metrics'))['address']);
     await snap.waitFor((l) => l['event'] === 'status' && l['status'] === 'active');
@@ -112,6 +113,7 @@ describe('--metrics', () => {
     expect(m.has('vmig_snapshot_stall_seconds_count')).toBe(true);
     expect(m.has('vmig_snapshot_stall_seconds_bucket{le="0.001"}')).toBe(true);
     expect((await snap.done).code).toBe(0);
+    rmSync(dir, { recursive: true, force: true });
   });
 
   it('a bad address is a bad flag: exit 2', async () => {

@@ -3,16 +3,17 @@
  * browser (Debian's chromium): the charts are drawn with data, the screenshot is not blank.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PNG } from 'pngjs';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { CHROMIUM, CLI_MAIN, haveChromium } from './cli.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'vmig-report-'));
 const browser = haveChromium();
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 function chromium(args: string[]): string {
   const r = spawnSync(CHROMIUM, ['--headless', '--no-sandbox', '--disable-gpu', '--hide-scrollbars', `--user-data-dir=${join(dir, 'profile')}`, ...args], {
