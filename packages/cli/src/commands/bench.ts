@@ -7,9 +7,10 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { InvalidArgumentError } from '@vmig/core';
+import { InvalidArgumentError, toVmigError } from '@vmig/core';
 import { makeTlsCreds, runMigrationPair, spawnCli } from '@vmig/test-harness';
-import { parseCommandArgs } from '../args.js';
+import { parseCommandArgs, parseSize } from '../args.js';
+import { haveQemu, makeRandomMemFile, QEMU, runQemuPair } from './qemu-pair.js';
 import { benchPage } from '../report/bench-page.js';
 import { renderPage } from '../report/html-page.js';
 
@@ -24,19 +25,21 @@ interface Scenario {
   snapshot?: boolean;
   /** TLS on every channel, with credentials made for the run (openssl). */
   tls?: boolean;
+  /** The same migration QEMU 7.2 can run (`--vs-qemu`): its RAM and its channels. */
+  qemu?: { fill: 'random' | 'zero'; channels: number };
 }
 
 function scenarios(ram: string): Scenario[] {
   const mf = (n: number): string[] => ['--ram', ram, '--multifd-channels', String(n)];
   return [
-    { name: 'precopy-random-1ch', description: `${ram} random RAM, no writers, main channel only`, shared: ['--ram', ram], source: ['--fill', 'random'] },
-    { name: 'precopy-zero-1ch', description: `${ram} zero RAM, no writers, main channel only`, shared: ['--ram', ram], source: ['--fill', 'zero'] },
-    { name: 'multifd-random-1ch', description: `${ram} random RAM, 1 multifd channel`, shared: mf(1), source: ['--fill', 'random'] },
-    { name: 'multifd-random-2ch', description: `${ram} random RAM, 2 multifd channels`, shared: mf(2), source: ['--fill', 'random'] },
-    { name: 'multifd-random-4ch', description: `${ram} random RAM, 4 multifd channels`, shared: mf(4), source: ['--fill', 'random'] },
+    { name: 'precopy-random-1ch', description: `${ram} random RAM, no writers, main channel only`, shared: ['--ram', ram], source: ['--fill', 'random'], qemu: { fill: 'random', channels: 0 } },
+    { name: 'precopy-zero-1ch', description: `${ram} zero RAM, no writers, main channel only`, shared: ['--ram', ram], source: ['--fill', 'zero'], qemu: { fill: 'zero', channels: 0 } },
+    { name: 'multifd-random-1ch', description: `${ram} random RAM, 1 multifd channel`, shared: mf(1), source: ['--fill', 'random'], qemu: { fill: 'random', channels: 1 } },
+    { name: 'multifd-random-2ch', description: `${ram} random RAM, 2 multifd channels`, shared: mf(2), source: ['--fill', 'random'], qemu: { fill: 'random', channels: 2 } },
+    { name: 'multifd-random-4ch', description: `${ram} random RAM, 4 multifd channels`, shared: mf(4), source: ['--fill', 'random'], qemu: { fill: 'random', channels: 4 } },
     { name: 'multifd-random-2ch-tls', description: `${ram} random RAM, 2 multifd channels, TLS on every channel`, shared: mf(2), source: ['--fill', 'random'], tls: true },
     { name: 'multifd-random-2ch-integrity', description: `${ram} random RAM, 2 multifd channels, --integrity (range digests at the stop, both sides)`, shared: [...mf(2), '--integrity'], source: ['--fill', 'random'] },
-    { name: 'multifd-zero-2ch', description: `${ram} zero RAM, 2 multifd channels (zero pages found by the channels)`, shared: mf(2), source: ['--fill', 'zero'] },
+    { name: 'multifd-zero-2ch', description: `${ram} zero RAM, 2 multifd channels (zero pages found by the channels)`, shared: mf(2), source: ['--fill', 'zero'], qemu: { fill: 'zero', channels: 2 } },
     {
       name: 'multifd-text-none-200M',
       description: `${ram} text RAM, 2 channels, no compression, --max-bandwidth 200M`,
@@ -94,6 +97,7 @@ function scenarios(ram: string): Scenario[] {
 export const BENCH_OPTIONS = {
   scenario: { type: 'string', multiple: true },
   html: { type: 'string' },
+  'vs-qemu': { type: 'boolean' },
   ram: { type: 'string' },
   repeat: { type: 'string' },
   list: { type: 'boolean' },
@@ -119,10 +123,17 @@ export async function benchCommand(argv: string[]): Promise<number> {
     tlsDir ??= mkdtempSync(join(tmpdir(), 'vmig-bench-tls-'));
     return ['--tls-creds', makeTlsCreds(tlsDir)];
   };
+  const vsQemu = values['vs-qemu'] === true;
+  if (vsQemu && !haveQemu()) throw new InvalidArgumentError(`bench --vs-qemu needs ${QEMU} (Debian: apt-get install qemu-system-x86)`);
+  // With --vs-qemu: the scenarios QEMU can run too (no writers), each run alternating with QEMU's.
+  const chosen = all.filter((x) => wanted.includes(x.name) && (!vsQemu || x.qemu));
+  if (chosen.length === 0) throw new InvalidArgumentError('bench --vs-qemu: none of these scenarios is one QEMU can run (see --list: precopy-* and multifd-random/zero without writers)');
+  const qemuDir = vsQemu ? mkdtempSync(join(tmpdir(), 'vmig-bench-qemu-')) : undefined;
   try {
-    failures = await runScenarios(cliMain, all.filter((x) => wanted.includes(x.name)), repeat, tlsFlags);
+    failures = await runScenarios(cliMain, chosen, repeat, tlsFlags, qemuDir === undefined ? undefined : { dir: qemuDir, ramBytes: parseSize('ram', ram) });
   } finally {
     if (tlsDir) rmSync(tlsDir, { recursive: true, force: true });
+    if (qemuDir) rmSync(qemuDir, { recursive: true, force: true });
   }
   const html = values['html'] as string | undefined;
   if (html) writeFileSync(html, renderPage(benchPage(results)));
@@ -138,12 +149,26 @@ function emit(r: Record<string, unknown>): void {
   process.stdout.write(JSON.stringify(r) + '\n');
 }
 
-async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: number, tlsFlags: () => string[]): Promise<number> {
+async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: number, tlsFlags: () => string[], vsQemu: { dir: string; ramBytes: number } | undefined): Promise<number> {
   let failures = 0;
   const creds = scenarios.some((s) => s.tls) ? tlsFlags() : [];
+  let randomMem: string | undefined;
   for (const x of scenarios) {
     const s = x.tls ? { ...x, shared: [...x.shared, ...creds] } : x;
+    const times = { vmig: [] as number[], qemu: [] as number[] };
     for (let i = 0; i < repeat; i++) {
+      if (vsQemu && s.qemu) {
+        // QEMU's run first in each pair, then vmig's: alternating, so a drift of the machine hits both.
+        if (s.qemu.fill === 'random' && !randomMem) makeRandomMemFile((randomMem = join(vsQemu.dir, 'random.mem')), vsQemu.ramBytes);
+        try {
+          const q = await runQemuPair({ ramBytes: vsQemu.ramBytes, memFile: s.qemu.fill === 'random' ? randomMem : undefined, multifdChannels: s.qemu.channels, timeoutMs: 300_000 });
+          times.qemu.push(q.totalTimeMs);
+          emit({ scenario: `${s.name} (QEMU 7.2)`, peer: 'qemu', run: i + 1, verified: true, totalTimeMs: q.totalTimeMs, downtimeMs: q.downtimeMs, setupTimeMs: q.setupMs, throughputMBps: Math.round(vsQemu.ramBytes / 1e6 / (q.totalTimeMs / 1000)) });
+        } catch (e) {
+          failures++;
+          emit({ scenario: `${s.name} (QEMU 7.2)`, peer: 'qemu', run: i + 1, verified: false, error: toVmigError(e, 'VMIG_ERR_INTERNAL').toJSON() });
+        }
+      }
       if (s.snapshot) {
         if (!(await benchSnapshot(cliMain, s, i + 1))) failures++;
         continue;
@@ -155,6 +180,7 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
       const pc = dst?.postcopy as Record<string, any> | undefined;
       const ok = src?.status === 'completed' && dst?.status === 'completed' && src?.ramDigest === (pc ? pc.restoredDigest : dst?.ramDigest) && (!pc || pc.badStamps === 0);
       if (!ok) failures++;
+      if (ok && typeof src?.totalTimeMs === 'number') times.vmig.push(src.totalTimeMs);
       const total = src?.ram?.total ?? 0;
       emit({
           scenario: s.name,
@@ -191,8 +217,18 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
           error: src?.error ?? dst?.error,
         });
     }
+    if (vsQemu && s.qemu && times.vmig.length > 0 && times.qemu.length > 0) {
+      const vm = median(times.vmig);
+      const qm = median(times.qemu);
+      emit({ vsQemu: s.name, runs: Math.min(times.vmig.length, times.qemu.length), vmigMedianMs: vm, qemuMedianMs: qm, ratio: Math.round((vm / qm) * 100) / 100 });
+    }
   }
   return failures;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor((s.length - 1) / 2)]!;
 }
 
 /** One snapshot run: the file goes to a temporary directory, removed afterwards. */

@@ -1,0 +1,37 @@
+/**
+ * `vmig bench --vs-qemu`: each scenario QEMU can run, run by a QEMU 7.2 pair too, alternating,
+ * with the ratio of the medians. Live QEMU (Debian's qemu-system-x86, which .ci/run installs).
+ */
+import { describe, expect, it } from 'vitest';
+import { spawnCli } from '@vmig/test-harness';
+import { CLI_MAIN, haveQemu } from './cli.js';
+
+type Json = Record<string, any>;
+
+describe.runIf(haveQemu())('bench --vs-qemu', () => {
+  it('runs the same migration between two QEMU 7.2 processes, alternating with vmig, and prints each ratio', async () => {
+    const r = await spawnCli(CLI_MAIN, ['bench', '--vs-qemu', '--scenario', 'multifd-random-2ch', '--scenario', 'precopy-zero-1ch', '--ram', '64M', '--repeat', '2']).done;
+    expect(r.code, r.stderr).toBe(0);
+    const lines = r.lines as Json[];
+    for (const name of ['multifd-random-2ch', 'precopy-zero-1ch']) {
+      const vmig = lines.filter((l) => l['scenario'] === name);
+      const qemu = lines.filter((l) => l['scenario'] === `${name} (QEMU 7.2)`);
+      expect(vmig.length, name).toBe(2);
+      expect(qemu.length, name).toBe(2);
+      for (const q of qemu) {
+        expect(q['verified'], JSON.stringify(q['error'])).toBe(true);
+        expect(q['totalTimeMs']).toBeGreaterThan(0);
+        expect(Number.isFinite(q['downtimeMs'])).toBe(true);
+      }
+      const s = lines.find((l) => l['vsQemu'] === name)!;
+      expect(s['runs']).toBe(2);
+      expect(s['ratio']).toBeCloseTo(s['vmigMedianMs'] / s['qemuMedianMs'], 1);
+    }
+  });
+
+  it('a scenario QEMU cannot run (writers, postcopy, snapshot) is refused with the reason', async () => {
+    const r = await spawnCli(CLI_MAIN, ['bench', '--vs-qemu', '--scenario', 'snapshot-writers-100M']).done;
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain('none of these scenarios');
+  });
+});
