@@ -101,6 +101,7 @@ describe('--metrics', () => {
     expect(s.code, s.stderr).toBe(0);
     expect(r.code, r.stderr).toBe(0);
     expect(r.report?.['postcopy'].badStamps).toBe(0);
+    expect((s.report?.['timeline'] as Json).phases.map((p: Json) => p.phase)).toEqual(['setup', 'iterations', 'stop-and-copy', 'postcopy', 'completion']);
   });
 
   it('a background snapshot serves its writer stalls as a histogram', async () => {

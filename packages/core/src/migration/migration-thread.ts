@@ -428,6 +428,7 @@ export class MigrationThread {
         this.stats.timeline.enter('postcopy', performance.now());
         this.setStatus('postcopy-active');
       },
+      onCompletion: () => this.stats.timeline.enter('completion', performance.now()),
     }).run();
   }
 

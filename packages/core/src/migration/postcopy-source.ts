@@ -50,6 +50,8 @@ export interface PostcopySourceContext {
   onSwitched: () => void;
   /** The package reached the transport: the downtime is over, postcopy-active. */
   onActive: () => void;
+  /** Every page and EOF are sent: the destination's answer is awaited. */
+  onCompletion: () => void;
 }
 
 export class PostcopySource {
@@ -125,6 +127,7 @@ export class PostcopySource {
     putEof(sink);
     await c.guard(sink.flush(), MAIN);
     stats.remainingPages = 0;
+    c.onCompletion();
     // The destination answers once every page is in place (requested pages the return-path
     // thread sent included: it has written them before it reads SHUT).
     const status = await c.guard(c.shutStatus, SHUT);
