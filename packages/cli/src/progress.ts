@@ -9,6 +9,20 @@ import { fmtBytes } from './output.js';
 
 const BAR = 20;
 
+/**
+ * As many fields as fit in `columns` - 1 (the cursor's column), in order, each whole; a
+ * terminal narrower than the first field gets that field cut (nothing else can go).
+ */
+function fit(fields: string[], columns: number): string {
+  let line = fields[0]!;
+  for (const f of fields.slice(1)) {
+    const next = `${line} | ${f}`;
+    if (next.length > columns - 1) break;
+    line = next;
+  }
+  return line.slice(0, Math.max(1, columns - 1));
+}
+
 /** One frame for `columns` columns (pure: tested on its own). */
 export function formatProgress(i: MigrationInfo, total: number, columns: number): string {
   const remaining = Math.min(total, i.ram.remaining);
@@ -26,14 +40,7 @@ export function formatProgress(i: MigrationInfo, total: number, columns: number)
     `sent ${fmtBytes(i.ram.transferred)}`,
     `throttle ${i.cpuThrottlePercentage}%`,
   ];
-  let line = fields[0]!;
-  for (const f of fields.slice(1)) {
-    const next = `${line} | ${f}`;
-    if (next.length > columns - 1) break;
-    line = next;
-  }
-  // A terminal narrower than the first field: the field, cut (nothing else can go).
-  return line.slice(0, Math.max(1, columns - 1));
+  return fit(fields, columns);
 }
 
 /** The final frame: the outcome, then the figures that fit. */
@@ -48,13 +55,7 @@ export function formatOutcome(i: MigrationInfo, columns: number): string {
     `${i.ram.dirtySyncCount} round(s)`,
     `sent ${fmtBytes(i.ram.transferred)}`,
   ];
-  let line = fields[0]!;
-  for (const f of fields.slice(1)) {
-    const next = `${line} | ${f}`;
-    if (next.length > columns - 1) break;
-    line = next;
-  }
-  return line.slice(0, Math.max(1, columns - 1));
+  return fit(fields, columns);
 }
 
 export class ProgressLine {

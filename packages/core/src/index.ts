@@ -16,6 +16,7 @@ export * from './migration/ram-load.js';
 export * from './migration/loadvm.js';
 export * from './migration/rate-limit.js';
 export * from './migration/migration-thread.js';
+export * from './migration/vm.js';
 export * from './migration/switchover.js';
 export * from './worker-url.js';
 export * from './log.js';

@@ -20,20 +20,11 @@ import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.j
 import { RateLimiter } from './rate-limit.js';
 import { putStreamStart } from './savevm.js';
 import { SwitchoverPolicy } from './switchover.js';
+import type { VmRunControl } from './vm.js';
 import { Watchdog } from './watchdog.js';
 import type { SourceReturnPath } from './source-return-path.js';
 import { isTerminal, type MigrationStatus } from './state.js';
 import { MigrationStats, type MigrationInfo } from './stats.js';
-
-/** vm_stop / vm_start as the migration thread sees them. */
-export interface VmRunControl {
-  /** Stops every vCPU; resolves only once each has acknowledged it is parked. */
-  stop(): Promise<void>;
-  /** Lets the vCPUs run again (after a failed or cancelled migration). */
-  resume(): void;
-  /** Auto-converge: the share of time (0..99 %) the vCPUs must sleep. */
-  setThrottle?(pct: number): void;
-}
 
 export interface MigrationParams {
   /** downtime-limit, ms (QEMU default 300). */

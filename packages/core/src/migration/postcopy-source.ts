@@ -18,7 +18,7 @@ import { RateLimiter } from './rate-limit.js';
 import { putDiscardBitmap, putPostcopyPackage } from './savevm.js';
 import type { SourceReturnPath } from './source-return-path.js';
 import type { MigrationStats } from './stats.js';
-import type { VmRunControl } from './migration-thread.js';
+import type { VmRunControl } from './vm.js';
 
 /** Background pages per postcopy section: requests wait behind at most this many (no preempt). */
 const POSTCOPY_SLICE_PAGES = 32;

@@ -13,7 +13,7 @@ import { silentLogger, type Logger } from '../log.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import { putFileHeader } from '../wire/main-stream.js';
 import { putDeviceSectionsAndEof } from '../migration/device-sections.js';
-import type { VmRunControl } from '../migration/migration-thread.js';
+import type { VmRunControl } from '../migration/vm.js';
 import { RamSaver } from '../migration/ram-save.js';
 import type { MigrationStatus } from '../migration/state.js';
 import { MigrationStats } from '../migration/stats.js';
