@@ -98,6 +98,7 @@ export const BENCH_OPTIONS = {
   scenario: { type: 'string', multiple: true },
   html: { type: 'string' },
   'vs-qemu': { type: 'boolean' },
+  sizes: { type: 'string' },
   ram: { type: 'string' },
   repeat: { type: 'string' },
   list: { type: 'boolean' },
@@ -123,6 +124,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     tlsDir ??= mkdtempSync(join(tmpdir(), 'vmig-bench-tls-'));
     return ['--tls-creds', makeTlsCreds(tlsDir)];
   };
+  if (values['sizes'] !== undefined) return growthSeries(cliMain, String(values['sizes']), repeat);
   const vsQemu = values['vs-qemu'] === true;
   if (vsQemu && !haveQemu()) throw new InvalidArgumentError(`bench --vs-qemu needs ${QEMU} (Debian: apt-get install qemu-system-x86)`);
   // With --vs-qemu: the scenarios QEMU can run too (no writers), each run alternating with QEMU's.
@@ -257,4 +259,54 @@ async function benchSnapshot(cliMain: string, s: Scenario, run: number): Promise
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** A block is at most 4 GiB: larger guests are made of several blocks. */
+const BLOCK_MAX = 4 * 2 ** 30;
+
+/**
+ * `--sizes 256M,1G,...`: the cost as the guest grows. `multifd-random-2ch` at each size
+ * (blocks of at most 4 GiB), with the time per GiB against the smallest size of 1 GiB or
+ * more, and each side's peak RSS against RAM + 25 % + 100 MiB.
+ */
+async function growthSeries(cliMain: string, sizesText: string, repeat: number): Promise<number> {
+  const sizes = sizesText.split(',').map((t) => parseSize('sizes', t.trim()));
+  let failures = 0;
+  const perGiB = new Map<number, number>();
+  for (const bytes of sizes) {
+    const blocks: string[] = [];
+    for (let off = 0, i = 0; off < bytes; off += BLOCK_MAX, i++) blocks.push('--ram-block', `ram${i}=${Math.min(BLOCK_MAX, bytes - off)}`);
+    const shared = [...blocks, '--multifd-channels', '2'];
+    const times: number[] = [];
+    for (let i = 0; i < repeat; i++) {
+      const { source, destination } = await runMigrationPair(cliMain, shared, [...shared, '--fill', 'random']);
+      const src = source.report as Record<string, any> | undefined;
+      const dst = destination.report as Record<string, any> | undefined;
+      const ok = src?.status === 'completed' && dst?.status === 'completed' && src?.ramDigest === dst?.ramDigest;
+      if (!ok) failures++;
+      const limit = bytes * 1.25 + 100 * 2 ** 20;
+      const rss = { source: src?.resources?.maxRssBytes, destination: dst?.resources?.maxRssBytes };
+      if (ok) times.push(src!.totalTimeMs);
+      emit({
+        series: 'growth',
+        ramBytes: bytes,
+        blocks: blocks.length / 2,
+        run: i + 1,
+        verified: ok,
+        totalTimeMs: src?.totalTimeMs,
+        msPerGiB: src?.totalTimeMs ? Math.round((src.totalTimeMs / (bytes / 2 ** 30)) * 10) / 10 : null,
+        downtimeMs: src?.downtimeMs,
+        peakRssBytes: rss,
+        rssLimitBytes: Math.round(limit),
+        rssWithinLimit: { source: rss.source <= limit, destination: rss.destination <= limit },
+        error: src?.error ?? dst?.error,
+      });
+    }
+    if (times.length) perGiB.set(bytes, median(times) / (bytes / 2 ** 30));
+  }
+  const base = [...perGiB.keys()].filter((b) => b >= 2 ** 30).sort((a, b) => a - b)[0];
+  if (base !== undefined) {
+    for (const [bytes, ms] of perGiB) emit({ series: 'growth', ramBytes: bytes, medianMsPerGiB: Math.round(ms * 10) / 10, vsSmallestGiB: Math.round((ms / perGiB.get(base)!) * 100) / 100 });
+  }
+  return failures === 0 ? 0 : 1;
 }

@@ -1,6 +1,7 @@
 /**
  * `vmig bench --vs-qemu`: each scenario QEMU can run, run by a QEMU 7.2 pair too, alternating,
- * with the ratio of the medians. Live QEMU (Debian's qemu-system-x86, which .ci/run installs).
+ * with the ratio of the medians (live QEMU: Debian's qemu-system-x86, which .ci/run installs).
+ * `vmig bench --sizes`: the cost as the guest grows.
  */
 import { describe, expect, it } from 'vitest';
 import { spawnCli } from '@vmig/test-harness';
@@ -33,5 +34,21 @@ describe.runIf(haveQemu())('bench --vs-qemu', () => {
     const r = await spawnCli(CLI_MAIN, ['bench', '--vs-qemu', '--scenario', 'snapshot-writers-100M']).done;
     expect(r.code).toBe(2);
     expect(r.stderr).toContain('none of these scenarios');
+  });
+});
+
+describe('bench --sizes', () => {
+  it('runs multifd-random-2ch at each size, with time per GiB and peak RSS against RAM + 25 % + 100 MiB', async () => {
+    const r = await spawnCli(CLI_MAIN, ['bench', '--sizes', '32M,64M']).done;
+    expect(r.code, r.stderr).toBe(0);
+    const runs = (r.lines as Json[]).filter((l) => l['series'] === 'growth' && 'run' in l);
+    expect(runs.map((l) => l['ramBytes'])).toEqual([32 << 20, 64 << 20]);
+    for (const l of runs) {
+      expect(l['verified']).toBe(true);
+      expect(l['msPerGiB']).toBeGreaterThan(0);
+      expect(l['rssLimitBytes']).toBe(Math.round(l['ramBytes'] * 1.25 + 100 * 2 ** 20));
+      expect(l['peakRssBytes'].source).toBeGreaterThan(l['ramBytes']);
+      expect(typeof l['rssWithinLimit'].destination).toBe('boolean');
+    }
   });
 });
