@@ -33,12 +33,16 @@ export function readFirstBytes(sock: net.Socket, n: number, timeoutMs = 30_000):
       sock.off('data', onData);
       sock.off('end', onEnd);
       sock.off('error', onEnd);
+      sock.off('close', onEnd);
       if (err) reject(err);
       else resolve(Buffer.concat(parts));
     };
     sock.on('data', onData);
     sock.once('end', onEnd);
     sock.once('error', onEnd);
+    // Destroyed by its owner (the listener closed): no 'end' comes, and the timer must not
+    // keep the process alive.
+    sock.once('close', onEnd);
     sock.resume();
   });
 }

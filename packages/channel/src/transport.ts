@@ -2,6 +2,7 @@
  * Connecting and listening. A transport hands out net.Sockets; what travels on them is
  * someone else's business.
  */
+import { lstatSync, unlinkSync } from 'node:fs';
 import net from 'node:net';
 import { VmigError } from '@vmig/core';
 import type { MigrationUri } from './uri.js';
@@ -52,6 +53,7 @@ export async function listen(uri: MigrationUri): Promise<Listener> {
     if (w) w.resolve(sock);
     else pending.push(sock);
   });
+  if (uri.transport === 'unix') await removeStaleSocket(uri.path);
   await new Promise<void>((resolve, reject) => {
     server.once('error', (err: NodeJS.ErrnoException) =>
       reject(new VmigError('VMIG_ERR_CONNECT', `cannot listen on ${describe(uri)}: ${err.code ?? err.message}`, { channel: 'listen' }, { cause: err })),
@@ -83,4 +85,34 @@ export async function listen(uri: MigrationUri): Promise<Listener> {
 
 function describe(uri: MigrationUri): string {
   return uri.transport === 'tcp' ? `${uri.host}:${uri.port}` : uri.path;
+}
+
+/**
+ * A unix socket file left by a process that died blocks a new listener (EADDRINUSE) for good.
+ * QEMU unlinks the path before it binds; here only a socket nobody accepts on is removed, so
+ * a live listener is never taken over.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) return;
+  const alive = await new Promise<boolean>((resolve) => {
+    const c = net.connect({ path });
+    c.once('connect', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once('error', () => resolve(false));
+  });
+  if (!alive) {
+    try {
+      unlinkSync(path);
+    } catch {
+      // Gone meanwhile, or not ours to remove: listen() says what is wrong.
+    }
+  }
 }

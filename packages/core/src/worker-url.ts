@@ -7,3 +7,13 @@
 export function workerUrl(fromModule: string, file: string): URL {
   return new URL(`../dist/${file}`, fromModule);
 }
+
+/**
+ * The Node flags a worker thread starts with: the process's own, but for those that apply only
+ * to the entry the process was started with (`--input-type` belongs to `-e` and stdin, and a
+ * worker given it fails to start: an application run as `node --input-type=module -e` would
+ * lose every thread of vmig's).
+ */
+export function workerExecArgv(): string[] {
+  return process.execArgv.filter((a) => !a.startsWith('--input-type'));
+}

@@ -152,16 +152,24 @@ export function acceptChannels(
         turnAway(sock, `a connection that began 0x${magic.toString(16).padStart(8, '0')}, neither a migration stream (QEVM) nor a multifd channel`);
       }
     };
+    /** Connections not told apart yet (their first bytes or handshake awaited). */
+    const identifying = new Set<net.Socket>();
     void (async () => {
       for (;;) {
         let sock: net.Socket;
         try {
           sock = await listener.accept();
         } catch {
+          // The listener closed (the migration ended, failed or was cancelled): a connection
+          // still being told apart has no one to go to.
           clearTimeout(mainTimer);
-          return; // listener closed
+          for (const s of identifying) s.destroy();
+          return;
         }
-        handle(sock).catch(() => sock.destroy());
+        identifying.add(sock);
+        handle(sock)
+          .catch(() => sock.destroy())
+          .finally(() => identifying.delete(sock));
       }
     })();
   });

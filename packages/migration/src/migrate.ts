@@ -89,13 +89,17 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
   private multifd: MultifdSender | undefined;
   private readonly abort = new AbortController();
   private readonly params: MigrationParams;
+  private readonly target: MigrationUri;
 
   constructor(private readonly opts: MigrateOptions) {
     super();
     checkMigrateOptions(opts);
+    // A bad URI is a bad option: thrown here, like the others.
+    this.target = typeof opts.uri === 'string' ? parseMigrationUri(opts.uri) : opts.uri;
     this.params = { ...DEFAULT_PARAMS, ...pickParams(opts) };
     if (opts.multifdChannels && opts.zeroPageDetection === undefined && !opts.multifdFlushAfterEachSection) this.params.zeroPageDetection = 'multifd';
-    this.result = this.run();
+    // Never rejects: whatever goes wrong ends as a failed migration with its error.
+    this.result = this.run().catch((e: unknown) => this.failed(toVmigError(e, 'VMIG_ERR_INTERNAL')));
     this.done = this.result.then((info) => {
       if (info.status === 'completed') return info;
       throw VmigError.fromJSON(info.error ?? { code: 'VMIG_ERR_INTERNAL', message: `migration ${info.status} without an error` });
@@ -139,10 +143,14 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
   private async run(): Promise<MigrationInfo> {
     const o = this.opts;
     const timeoutMs = o.channelTimeoutMs ?? DEFAULT_CHANNEL_TIMEOUT_MS;
-    const target = typeof o.uri === 'string' ? parseMigrationUri(o.uri) : o.uri;
+    const target = this.target;
     const tlsHost = target.transport === 'tcp' ? target.host : 'localhost';
     const stats = this.stats;
     stats.startTime = performance.now();
+    // A device registered twice is the caller's mistake: refused before anything connects.
+    const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
+    for (const d of o.devices ?? []) devices.register(d);
+    if (o.integrity) devices.register(new RamIntegrityDevice(() => o.ram));
     // The return path's thread boots while the channels connect (see return-path-thread.ts);
     // with preempt it opens the channel for requested pages at the switch and sends them there.
     const rp = new ReturnPathThread({
@@ -155,15 +163,44 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     let sock: net.Socket | undefined;
     let multifd: MultifdSender | undefined;
     const log = o.log ?? silentLogger;
+    // A cancel while the channels connect ends the wait at once; what connects afterwards is closed.
+    const cancelled = (): VmigError => new VmigError('VMIG_ERR_CANCELLED', 'migration cancelled while connecting', { channel: 'main' });
+    const unlessCancelled = <T>(p: Promise<T>, drop: (v: T) => void): Promise<T> => {
+      if (this.abort.signal.aborted) {
+        p.then(drop, () => {});
+        return Promise.reject(cancelled());
+      }
+      return new Promise<T>((resolve, reject) => {
+        const onAbort = (): void => {
+          p.then(drop, () => {});
+          reject(cancelled());
+        };
+        this.abort.signal.addEventListener('abort', onAbort, { once: true });
+        p.then(
+          (v) => {
+            this.abort.signal.removeEventListener('abort', onAbort);
+            resolve(v);
+          },
+          (e: unknown) => {
+            this.abort.signal.removeEventListener('abort', onAbort);
+            reject(e);
+          },
+        );
+      });
+    };
     try {
-      sock = await connect(target, { channel: 'main', timeoutMs });
+      sock = await unlessCancelled(connect(target, { channel: 'main', timeoutMs }), (s) => s.destroy());
       log.debug({ channel: 'main', uri: formatMigrationUri(target) }, 'connected');
       if (o.tls) {
-        sock = await tlsConnect(sock, tlsHost, o.tls, timeoutMs, 'main');
+        const plain = sock;
+        sock = await unlessCancelled(tlsConnect(plain, tlsHost, o.tls, timeoutMs, 'main'), (s) => s.destroy()).catch((e: unknown) => {
+          plain.destroy();
+          throw e;
+        });
         log.debug({ channel: 'main', hostname: o.tls.hostname ?? tlsHost }, 'TLS handshake done');
       }
       if (o.multifdChannels) {
-        multifd = await MultifdSender.start(o.ram, stats, {
+        multifd = await unlessCancelled(MultifdSender.start(o.ram, stats, {
           uri: target,
           channels: o.multifdChannels,
           compression: o.multifdCompression ?? 'none',
@@ -172,7 +209,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
           uuid: o.uuid,
           connectTimeoutMs: timeoutMs,
           tls: o.tls,
-        });
+        }), (m) => void m.destroy());
         this.multifd = multifd;
         log.debug({ channel: 'multifd', channels: o.multifdChannels, compression: o.multifdCompression ?? 'none', tls: !!o.tls }, 'multifd channels connected, their MultiFDInit_t sent');
       }
@@ -186,12 +223,17 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     const sink = new BufferedWriter(main, { channel: 'main' });
     // Over TLS the return-path thread reads the decrypted direction through a local pair
     // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
-    const rpSock = o.tls ? (await bridgeTls(main, 'in')).sock : main;
+    let rpSock: net.Socket;
+    try {
+      rpSock = o.tls ? (await bridgeTls(main, 'in')).sock : main;
+    } catch (e) {
+      main.destroy();
+      await multifd?.destroy();
+      await rp.close();
+      return this.failed(toVmigError(e, 'VMIG_ERR_TLS'));
+    }
     rp.attach(rpSock, o.ram);
     log.debug({ channel: 'return-path', preempt: !!o.postcopyPreempt }, 'return-path thread reading');
-    const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
-    for (const d of o.devices ?? []) devices.register(d);
-    if (o.integrity) devices.register(new RamIntegrityDevice(() => o.ram));
     let lowered: PriorityChange | undefined;
     const mig = new MigrationThread({
       ram: o.ram,
@@ -234,7 +276,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
   }
 
   private failed(err: VmigError): MigrationInfo {
-    this.stats.status = 'failed';
+    this.stats.status = err.code === 'VMIG_ERR_CANCELLED' ? 'cancelled' : 'failed';
     this.stats.error = err.toJSON();
     this.stats.endTime = performance.now();
     const info = this.stats.info();

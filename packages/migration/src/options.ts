@@ -55,7 +55,28 @@ export function checkMultifdOptions(o: Checked): void {
   if (t !== undefined && (!Number.isInteger(t) || t < 100)) throw new InvalidArgumentError(`channelTimeoutMs: expected an integer of at least 100, got ${t}`);
 }
 
-export function checkMigrateOptions(o: Checked): void {
+interface CheckedSource extends Checked {
+  ram?: unknown;
+  vm?: unknown;
+  downtimeLimitMs?: number;
+  maxBandwidth?: number;
+  maxPostcopyBandwidth?: number;
+  postcopyAfterRounds?: number;
+}
+
+export function checkMigrateOptions(o: CheckedSource): void {
+  const ram = o.ram as { blocks?: unknown } | undefined;
+  if (!ram || !Array.isArray(ram.blocks)) throw new InvalidArgumentError('ram: expected a GuestRam (GuestRam.create or GuestRam.attach)');
+  const vm = o.vm as { stop?: unknown; resume?: unknown } | undefined;
+  if (!vm || typeof vm.stop !== 'function' || typeof vm.resume !== 'function') throw new InvalidArgumentError('vm: expected { stop(): Promise<void>, resume(): void }');
+  const num = (name: string, v: number | undefined, min: number, integer = false): void => {
+    if (v === undefined) return;
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < min || (integer && !Number.isInteger(v))) throw new InvalidArgumentError(`${name}: expected ${integer ? 'an integer' : 'a number'} of at least ${min}, got ${String(v)}`);
+  };
+  num('downtimeLimitMs', o.downtimeLimitMs, 1);
+  num('maxBandwidth', o.maxBandwidth, 0);
+  num('maxPostcopyBandwidth', o.maxPostcopyBandwidth, 0);
+  num('postcopyAfterRounds', o.postcopyAfterRounds, 0, true);
   checkMultifdOptions(o);
   const z = o.zeroPageDetection;
   if (z !== undefined && !['none', 'legacy', 'multifd'].includes(z)) throw new InvalidArgumentError(`zeroPageDetection: expected none, legacy or multifd, got '${z}'`);

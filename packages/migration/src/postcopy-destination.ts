@@ -20,6 +20,7 @@ import {
   TARGET_PAGE_SIZE,
   VmigError,
   workerUrl,
+  workerExecArgv,
 } from '@vmig/core';
 import type { IncomingGuest } from './incoming-guest.js';
 import type { PreemptFromThread, PreemptThreadData, PreemptToThread } from './preempt-protocol.js';
@@ -102,6 +103,7 @@ export class PostcopyDestination {
 
   private startPreemptThread(): Worker {
     const w = new Worker(workerUrl(import.meta.url, 'preempt-channel.worker.js'), {
+      execArgv: workerExecArgv(),
       workerData: { faultSliceUs: this.opts.faultSliceUs } satisfies PreemptThreadData,
     });
     this.preemptExited = exitOf(w);

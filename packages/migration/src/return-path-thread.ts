@@ -23,6 +23,7 @@ import {
   type UrgentPagesShared,
   VmigError,
   workerUrl,
+  workerExecArgv,
 } from '@vmig/core';
 import { awaitExit, exitOf } from './worker-exit.js';
 
@@ -95,6 +96,7 @@ export class ReturnPathThread implements SourceReturnPath {
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
     this.worker = new Worker(workerUrl(import.meta.url, 'return-path.worker.js'), {
+      execArgv: workerExecArgv(),
       workerData: { port: port2, faultSliceUs: opts.faultSliceUs ?? 0 } satisfies ReturnPathThreadData,
       transferList: [port2],
     });

@@ -66,7 +66,8 @@ export class SnapshotJob extends EventEmitter<SnapshotEvents> {
   constructor(private readonly opts: SnapshotOptions) {
     super();
     this.wp = new WriteProtectSaver(opts.writeProtect ?? createWriteProtect(opts.ram.totalPages, 0, 0));
-    this.result = this.run();
+    // Never rejects: a file that cannot be opened is a failed snapshot with its error.
+    this.result = this.run().catch((e: unknown) => this.failed(toVmigError(e, 'VMIG_ERR_SNAPSHOT_IO')));
     this.done = this.result.then((info) => {
       if (info.status === 'completed') return info;
       throw VmigError.fromJSON(info.error ?? { code: 'VMIG_ERR_INTERNAL', message: `snapshot ${info.status} without an error` });
@@ -76,6 +77,19 @@ export class SnapshotJob extends EventEmitter<SnapshotEvents> {
 
   cancel(): void {
     this.abort.abort();
+  }
+
+  private failed(err: VmigError): SnapshotInfo {
+    const info: SnapshotInfo = {
+      status: 'failed',
+      totalTimeMs: 0,
+      setupTimeMs: 0,
+      ram: { transferred: 0, total: this.opts.ram.totalBytes, pagesByScan: 0, pagesByFault: 0, pagesByCow: 0, normal: 0, duplicate: 0 },
+      writeProtect: this.wp.stats(),
+      error: err.toJSON(),
+    };
+    this.emit('status', 'failed');
+    return info;
   }
 
   /** How long writers stalled on write-protected pages (ms), sampled so far. */

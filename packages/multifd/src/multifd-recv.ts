@@ -9,7 +9,7 @@
 import type net from 'node:net';
 import { Worker } from 'node:worker_threads';
 import { detachFd, type TlsOptions } from '@vmig/channel';
-import { FirstError, type GuestRam, StreamError, VmigError, workerUrl } from '@vmig/core';
+import { FirstError, type GuestRam, StreamError, VmigError, workerUrl, workerExecArgv } from '@vmig/core';
 import { ABORT, APPLYING, CONTROL_WORDS, DIALECT, DIALECT_LEGACY, DIALECT_MODERN, MAX_CHANNELS, POSTED, RELEASED, SEALED } from './recv-control.js';
 import { type CompressionName, compressionByName } from './compress/registry.js';
 import type { RecvChannelApi, RecvThreadConfig, RecvTotals } from './recv-protocol.js';
@@ -161,7 +161,7 @@ export class MultifdReceiver {
 
   private startThread(id: number): Worker {
     const cfg: RecvThreadConfig = { id, control: this.control, zeroUnlessLoaded: this.zeroUnlessLoaded, compressionFlag: this.compressionFlag };
-    const w = new Worker(workerUrl(import.meta.url, 'recv-channel.worker.js'), { workerData: cfg });
+    const w = new Worker(workerUrl(import.meta.url, 'recv-channel.worker.js'), { workerData: cfg, execArgv: workerExecArgv() });
     // `id` is the thread's slot: the channel it serves is the same, but for a TLS connection,
     // whose id comes with its init.
     this.channelOfSlot[id] = id;

@@ -7,7 +7,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import type { MigrationUri, TlsOptions } from '@vmig/channel';
-import { type ByteWriter, FirstError, TARGET_PAGE_SIZE, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl } from '@vmig/core';
+import { type ByteWriter, FirstError, TARGET_PAGE_SIZE, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl, workerExecArgv } from '@vmig/core';
 import type { CompressionName } from './compress/registry.js';
 import { JOB_PACKETS, type SendChannelConfig, type SendFromChannel, type SendToChannel } from './send-protocol.js';
 import { MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
@@ -88,7 +88,7 @@ export class MultifdSender implements MultifdLink {
         tls: opts.tls,
         tlsTimeoutMs: opts.connectTimeoutMs ?? 10_000,
       };
-      return new Worker(workerUrl(import.meta.url, 'send-channel.worker.js'), { workerData: cfg });
+      return new Worker(workerUrl(import.meta.url, 'send-channel.worker.js'), { workerData: cfg, execArgv: workerExecArgv() });
     });
     const s = new MultifdSender(workers, stats, ram, opts);
     const deadline = performance.now() + (opts.connectTimeoutMs ?? 10_000);
@@ -262,6 +262,9 @@ export class MultifdSender implements MultifdLink {
   /** Ends every channel thread now (their sockets close with them). */
   async destroy(): Promise<void> {
     this.closed = true;
+    // A flush or a backpressure wait still in progress (the migration failed elsewhere) ends
+    // now instead of waiting for channels that are gone.
+    this.fail(new VmigError('VMIG_ERR_CANCELLED', 'multifd channels closed', { channel: 'multifd' }));
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
 }

@@ -5,7 +5,7 @@
  */
 import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
-import { type GuestRam, InvalidArgumentError, TARGET_PAGE_SIZE, VmigError, workerUrl } from '@vmig/core';
+import { type GuestRam, InvalidArgumentError, TARGET_PAGE_SIZE, VmigError, workerExecArgv, workerUrl } from '@vmig/core';
 import { digestRam, hexDigest, type RamDigest } from './digest.js';
 import type { DigestRange } from './digest.worker.js';
 
@@ -37,7 +37,7 @@ export async function digestRamParallel(ram: GuestRam, opts: ParallelDigestOptio
   const doneSab = new SharedArrayBuffer(Int32Array.BYTES_PER_ELEMENT);
   const tasks = pageRanges(ram, pagesSab, doneSab);
   const size = Math.min(threads, tasks.length);
-  const pool = new Piscina<DigestRange, void>({ filename: workerUrl(import.meta.url, 'digest.worker.js').href, minThreads: size, maxThreads: size });
+  const pool = new Piscina<DigestRange, void>({ filename: workerUrl(import.meta.url, 'digest.worker.js').href, minThreads: size, maxThreads: size, execArgv: workerExecArgv() });
   try {
     await Promise.all(tasks.map((t) => pool.run(t)));
   } catch (e) {

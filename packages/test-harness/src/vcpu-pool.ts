@@ -3,7 +3,7 @@
  * protocol in vcpu-control.ts. Implements core's VmRunControl (vm_stop / vm_start).
  */
 import { Worker } from 'node:worker_threads';
-import { type GuestRam, InvalidArgumentError, type MissingPagesShared, type PreemptReaderShared, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerUrl, type WriteProtectShared } from '@vmig/core';
+import { type GuestRam, InvalidArgumentError, type MissingPagesShared, type PreemptReaderShared, type RamBlockShared, TARGET_PAGE_SIZE, VmigError, type VmRunControl, workerExecArgv, workerUrl, type WriteProtectShared } from '@vmig/core';
 import { controlBytes, PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 
 export type WritePattern = 'uniform' | 'hot';
@@ -88,7 +88,7 @@ export class VcpuPool implements VmRunControl {
         preempt: opts.preempt,
         track: opts.track,
       };
-      workers.push(new Worker(workerUrl(import.meta.url, 'vcpu-writer.worker.js'), { workerData: cfg }));
+      workers.push(new Worker(workerUrl(import.meta.url, 'vcpu-writer.worker.js'), { workerData: cfg, execArgv: workerExecArgv() }));
     }
     const pool = new VcpuPool(workers, control);
     const failed = new Promise<never>((_, reject) => {

@@ -6,7 +6,7 @@
 import { parseMigrationUri } from '@vmig/channel';
 import { GuestRam, InvalidArgumentError, MigrationNotifiers, type MigrationStatus, toVmigError } from '@vmig/core';
 import { incoming, type IncomingMigration, type IncomingResult } from '@vmig/migration';
-import { digestRamParallel, ItsTableDevice, TestGuestDestination, VcpuStateDevice } from '@vmig/test-harness';
+import { digestRam, ItsTableDevice, TestGuestDestination, VcpuStateDevice } from '@vmig/test-harness';
 import { createLogger } from '../log.js';
 import { dumpRam } from '../dump-ram.js';
 import { ControlServer } from '../control.js';
@@ -184,7 +184,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   // Postcopy: the guest's writes were checked against the source's; the ITS table too.
   if (r.postcopy) its.checkTableInRam();
   // Precopy: nothing here wrote guest RAM, so the digest is of RAM as loaded.
-  const digest = await digestRamParallel(r.ram);
+  const digest = digestRam(r.ram);
   const dumpFile = values['dump-ram'];
   if (typeof dumpFile === 'string' && dumpFile.length > 0) await dumpRam(r.ram, dumpFile);
   stopSignals();

@@ -5,7 +5,7 @@
 import { type MigrationUri, parseMigrationUri } from '@vmig/channel';
 import { GuestRam, InvalidArgumentError, type MigrationInfo, MigrationNotifiers } from '@vmig/core';
 import { migrate, type OutgoingMigration } from '@vmig/migration';
-import { digestRamParallel, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
+import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { ControlServer, runtimeParams } from '../control.js';
 import { qmpCapabilities, qmpMigrationInfo, qmpParameters, qmpStatus } from '../qmp-info.js';
@@ -181,7 +181,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   // After success the vCPUs stay stopped: RAM is exactly what was migrated. After a failure
   // or cancel before the postcopy switch they run again: check that they really do. After
   // the switch they stay stopped (the guest is split; the error says so).
-  const digest = info.status === 'completed' ? (await digestRamParallel(ram)).digest : undefined;
+  const digest = info.status === 'completed' ? digestRam(ram).digest : undefined;
   let writersResumed: boolean | undefined;
   if (info.status !== 'completed' && vcpus.count > 0 && s.dirtyRate > 0) {
     writersResumed = await vcpus.keepsWriting(RESUME_CHECK_MS);

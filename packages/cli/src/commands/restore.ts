@@ -4,7 +4,7 @@
  */
 import { type GuestRam, InvalidArgumentError, toVmigError } from '@vmig/core';
 import { restore, type RestoreResult } from '@vmig/migration';
-import { digestRamParallel, ItsTableDevice, VcpuStateDevice } from '@vmig/test-harness';
+import { digestRam, ItsTableDevice, VcpuStateDevice } from '@vmig/test-harness';
 import { parseCommandArgs } from '../args.js';
 import { createLogger } from '../log.js';
 import { maxRamSetting, parseSnapshotFile, RESTORE_OPTIONS, sharedSettings } from '../options.js';
@@ -32,7 +32,7 @@ export async function restoreCommand(argv: string[]): Promise<number> {
     out.report({ role: 'restore', status: 'failed', file, error: err.toJSON() }, `vmig: restore failed: ${err.message} [${err.code}]`);
     return 1;
   }
-  const digest = await digestRamParallel(r.ram);
+  const digest = digestRam(r.ram);
   const dumpFile = values['dump-ram'];
   if (typeof dumpFile === 'string' && dumpFile.length > 0) await dumpRam(r.ram, dumpFile);
   out.report(

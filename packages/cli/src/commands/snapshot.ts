@@ -3,7 +3,7 @@
  * [--verify] [--json]`: a background snapshot of a running test guest into a file in QEMU's
  * stream format; `vmig restore FILE` loads it.
  */
-import { createWriteProtect, GuestRam, InvalidArgumentError, type MigrationStatus, type SnapshotInfo, toVmigError } from '@vmig/core';
+import { createWriteProtect, GuestRam, InvalidArgumentError, type MigrationStatus } from '@vmig/core';
 import { snapshot, type SnapshotJob } from '@vmig/migration';
 import { MetricsServer, migrationRegistry } from '../metrics.js';
 import { digestRam, fillRam, ItsTableDevice, VcpuPool, VcpuStateDevice } from '@vmig/test-harness';
@@ -61,17 +61,7 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
     out.event({ event: 'status', status: st }, `vmig: snapshot ${st}`);
   });
   job.on('progress', (i) => out.event({ event: 'progress', ...i }, `vmig: ${fmtBytes(i.ram.transferred)} written, ${i.writeProtect.faultsBlocking + i.writeProtect.faultsCow} fault(s)`));
-  let info: SnapshotInfo;
-  try {
-    info = await job.result;
-  } catch (e) {
-    // The file could not be opened: nothing was saved.
-    await vcpus.terminate();
-    const err = toVmigError(e, 'VMIG_ERR_SNAPSHOT_IO');
-    out.report({ role: 'snapshot', status: 'failed', error: err.toJSON() }, `vmig: snapshot failed: ${err.message} [${err.code}]`);
-    await metrics?.close();
-    return 1;
-  }
+  const info = await job.result;
   process.off('SIGINT', onSignal);
   process.off('SIGTERM', onSignal);
 

@@ -237,8 +237,10 @@ export class MigrationThread {
         stats.error = this.error!.toJSON();
         outcome = this.error!.code === 'VMIG_ERR_CANCELLED' ? 'cancelled' : 'failed';
         // The source keeps running: its RAM was only read, never written.
-        ctx.vm.setThrottle?.(0);
-        ctx.vm.resume();
+        this.vmCall(() => {
+          ctx.vm.setThrottle?.(0);
+          ctx.vm.resume();
+        }, 'resume');
       }
     } finally {
       ctx.signal?.removeEventListener('abort', onAbort);
@@ -247,13 +249,22 @@ export class MigrationThread {
     }
     // migration_cleanup: CLEANUP exactly once, on every path, before the final status. The
     // vCPUs run unthrottled again; the stats keep the throttle the migration ended with.
-    ctx.vm.setThrottle?.(0);
+    this.vmCall(() => ctx.vm.setThrottle?.(0), 'setThrottle');
     for (const err of this.notifiers.precopy.notifyAll({ reason: 'CLEANUP', status: outcome })) {
       this.log.warn({ error: err.toJSON() }, 'precopy CLEANUP notifier failed');
     }
     this.setStatus(outcome);
     this.notifyState(outcome === 'completed' ? { type: 'done', status: outcome } : { type: 'failed', status: outcome, error: stats.error });
     return stats.info();
+  }
+
+  /** The application's vm hooks after the outcome is known: a throw is logged, the cleanup goes on. */
+  private vmCall(f: () => void, what: string): void {
+    try {
+      f();
+    } catch (e) {
+      this.log.warn({ error: toVmigError(e, 'VMIG_ERR_INTERNAL').toJSON(), hook: what }, 'vm hook failed');
+    }
   }
 
   /** precopy_notify for the reasons whose errors are reported but do not stop anything. */
