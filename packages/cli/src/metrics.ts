@@ -79,16 +79,16 @@ export function migrationRegistry(src: MetricsSource, role: string): Registry {
     gauge('vmig_migration_ram_total_bytes', 'ram.total: guest RAM', () => info()?.ram.total);
     counter('vmig_migration_ram_normal_pages', 'ram.normal: pages sent whole', () => info()?.ram.normal);
     counter('vmig_migration_ram_duplicate_pages', 'ram.duplicate: zero pages', () => info()?.ram.duplicate);
-    counter('vmig_migration_dirty_sync_count', 'ram.dirty-sync-count: dirty-log syncs (rounds)', () => info()?.ram.dirtySyncCount);
-    gauge('vmig_migration_dirty_pages_rate', 'ram.dirty-pages-rate: pages dirtied per second', () => info()?.ram.dirtyPagesRate);
-    gauge('vmig_migration_mbps', 'ram.mbps: bandwidth as last measured (Mbit/s)', () => info()?.ram.mbps);
+    counter('vmig_migration_ram_dirty_sync_count', 'ram.dirty-sync-count: dirty-log syncs (rounds)', () => info()?.ram.dirtySyncCount);
+    gauge('vmig_migration_ram_dirty_pages_rate', 'ram.dirty-pages-rate: pages dirtied per second', () => info()?.ram.dirtyPagesRate);
+    gauge('vmig_migration_ram_mbps', 'ram.mbps: bandwidth as last measured (Mbit/s)', () => info()?.ram.mbps);
     gauge('vmig_migration_expected_downtime_ms', 'expected-downtime (ms)', () => info()?.expectedDowntimeMs);
     gauge('vmig_migration_downtime_ms', 'downtime once known (ms)', () => info()?.downtimeMs);
     gauge('vmig_migration_total_time_ms', 'total-time (ms)', () => info()?.totalTimeMs);
     gauge('vmig_migration_cpu_throttle_percentage', 'cpu-throttle-percentage (auto-converge)', () => info()?.cpuThrottlePercentage);
-    counter('vmig_migration_multifd_bytes', 'ram.multifd-bytes: bytes on the multifd channels', () => info()?.ram.multifdBytes);
-    counter('vmig_migration_postcopy_requests', 'ram.postcopy-requests: pages the destination asked for', () => info()?.ram.postcopyRequests);
-    counter('vmig_migration_postcopy_bytes', 'ram.postcopy-bytes: bytes sent after the switch', () => info()?.ram.postcopyBytes);
+    counter('vmig_migration_ram_multifd_bytes', 'ram.multifd-bytes: bytes on the multifd channels', () => info()?.ram.multifdBytes);
+    counter('vmig_migration_ram_postcopy_requests', 'ram.postcopy-requests: pages the destination asked for', () => info()?.ram.postcopyRequests);
+    counter('vmig_migration_ram_postcopy_bytes', 'ram.postcopy-bytes: bytes sent after the switch', () => info()?.ram.postcopyBytes);
   }
   if (src.channelBytes) {
     const read = src.channelBytes.bind(src);
@@ -105,8 +105,8 @@ export function migrationRegistry(src: MetricsSource, role: string): Registry {
   }
   if (src.postcopy) {
     const read = src.postcopy.bind(src);
-    counter('vmig_migration_postcopy_requests', 'postcopy-requests: pages this side asked for', () => read()?.postcopyRequests);
-    counter('vmig_migration_postcopy_pages', 'pages placed after the postcopy switch', () => read()?.postcopyPages);
+    counter('vmig_migration_ram_postcopy_requests', 'postcopy-requests: pages this side asked for', () => read()?.postcopyRequests);
+    counter('vmig_migration_ram_postcopy_pages', 'pages placed after the postcopy switch', () => read()?.postcopyPages);
   }
   const histogram = (name: string, help: string, readMs: () => number[]): void => {
     new Histogram({

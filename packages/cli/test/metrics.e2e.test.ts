@@ -51,8 +51,8 @@ describe('--metrics', () => {
     // A live migration: the figures move between two scrapes.
     expect(b.get('vmig_migration_ram_transferred_bytes')!).toBeGreaterThan(a.get('vmig_migration_ram_transferred_bytes')!);
     expect(b.get('vmig_migration_ram_remaining_bytes')).toBeDefined();
-    expect(b.get('vmig_migration_mbps')!).toBeGreaterThan(0);
-    for (const name of ['vmig_migration_dirty_sync_count', 'vmig_migration_dirty_pages_rate', 'vmig_migration_expected_downtime_ms', 'vmig_migration_cpu_throttle_percentage', 'vmig_migration_postcopy_requests']) {
+    expect(b.get('vmig_migration_ram_mbps')!).toBeGreaterThan(0);
+    for (const name of ['vmig_migration_ram_dirty_sync_count', 'vmig_migration_ram_dirty_pages_rate', 'vmig_migration_expected_downtime_ms', 'vmig_migration_cpu_throttle_percentage', 'vmig_migration_ram_postcopy_requests', 'vmig_migration_ram_multifd_bytes']) {
       expect(b.has(name), name).toBe(true);
     }
     expect(b.get('vmig_multifd_channel_bytes{channel="0"}')!).toBeGreaterThan(0);
@@ -95,7 +95,7 @@ describe('--metrics', () => {
     }
     expect(m.get('vmig_migration_status{status="postcopy-active"}')).toBe(1);
     expect(m.get('vmig_postcopy_fault_latency_seconds_count')!).toBeGreaterThan(0);
-    expect(m.get('vmig_migration_postcopy_requests')!).toBeGreaterThan(0);
+    expect(m.get('vmig_migration_ram_postcopy_requests')!).toBeGreaterThan(0);
     expect(m.has('vmig_postcopy_fault_latency_seconds_bucket{le="+Inf"}')).toBe(true);
     const [s, r] = await Promise.all([src.done, dst.done]);
     expect(s.code, s.stderr).toBe(0);
