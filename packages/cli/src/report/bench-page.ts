@@ -1,5 +1,5 @@
 /** A bench series (the JSON lines `vmig bench` prints) as a page: each scenario's medians. */
-import type { ChartSpec, PageSpec } from './html-page.js';
+import { barChart, type ChartSpec, type PageSpec } from './html-page.js';
 
 type Json = Record<string, any>;
 
@@ -22,28 +22,18 @@ export function benchPage(lines: Json[]): PageSpec {
     names.length === 0
       ? []
       : [
-          {
-            title: 'Total time and downtime (medians)',
-            kind: 'bars',
-            xLabel: 'scenario',
-            x: names.map((_, i) => i),
-            xNames: names,
-            series: [
+          barChart(
+            'Total time and downtime (medians)',
+            'scenario',
+            names,
+            [
               { label: 'total (ms)', values: med('totalTimeMs') },
               { label: 'downtime (ms)', values: med('downtimeMs'), axis: 'right' },
             ],
-            yLabel: 'total ms',
-            yRightLabel: 'downtime ms',
-          },
-          {
-            title: 'Throughput (medians)',
-            kind: 'bars',
-            xLabel: 'scenario',
-            x: names.map((_, i) => i),
-            xNames: names,
-            series: [{ label: 'MB/s', values: med('throughputMBps') }],
-            yLabel: 'MB/s',
-          },
+            'total ms',
+            'downtime ms',
+          ),
+          barChart('Throughput (medians)', 'scenario', names, [{ label: 'MB/s', values: med('throughputMBps') }], 'MB/s'),
         ];
   return {
     title: `vmig bench: ${names.length} scenario(s), ${runs.length} run(s)`,

@@ -25,6 +25,11 @@ export interface ChartSpec {
   xMax?: number;
 }
 
+/** A bar chart with one named bar (group) per item: the bars stand at 0..n-1, named `names`. */
+export function barChart(title: string, xLabel: string, names: string[], series: ChartSpec['series'], yLabel: string, yRightLabel?: string): ChartSpec {
+  return { title, kind: 'bars', xLabel, x: names.map((_, i) => i), xNames: names, series, yLabel, ...(yRightLabel ? { yRightLabel } : {}) };
+}
+
 export interface PageSpec {
   title: string;
   summary: [string, string][];

@@ -1,5 +1,5 @@
 /** A run's page (run-model.ts) as charts (html-page.ts). */
-import type { ChartSpec, PageSpec } from './html-page.js';
+import { barChart, type ChartSpec, type PageSpec } from './html-page.js';
 import type { RunModel } from './run-model.js';
 
 export function runPage(m: RunModel): PageSpec {
@@ -40,42 +40,26 @@ export function runPage(m: RunModel): PageSpec {
     });
   } else empty.push('No figures over time: the run printed no progress and no rounds.');
   if (m.rounds.length > 0) {
-    charts.push({
-      title: 'Each round: bytes sent and expected downtime at its end',
-      kind: 'bars',
-      xLabel: 'round',
-      x: m.rounds.map((r) => r.round),
-      xNames: m.rounds.map((r) => String(r.round)),
-      series: [
-        { label: 'sent (MiB)', values: m.rounds.map((r) => r.mib) },
-        { label: 'expected downtime (ms)', values: m.rounds.map((r) => r.expectedDowntimeMs), axis: 'right' },
-      ],
-      yLabel: 'MiB',
-      yRightLabel: 'ms',
-    });
+    charts.push(
+      barChart(
+        'Each round: bytes sent and expected downtime at its end',
+        'round',
+        m.rounds.map((r) => String(r.round)),
+        [
+          { label: 'sent (MiB)', values: m.rounds.map((r) => r.mib) },
+          { label: 'expected downtime (ms)', values: m.rounds.map((r) => r.expectedDowntimeMs), axis: 'right' },
+        ],
+        'MiB',
+        'ms',
+      ),
+    );
   }
   if (m.latency) {
     const names = m.latency.bucketsMs.map((b) => `<=${b}`).concat([`>${m.latency.bucketsMs.at(-1)}`]);
-    charts.push({
-      title: 'Postcopy fault latency (destination vCPUs)',
-      kind: 'bars',
-      xLabel: 'latency (ms)',
-      x: names.map((_, i) => i),
-      xNames: names,
-      series: [{ label: 'faults', values: m.latency.counts }],
-      yLabel: 'faults',
-    });
+    charts.push(barChart('Postcopy fault latency (destination vCPUs)', 'latency (ms)', names, [{ label: 'faults', values: m.latency.counts }], 'faults'));
   } else empty.push('No postcopy fault latencies (a postcopy run with --postcopy-blocktime, and the destination\'s output, have them).');
   if (m.channelsMiB.length > 0) {
-    charts.push({
-      title: 'Bytes per multifd channel',
-      kind: 'bars',
-      xLabel: 'channel',
-      x: m.channelsMiB.map((_, i) => i),
-      xNames: m.channelsMiB.map((_, i) => String(i)),
-      series: [{ label: 'MiB', values: m.channelsMiB }],
-      yLabel: 'MiB',
-    });
+    charts.push(barChart('Bytes per multifd channel', 'channel', m.channelsMiB.map((_, i) => String(i)), [{ label: 'MiB', values: m.channelsMiB }], 'MiB'));
   }
   return { title: m.title, summary: m.summary, charts, empty };
 }
