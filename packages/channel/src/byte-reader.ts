@@ -52,6 +52,8 @@ export class ByteReader implements StreamSource {
   private readonly scratch: Uint8Array[] = [new Uint8Array(64 * 1024), new Uint8Array(64 * 1024)];
   private discarding = false;
   private poolPaused = false;
+  /** fail() was called: its error comes before anything still queued. */
+  private failed = false;
 
   /**
    * Wraps a connected socket's fd (handed over with detachFd, which stopped all reading
@@ -135,6 +137,17 @@ export class ByteReader implements StreamSource {
     this.input.resume();
   }
 
+  /**
+   * The next read (or the one waiting) fails with `err` at once, whatever is queued: this
+   * side gives the connection up (postcopy's migrate-pause, a broken sibling channel).
+   */
+  fail(err: Error): void {
+    if (this.failed) return;
+    this.failed = true;
+    this.error = err;
+    this.notify();
+  }
+
   get bytesRead(): number {
     return this.base + this.pos;
   }
@@ -162,6 +175,7 @@ export class ByteReader implements StreamSource {
 
   private async nextChunk(): Promise<Uint8Array> {
     for (;;) {
+      if (this.failed) throw this.error!;
       const c = this.takeChunk();
       if (c) return c;
       if (this.error) throw this.error;

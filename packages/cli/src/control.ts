@@ -190,12 +190,18 @@ export class ControlServer {
       this.reply(sock, { error: { class: 'GenericError', desc: "'arguments' must be an object" }, ...id });
       return;
     }
-    try {
-      this.reply(sock, { return: cmd(args as Record<string, unknown>) ?? {}, ...id });
-    } catch (e) {
+    const failed = (e: unknown): void => {
       const desc = e instanceof Error ? e.message : String(e);
       if (!(e instanceof InvalidArgumentError)) this.log.warn({ error: desc, command: r.execute }, 'control command failed');
       this.reply(sock, { error: { class: 'GenericError', desc }, ...id });
+    };
+    try {
+      const ret = cmd(args as Record<string, unknown>);
+      // A command that takes time (migrate-recover binds a listener) answers once done.
+      if (ret instanceof Promise) ret.then((v: unknown) => this.reply(sock, { return: v ?? {}, ...id }), failed);
+      else this.reply(sock, { return: ret ?? {}, ...id });
+    } catch (e) {
+      failed(e);
     }
   }
 }

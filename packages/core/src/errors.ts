@@ -119,6 +119,17 @@ export function toVmigError(err: unknown, fallback: VmigErrorCode, ctx: VmigErro
  * destination may have run the guest, so neither side has all of it. Both ends report this,
  * with the cause's stable code and message inside the message.
  */
+/**
+ * A failure of the link or the peer (closed, reset, silent past the timeout, TLS), not of
+ * what it carried: what postcopy recovery can get over on a new connection. A malformed or
+ * hostile stream (StreamError), a cancel or a failure of this side is not.
+ */
+export function isTransportFailure(e: unknown): boolean {
+  if (e instanceof Error && e.name === 'EndOfStream') return true;
+  if (!(e instanceof VmigError) || e instanceof StreamError) return false;
+  return e.code === 'VMIG_ERR_PEER_CLOSED' || e.code === 'VMIG_ERR_TIMEOUT' || e.code === 'VMIG_ERR_CHANNEL' || e.code === 'VMIG_ERR_TLS' || e.code === 'VMIG_ERR_CONNECT';
+}
+
 export function postcopySplitError(cause: VmigError): VmigError {
   return new VmigError('VMIG_ERR_POSTCOPY', `postcopy failed after the switch (${cause.code}: ${cause.message}); the guest's state is split between source and destination and neither can run it`, {
     channel: cause.channel,

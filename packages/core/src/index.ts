@@ -29,6 +29,7 @@ export * from './snapshot/write-protect.js';
 export * from './snapshot/background-snapshot.js';
 export * from './stats/latency-samples.js';
 export * from './wire/postcopy.js';
+export * from './wire/recovery.js';
 export * from './postcopy/missing-pages.js';
 export * from './postcopy/postcopy-incoming.js';
 export * from './postcopy/page-placer.js';

@@ -21,6 +21,9 @@
  * - BROKEN: a write failed or was cut short (peer gone); later writes are dropped.
  * - NAP: a word nobody notifies but wake(): sleeping on it is a short sleep that the owner
  *   can cut short.
+ * - FD: the fd, read with the lock held. After close() the owner may reopen() the object on
+ *   another connection's fd (postcopy recovery: the vCPUs keep their writer, the connection
+ *   under it changes): under the lock it stores the new fd, then clears CLOSING and BROKEN.
  *
  * Ownership: one thread owns the fd (it holds the libuv handle, or opened it); it calls
  * close() before it closes the fd, and close() returns only after any read or write in
@@ -32,7 +35,8 @@ const LOCK = 0;
 const CLOSING = 1;
 const BROKEN = 2;
 const NAP = 3;
-const WORDS = 4;
+const FD = 4;
+const WORDS = 5;
 
 /** How long a write may wait for room by default (ms): --channel-timeout's default. */
 const DEFAULT_WRITE_TIMEOUT_MS = 30_000;
@@ -51,7 +55,9 @@ export interface SyncFdShared {
 
 /** `writeTimeoutMs`: a peer that takes nothing for this long is gone (a stopped process, a frozen link). */
 export function createSyncFd(fd: number, writeTimeoutMs = DEFAULT_WRITE_TIMEOUT_MS): SyncFdShared {
-  return { fd, ctl: new SharedArrayBuffer(WORDS * 4), writeTimeoutMs };
+  const ctl = new SharedArrayBuffer(WORDS * 4);
+  new Int32Array(ctl)[FD] = fd;
+  return { fd, ctl, writeTimeoutMs };
 }
 
 /** What readSome found. */
@@ -61,13 +67,16 @@ export const READ_CLOSED = -2;
 
 export class SyncFd {
   private readonly ctl: Int32Array;
-  readonly fd: number;
   private readonly writeTimeoutMs: number;
 
   constructor(s: SyncFdShared) {
     this.ctl = new Int32Array(s.ctl);
-    this.fd = s.fd;
     this.writeTimeoutMs = s.writeTimeoutMs;
+  }
+
+  /** The fd now (it changes only at reopen(), under the lock). */
+  get fd(): number {
+    return Atomics.load(this.ctl, FD);
   }
 
   lock(): void {
@@ -180,5 +189,17 @@ export class SyncFd {
     this.wake();
     this.lock();
     this.unlock();
+  }
+
+  /** After close(), by the owner: reads and writes go to `fd` from now on (see FD above). */
+  reopen(fd: number): void {
+    this.lock();
+    try {
+      Atomics.store(this.ctl, FD, fd);
+      Atomics.store(this.ctl, BROKEN, 0);
+      Atomics.store(this.ctl, CLOSING, 0);
+    } finally {
+      this.unlock();
+    }
   }
 }

@@ -174,3 +174,83 @@ export function acceptChannels(
     })();
   });
 }
+
+/**
+ * Postcopy recovery's listener (migrate-recover): the source's `migrate resume=true` opens
+ * the main channel first, which starts with commands (no QEVM header: the stream goes on),
+ * then, with preempt, the preempt channel. The first connection that says something, or
+ * passes its TLS handshake, is the main channel; after it the preempt channel goes to
+ * `onPreempt`; anything else is turned away. Resolves with the main channel; rejects only
+ * when the listener closes first.
+ */
+export function acceptRecovery(
+  listener: Listener,
+  onPreempt: ((sock: net.Socket, first: Buffer) => void) | undefined,
+  onFatal: (e: VmigError) => void,
+  timeoutMs: number,
+  log: Logger,
+  tls: TlsOptions | undefined,
+): Promise<MainChannel> {
+  return new Promise((resolveMain, rejectMain) => {
+    let mainSeen = false;
+    let preemptSeen = false;
+    const handle = async (sock: net.Socket): Promise<void> => {
+      sock.on('error', () => {});
+      if (mainSeen) {
+        if (!onPreempt || preemptSeen) {
+          log.warn({ reason: 'a connection after every channel of the recovery' }, 'connection turned away');
+          sock.destroy();
+          return;
+        }
+        preemptSeen = true;
+        if (!tls) return onPreempt(sock, Buffer.alloc(0));
+        try {
+          const t = await tlsAccept(sock, tls, timeoutMs, 'preempt');
+          onPreempt((await bridgeTls(t, 'in')).sock, Buffer.alloc(0));
+        } catch (e) {
+          sock.destroy();
+          onFatal(toVmigError(e, 'VMIG_ERR_TLS', { channel: 'preempt' }));
+        }
+        return;
+      }
+      let s: net.Socket = sock;
+      if (tls) {
+        try {
+          s = await tlsAccept(sock, tls, timeoutMs, 'main');
+        } catch (e) {
+          // A stranger, or a source with other certificates: the recovery waits for the next.
+          sock.destroy();
+          log.warn({ error: toVmigError(e, 'VMIG_ERR_TLS').toJSON() }, 'recovery connection refused (TLS)');
+          return;
+        }
+      }
+      let first: Buffer;
+      try {
+        first = await readFirstBytes(s, 1, timeoutMs);
+      } catch (e) {
+        s.destroy();
+        log.warn({ reason: `a recovery connection that said nothing (${(e as Error).message})` }, 'connection turned away');
+        return;
+      }
+      if (mainSeen) {
+        s.destroy();
+        return;
+      }
+      mainSeen = true;
+      log.debug({ channel: 'main', tls: !!tls }, 'recovery: main channel connected');
+      resolveMain({ sock: s, first, tls: !!tls });
+    };
+    void (async () => {
+      for (;;) {
+        let sock: net.Socket;
+        try {
+          sock = await listener.accept();
+        } catch (e) {
+          rejectMain(e);
+          return;
+        }
+        handle(sock).catch(() => sock.destroy());
+      }
+    })();
+  });
+}

@@ -14,7 +14,10 @@ import {
   DeviceRegistry,
   EndOfStream,
   encodeRpPong,
+  encodeRpRecvBitmap,
+  encodeRpResumeAck,
   encodeRpShut,
+  InvalidArgumentError,
   GlobalStateDevice,
   GuestRam,
   type Logger,
@@ -27,6 +30,7 @@ import {
   ReturnPathWriter,
   type ReturnPathShared,
   silentLogger,
+  type StreamSource,
   StreamError,
   TimerDevice,
   toVmigError,
@@ -34,7 +38,7 @@ import {
   type VmStateDevice,
 } from '@vmig/core';
 import { MultifdReceiver } from '@vmig/multifd';
-import { acceptChannels, type MainChannel } from './channel-accept.js';
+import { acceptChannels, acceptRecovery, type MainChannel } from './channel-accept.js';
 import type { IncomingGuest } from './incoming-guest.js';
 import { checkMultifdOptions, DEFAULT_POSTCOPY_FAULT_SLICE_US, defaultBackgroundNice, type MultifdOptions } from './options.js';
 import { PostcopyDestination, type PreemptReaderChoice } from './postcopy-destination.js';
@@ -89,6 +93,7 @@ export interface IncomingResult {
 }
 
 export interface IncomingMigrationEvents {
+  /** Every status, QEMU's names: after the switch also postcopy-paused and postcopy-recover. */
   status: [MigrationStatus];
   /** A postcopy notifier fired (ADVISE, DISCARD, LISTEN, RUN, END). */
   postcopy: [string];
@@ -121,6 +126,14 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
   private loadRam: GuestRam | undefined;
   /** The source sent OPEN_RETURN_PATH: it waits for SHUT. */
   private returnPathOpen = false;
+  /** Postcopy paused: why, and where the recovery's main channel will come from. */
+  private paused: { cause: VmigError; main: Promise<MainChannel>; deliver: (m: MainChannel) => void } | undefined;
+  /** migrate-recover's listener, while one is open. */
+  private recoverListener: Listener | undefined;
+  /** Postcopy recoveries that completed (RESUME_ACK sent). */
+  private recoveries = 0;
+  /** A pause asked for while the load may not be reading (after EOF, waiting for the last pages). */
+  private pauseRequest: VmigError | undefined;
 
   constructor(
     private readonly opts: IncomingOptions,
@@ -162,6 +175,49 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     return this.postcopy?.incoming.faultLatencies() ?? [];
   }
 
+  /** Why postcopy is paused (status postcopy-paused or postcopy-recover), if it is. */
+  get pauseCause(): VmigError | undefined {
+    return this.paused?.cause;
+  }
+
+  /**
+   * migrate-pause: after the postcopy switch, breaks the main connection as a network
+   * failure would; the migration goes to postcopy-paused (QEMU's way to test recovery).
+   */
+  pause(): void {
+    if (this.status !== 'postcopy-active') throw new InvalidArgumentError(`migrate-pause is only possible in postcopy-active (now ${this.status})`);
+    this.requestPause(new VmigError('VMIG_ERR_CHANNEL', 'paused by migrate-pause', { channel: 'main', phase: 'postcopy' }));
+  }
+
+  /** The connections are given up: the load pauses (loadvm.ts), wherever it is. */
+  private requestPause(e: VmigError): void {
+    this.pauseRequest ??= e;
+    this.main?.reader.fail(e);
+  }
+
+  /**
+   * migrate-recover: while postcopy is paused, listens on `uri` for the source's
+   * `migrate URI resume=true`. Resolves with the address bound (a TCP port 0 resolved). A
+   * recovery that fails (the source never comes, or goes again) leaves the migration paused,
+   * and migrate-recover may be given again.
+   */
+  async recover(uri: string | MigrationUri): Promise<string> {
+    if (this.status !== 'postcopy-paused') throw new InvalidArgumentError(`migrate-recover is only possible in postcopy-paused (now ${this.status})`);
+    const paused = this.paused!;
+    const target = typeof uri === 'string' ? parseMigrationUri(uri) : uri;
+    await this.recoverListener?.close();
+    const listener = await listen(target);
+    this.recoverListener = listener;
+    const o = this.opts;
+    const onPreempt = o.postcopyPreempt && this.postcopy ? this.postcopy.onPreempt.bind(this.postcopy) : undefined;
+    acceptRecovery(listener, onPreempt, (e) => this.fatal(e), this.timeoutMs, o.log ?? silentLogger, o.tls).then(
+      (m) => paused.deliver(m),
+      () => {},
+    );
+    o.log?.info({ uri: formatMigrationUri(listener.uri) }, 'postcopy recovery: listening for the source (migrate URI resume=true)');
+    return formatMigrationUri(listener.uri);
+  }
+
   /** Ends the incoming migration with VMIG_ERR_CANCELLED (cleans up, as a failure does). */
   cancel(reason = 'cancelled'): void {
     this.fatal(new VmigError('VMIG_ERR_CANCELLED', `incoming migration ${reason}`, { channel: 'main' }));
@@ -182,6 +238,7 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     this.main?.rp.close();
     this.main?.sock.destroy();
     this.receiver?.abort(e);
+    void this.recoverListener?.close();
   }
 
   private postcopyDestination(): PostcopyDestination {
@@ -205,6 +262,8 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
       faultSliceUs: o.postcopyFaultSliceUs ?? DEFAULT_POSTCOPY_FAULT_SLICE_US,
       preemptReader: o.postcopyPreemptReader ?? 'vcpu',
       fatal: (e) => this.fatal(e),
+      // The preempt connection broke after RUN: the main one is given up too, which pauses the load.
+      pause: (e) => this.requestPause(e),
       timeoutMs: this.timeoutMs,
     });
   }
@@ -246,8 +305,11 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     return main;
   }
 
-  /** The main stream's reader and the return path's writer on the main connection. */
-  private async openMain(main: MainChannel): Promise<MainConnection> {
+  /**
+   * The main stream's reader and the return path's writer on the main connection. Recovery
+   * gives the return path the vCPUs write on already: it goes on over the new connection.
+   */
+  private async openMain(main: MainChannel, existing?: MainConnection): Promise<MainConnection> {
     let reader: ByteReader;
     let rpFd: number;
     let rpBridge: TlsBridge | undefined;
@@ -263,8 +325,78 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
       rpFd = detachFd(main.sock);
       reader = ByteReader.fromFd(rpFd, { channel: 'main', initial: main.first, idleTimeoutMs: this.timeoutMs });
     }
+    if (existing) {
+      existing.rp.reopen(rpFd);
+      return { reader, sock: reader.input as net.Socket, returnPath: existing.returnPath, rp: existing.rp, rpBridge };
+    }
     const returnPath = createReturnPath(rpFd, this.timeoutMs);
     return { reader, sock: reader.input as net.Socket, returnPath, rp: new ReturnPathWriter(returnPath), rpBridge };
+  }
+
+  /**
+   * Postcopy paused (QEMU's postcopy_pause_incoming): every connection is given up, the guest
+   * runs on (a vCPU that faults waits, its request held), and the load waits for a recovery
+   * connection (migrate-recover). Resolves with its stream; rejects if the migration fails
+   * or is cancelled meanwhile.
+   */
+  private async postcopyPaused(cause: VmigError): Promise<StreamSource> {
+    if (this.firstError) throw this.firstError;
+    const log = this.opts.log ?? silentLogger;
+    const old = this.main!;
+    this.pauseRequest = undefined;
+    let deliver!: (m: MainChannel) => void;
+    const main = new Promise<MainChannel>((r) => (deliver = r));
+    this.paused = { cause, main, deliver };
+    // No request leaves until the source's RESUME_ACK; the fd is let go before it closes.
+    old.rp.pause();
+    old.rpBridge?.sock.destroy();
+    old.sock.destroy();
+    await this.listener.close();
+    await this.recoverListener?.close();
+    this.recoverListener = undefined;
+    await this.postcopy!.pause();
+    if (this.firstError) throw this.firstError;
+    log.warn({ error: cause.toJSON() }, 'postcopy paused: the guest runs here and waits for missing pages; recover with migrate-recover URI here, then migrate URI resume=true on the source');
+    this.setStatus('postcopy-paused');
+    for (;;) {
+      const accepted = await Promise.race([main, this.fatalError]);
+      try {
+        this.main = await this.openMain(accepted, old);
+      } catch (e) {
+        accepted.sock.destroy();
+        log.warn({ error: toVmigError(e, 'VMIG_ERR_CHANNEL').toJSON() }, 'postcopy recovery: the new main channel failed; still paused');
+        continue;
+      }
+      this.setStatus('postcopy-recover');
+      return this.main.reader;
+    }
+  }
+
+  /** MIG_CMD_RECV_BITMAP: the block's received bitmap on the return path (recovering). */
+  private sendRecvBitmap(idstr: string): void {
+    const ram = this.loadRam!;
+    const idx = ram.blocks.findIndex((b) => b.idstr === idstr);
+    const placer = this.postcopy!.incoming.placer!;
+    if (!this.main!.rp.write(encodeRpRecvBitmap(idstr, ram.blocks[idx]!.pages, placer.receivedIn(idx)))) {
+      throw new VmigError('VMIG_ERR_PEER_CLOSED', 'postcopy recovery: the received bitmap could not be sent', { channel: 'return-path', phase: 'postcopy recovery' });
+    }
+  }
+
+  /** MIG_CMD_POSTCOPY_RESUME (loadvm_postcopy_handle_resume): RESUME_ACK, then requests flow again. */
+  private async resumePostcopy(): Promise<void> {
+    const pc = this.postcopy!;
+    // The source reconnected the preempt channel before it resumed (postcopy_do_resume).
+    if (this.opts.postcopyPreempt) await pc.preemptAttached(this.timeoutMs);
+    const rp = this.main!.rp;
+    if (!rp.write(encodeRpResumeAck())) throw new VmigError('VMIG_ERR_PEER_CLOSED', 'postcopy recovery: RESUME_ACK could not be sent', { channel: 'return-path', phase: 'postcopy recovery' });
+    rp.resume();
+    const again = pc.incoming.placer!.requestAgain();
+    this.recoveries++;
+    this.paused = undefined;
+    await this.recoverListener?.close();
+    this.recoverListener = undefined;
+    this.opts.log?.info({ requestedAgain: again, recoveries: this.recoveries }, 'postcopy resumed');
+    this.setStatus('postcopy-active');
   }
 
   /** qemu_loadvm_state, then what a complete load must satisfy (every page, the digests). */
@@ -300,9 +432,16 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
       expectLegacyDialect: o.multifdFlushAfterEachSection ?? false,
       devices,
       onOpenReturnPath: () => (this.returnPathOpen = true),
-      onPing: (v) => main.rp.write(encodeRpPong(v)),
+      onPing: (v) => this.main!.rp.write(encodeRpPong(v)),
       postcopy: this.postcopy?.incoming,
-      failed: () => this.firstError,
+      failed: () => this.firstError ?? this.pauseRequest,
+      ...(this.postcopy
+        ? {
+            onPostcopyPause: (cause: VmigError) => this.postcopyPaused(cause),
+            onRecvBitmap: (idstr: string) => this.sendRecvBitmap(idstr),
+            onPostcopyResume: () => this.resumePostcopy(),
+          }
+        : {}),
     });
     const ram = result.ram;
     this.loadRam = ram;
@@ -333,7 +472,8 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     // received map: tell the source at once (its downtime ends here).
     if (this.returnPathOpen) main.rp.write(encodeRpShut(0));
     this.opts.log?.debug({ channel: 'return-path', returnPath: this.returnPathOpen }, 'loaded; SHUT sent');
-    const postcopy = await this.postcopy?.finish(ram);
+    const finished = await this.postcopy?.finish(ram);
+    const postcopy = finished && { ...finished, recoveries: this.recoveries };
     // QEMU appends a JSON description after EOF; read it if the source sends one. Everything
     // is loaded by now: a source that hangs up here (over TLS QEMU resets rather than ends)
     // changes nothing.
@@ -348,6 +488,7 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     if (main.rpBridge) await main.rpBridge.close();
     else main.sock.end();
     await this.listener.close();
+    await this.recoverListener?.close();
     await this.receiver?.close();
     return postcopy;
   }
@@ -372,6 +513,7 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     main?.rpBridge?.sock.destroy();
     main?.sock.destroy();
     await this.listener.close().catch(() => {});
+    await this.recoverListener?.close().catch(() => {});
     await this.receiver?.close(0);
     this.setStatus('failed');
     this.opts.log?.error({ error: err.toJSON() }, 'incoming migration failed');

@@ -73,6 +73,15 @@ export interface PostcopyScheduling {
   faultSliceUs: number | null;
 }
 
+/** The main connection, its stream and its return path's thread (one per connection: a recovery makes another). */
+interface Link {
+  main: net.Socket;
+  /** Where the return-path thread reads: `main`, or over TLS a local pair (tls-bridge.ts). */
+  rpSock: net.Socket;
+  sink: BufferedWriter;
+  rp: ReturnPathThread;
+}
+
 /** Returned by migrate(): the running migration. */
 export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
   readonly stats = new MigrationStats();
@@ -135,6 +144,25 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     this.mig.startPostcopy();
   }
 
+  /**
+   * migrate-pause: after the postcopy switch, gives the channels up as a network failure
+   * would; the migration goes to postcopy-paused.
+   */
+  pause(): void {
+    if (!this.mig) throw new InvalidArgumentError('no migration is running yet');
+    this.mig.pause();
+  }
+
+  /**
+   * `migrate URI resume=true`: in postcopy-paused, reconnects every channel to `uri` (where the
+   * destination's migrate-recover listens) and goes on with what the destination lacks. A
+   * recovery that fails leaves the migration paused; resume may be called again.
+   */
+  resume(uri: string | MigrationUri): void {
+    if (!this.mig) throw new InvalidArgumentError('no migration is running yet');
+    this.mig.resume(typeof uri === 'string' ? formatMigrationUri(parseMigrationUri(uri)) : formatMigrationUri(uri));
+  }
+
   /** migrate_cancel: before the postcopy switch the guest runs here again (vm.resume). */
   cancel(): void {
     this.abort.abort();
@@ -151,15 +179,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     const devices = new DeviceRegistry().register(new TimerDevice()).register(new GlobalStateDevice('running'));
     for (const d of o.devices ?? []) devices.register(d);
     if (o.integrity) devices.register(new RamIntegrityDevice(() => o.ram));
-    // The return path's thread boots while the channels connect (see return-path-thread.ts);
-    // with preempt it opens the channel for requested pages at the switch and sends them there.
-    const rp = new ReturnPathThread({
-      preemptUri: o.postcopyPreempt ? target : undefined,
-      faultSliceUs: o.postcopyPreempt ? (o.postcopyFaultSliceUs ?? DEFAULT_POSTCOPY_FAULT_SLICE_US) : 0,
-      onPreemptError: (e) => this.mig?.fail(e),
-      writeTimeoutMs: timeoutMs,
-      ...(o.tls ? { secure: (ps: net.Socket) => tlsConnect(ps, tlsHost, o.tls!, timeoutMs, 'preempt') } : {}),
-    });
+    const rp = this.returnPathThread(target, timeoutMs);
     let sock: net.Socket | undefined;
     let multifd: MultifdSender | undefined;
     const log = o.log ?? silentLogger;
@@ -219,25 +239,19 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
       await rp.close();
       return this.failed(toVmigError(e, 'VMIG_ERR_CONNECT'));
     }
-    const main = sock;
-    const sink = new BufferedWriter(main, { channel: 'main' });
-    // Over TLS the return-path thread reads the decrypted direction through a local pair
-    // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
-    let rpSock: net.Socket;
+    let link: Link;
     try {
-      rpSock = o.tls ? (await bridgeTls(main, 'in')).sock : main;
+      link = await this.attachLink(sock, rp);
     } catch (e) {
-      main.destroy();
+      sock.destroy();
       await multifd?.destroy();
       await rp.close();
       return this.failed(toVmigError(e, 'VMIG_ERR_TLS'));
     }
-    rp.attach(rpSock, o.ram);
-    log.debug({ channel: 'return-path', preempt: !!o.postcopyPreempt }, 'return-path thread reading');
     let lowered: PriorityChange | undefined;
     const mig = new MigrationThread({
       ram: o.ram,
-      sink,
+      sink: link.sink,
       stats,
       multifd,
       vm: o.vm,
@@ -248,10 +262,20 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
       notifiers: o.notifiers ?? new MigrationNotifiers(),
       log: o.log,
       channelTimeoutMs: timeoutMs,
+      recovery: {
+        pause: async () => {
+          log.debug({ channel: 'main' }, 'postcopy paused: closing the channels');
+          await this.closeLink(link);
+        },
+        reconnect: async (uri) => {
+          link = await this.reconnect(uri, timeoutMs);
+          return { sink: link.sink, returnPath: link.rp };
+        },
+      },
       onStatus: (i) => {
         // With preempt, after the switch this thread only streams background pages: requests
         // are the return-path thread's (thread-priority.ts). Without, it serves them itself.
-        if (i.status === 'postcopy-active' && o.postcopyPreempt) {
+        if (i.status === 'postcopy-active' && o.postcopyPreempt && !lowered) {
           lowered = lowerBackgroundThreads(o.postcopyBackgroundNice ?? defaultBackgroundNice(o.tls));
           this.scheduling = { backgroundNice: lowered?.nice ?? null, faultSliceUs: null };
         }
@@ -260,19 +284,78 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
       onProgress: (i) => this.emit('progress', i),
     });
     this.mig = mig;
-    main.on('error', (e) => mig.fail(e));
+    this.watchLink(link);
     multifd?.onError((e) => mig.fail(e));
     const info = await mig.run();
     log.debug({ status: info.status, totalTimeMs: info.totalTimeMs, downtimeMs: info.downtimeMs }, 'migration thread done; closing the channels');
     restoreThreads(lowered);
-    // The thread does no more I/O on the sockets' fds before they close.
-    await rp.close();
-    if (this.scheduling) this.scheduling.faultSliceUs = rp.faultSliceUs;
-    main.destroy();
-    if (rpSock !== main) rpSock.destroy();
+    if (this.scheduling) this.scheduling.faultSliceUs = link.rp.faultSliceUs;
+    await this.closeLink(link);
     if (info.status === 'completed') await multifd?.close();
     else await multifd?.destroy();
     return info;
+  }
+
+  /** The main connection's stream and return path (its thread `rp`, started already). */
+  private async attachLink(main: net.Socket, rp: ReturnPathThread): Promise<Link> {
+    const sink = new BufferedWriter(main, { channel: 'main' });
+    // Over TLS the return-path thread reads the decrypted direction through a local pair
+    // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
+    const rpSock = this.opts.tls ? (await bridgeTls(main, 'in')).sock : main;
+    rp.attach(rpSock, this.opts.ram);
+    this.opts.log?.debug({ channel: 'return-path', preempt: !!this.opts.postcopyPreempt }, 'return-path thread reading');
+    return { main, rpSock, sink, rp };
+  }
+
+  /** A failure of these channels fails the migration (or pauses it, after the switch), while they are the current ones. */
+  private watchLink(link: Link): void {
+    const mig = this.mig!;
+    const epoch = mig.channelEpoch;
+    link.main.on('error', (e) => mig.failIfCurrent(epoch, e));
+    link.rp.onPreemptError = (e) => mig.failIfCurrent(epoch, e);
+  }
+
+  /** The thread does no more I/O on the sockets' fds before they close. */
+  private async closeLink(link: Link): Promise<void> {
+    await link.rp.close();
+    link.main.destroy();
+    if (link.rpSock !== link.main) link.rpSock.destroy();
+  }
+
+  /** Postcopy recovery: main channel, return path and (at resume) preempt channel to `uriText`. */
+  private async reconnect(uriText: string, timeoutMs: number): Promise<Link> {
+    const o = this.opts;
+    const target = parseMigrationUri(uriText);
+    const rp = this.returnPathThread(target, timeoutMs);
+    let sock: net.Socket | undefined;
+    try {
+      sock = await connect(target, { channel: 'main', timeoutMs });
+      if (o.tls) sock = await tlsConnect(sock, target.transport === 'tcp' ? target.host : 'localhost', o.tls, timeoutMs, 'main');
+      const link = await this.attachLink(sock, rp);
+      this.watchLink(link);
+      o.log?.info({ channel: 'main', uri: formatMigrationUri(target) }, 'postcopy recovery: connected');
+      return link;
+    } catch (e) {
+      sock?.destroy();
+      await rp.close();
+      throw e;
+    }
+  }
+
+  /**
+   * The return path's thread; it boots while the channels connect (see
+   * return-path-thread.ts). With preempt it opens the channel for requested pages at the
+   * switch (or a recovery) and sends them there.
+   */
+  private returnPathThread(target: MigrationUri, timeoutMs: number): ReturnPathThread {
+    const o = this.opts;
+    const tlsHost = target.transport === 'tcp' ? target.host : 'localhost';
+    return new ReturnPathThread({
+      preemptUri: o.postcopyPreempt ? target : undefined,
+      faultSliceUs: o.postcopyPreempt ? (o.postcopyFaultSliceUs ?? DEFAULT_POSTCOPY_FAULT_SLICE_US) : 0,
+      writeTimeoutMs: timeoutMs,
+      ...(o.tls ? { secure: (ps: net.Socket) => tlsConnect(ps, tlsHost, o.tls!, timeoutMs, 'preempt') } : {}),
+    });
   }
 
   private failed(err: VmigError): MigrationInfo {

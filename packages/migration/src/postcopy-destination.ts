@@ -16,6 +16,7 @@ import {
   preemptReaderMode,
   preemptReads,
   type PreemptReaderShared,
+  isTransportFailure,
   type ReturnPathShared,
   TARGET_PAGE_SIZE,
   VmigError,
@@ -51,6 +52,8 @@ export interface PostcopyDestinationOptions {
   preemptReader: PreemptReaderChoice;
   /** The first failure anywhere: the migration fails with it. */
   fatal: (e: VmigError) => void;
+  /** A transport failure of the preempt channel after RUN: postcopy pauses (recovery). */
+  pause?: (e: VmigError) => void;
   /** The channel timeout (ms). */
   timeoutMs: number;
 }
@@ -60,8 +63,10 @@ export class PostcopyDestination {
   /** The preempt channel's thread, started with the incoming migration (see its file). */
   private readonly preemptThread: Worker | undefined;
   private preemptChannel: { sock: net.Socket; fd: number; first: Uint8Array } | undefined;
+  /** The thread has the current channel (until it said 'end', 'error' or 'detached'). */
   private preemptStarted = false;
   private preemptDone: Promise<void> = Promise.resolve();
+  private channelEnded: () => void = () => {};
   private preemptExited: Promise<void> | undefined;
   /** The preempt channel's reader role, shared by its thread and the vCPUs. */
   private readonly preemptReader: PreemptReaderShared | undefined;
@@ -107,18 +112,23 @@ export class PostcopyDestination {
       workerData: { faultSliceUs: this.opts.faultSliceUs } satisfies PreemptThreadData,
     });
     this.preemptExited = exitOf(w);
-    let ended!: () => void;
-    this.preemptDone = new Promise<void>((r) => (ended = r));
     w.on('message', (m: PreemptFromThread) => {
       if (m.t === 'slice') return void (this.faultSliceUs = m.us);
-      if (m.t === 'error') this.opts.fatal(VmigError.fromJSON(m.error));
-      ended();
+      // A stale answer about a channel given up already (paused) says nothing.
+      if (!this.preemptStarted) return;
+      if (m.t === 'error') {
+        const e = VmigError.fromJSON(m.error);
+        // After RUN a broken preempt connection pauses postcopy (recovery); anything else fails it.
+        if (this.incoming.state === 'running' && isTransportFailure(e) && this.opts.pause) this.opts.pause(e);
+        else this.opts.fatal(e);
+      }
+      this.channelEnded();
     });
     w.on('error', (e) => {
       this.opts.fatal(new VmigError('VMIG_ERR_WORKER', `preempt channel thread failed: ${e.message}`, { channel: 'preempt' }));
-      ended();
+      this.channelEnded();
     });
-    w.on('exit', () => ended());
+    w.on('exit', () => this.channelEnded());
     // Nothing waits on it until a preempt channel exists.
     w.unref();
     return w;
@@ -129,13 +139,38 @@ export class PostcopyDestination {
     const w = this.preemptThread;
     if (!w) return;
     if (this.preemptStarted) await this.preemptDone;
-    else w.postMessage({ t: 'stop' } satisfies PreemptToThread);
+    w.postMessage({ t: 'stop' } satisfies PreemptToThread);
     await awaitExit(w, this.preemptExited!);
     // Nobody reads the fd any more (the thread ended; PreemptReader.close made sure no vCPU does).
     this.preemptChannel?.sock.destroy();
   }
 
-  /** The preempt connection (`--postcopy-preempt`): handed to its thread at LISTEN. */
+  /**
+   * Postcopy paused: the thread lets go of its channel (no vCPU or thread reads it once this
+   * resolves), which is closed; the next preempt connection (recovery) takes its place.
+   */
+  async pause(): Promise<void> {
+    if (!this.preemptThread) return;
+    if (this.preemptStarted) {
+      this.preemptThread.postMessage({ t: 'detach' } satisfies PreemptToThread);
+      await this.preemptDone;
+    }
+    this.preemptStarted = false;
+    this.preemptChannel?.sock.destroy();
+    this.preemptChannel = undefined;
+  }
+
+  /** Recovery: resolves once the source's new preempt channel is in place (at most `ms`). */
+  async preemptAttached(ms: number): Promise<void> {
+    if (!this.preemptThread) return;
+    const deadline = performance.now() + ms;
+    while (!this.preemptStarted) {
+      if (performance.now() > deadline) throw new VmigError('VMIG_ERR_TIMEOUT', `the source resumed without reconnecting the preempt channel within ${ms} ms (--channel-timeout)`, { channel: 'preempt', phase: 'postcopy recovery' });
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  }
+
+  /** The preempt connection (`--postcopy-preempt`): handed to its thread at LISTEN (or at once, recovering). */
   onPreempt(sock: net.Socket, first: Buffer): void {
     if (!this.preemptThread || this.preemptChannel) {
       sock.destroy();
@@ -156,6 +191,7 @@ export class PostcopyDestination {
     const missing = this.incoming.placer?.shared;
     if (this.preemptStarted || !ch || !ram || !this.incoming.placing || !missing) return;
     this.preemptStarted = true;
+    this.preemptDone = new Promise<void>((r) => (this.channelEnded = r));
     this.preemptThread!.postMessage({ t: 'start', fd: ch.fd, first: ch.first, ram: ram.toShared(), missing, reader: this.preemptReader! } satisfies PreemptToThread);
   }
 

@@ -5,11 +5,17 @@
  * placed by the vCPU that waits for them (core's postcopy/preempt-reader.ts); this thread
  * reads only what no vCPU does: copies of pages that came in the background first, the end
  * of the stream; with `--postcopy-preempt-reader thread`, or where vCPUs cannot block in
- * poll(2), everything. A bad record or a
- * truncated stream, found by whichever thread read it, is reported from here.
- * Ownership: the main thread keeps the connection's handle and closes it once this thread has
- * ended; before it ends, this thread makes sure nobody reads the fd any more
- * (PreemptReader.close, which waits for a vCPU reading it).
+ * poll(2), everything. A bad record or a truncated stream, found by whichever thread read
+ * it, is reported from here.
+ *
+ * Postcopy recovery: a channel that ended or failed is reported ('end', 'error'), and the
+ * thread waits for the next one (another 'start', after the source reconnected) or 'stop'.
+ * 'detach' gives up the current channel (the migration paused): the thread answers
+ * 'detached' once nobody reads its fd any more.
+ *
+ * Ownership: the main thread keeps each connection's handle and closes it once this thread
+ * said it is done with it ('end', 'error', 'detached'); before saying so, this thread makes
+ * sure nobody reads the fd any more (PreemptReader.close, which waits for a vCPU reading it).
  */
 import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
 import { GuestRam, MissingPagesPlacer, PreemptReader, setThreadName, toVmigError, VmigError } from '@vmig/core';
@@ -22,26 +28,30 @@ const channel = 'preempt';
 const { faultSliceUs } = workerData as PreemptThreadData;
 // Loaded now, not at LISTEN.
 const sliceable = faultSliceUs > 0 && canSetThreadSlice();
+let reader: PreemptReader | undefined;
 
 port.on('message', (m: PreemptToThread) => {
   if (m.t === 'start') run(m);
-  // Told to stop before it had a channel: nothing to report; the thread ends.
+  else if (m.t === 'detach') port.postMessage({ t: 'detached' } satisfies PreemptFromThread);
+  // 'stop' between channels, or before the first: nothing to report; the thread ends.
   else port.close();
 });
 
-/** Until the stream ends, fails, or this thread is told to stop; synchronous (messages are taken between turns). */
+/** One channel, until it ends, fails, or this thread is told to detach or stop; synchronous (messages are taken between turns). */
 function run(m: Extract<PreemptToThread, { t: 'start' }>): void {
-  // This thread is on the fault path from now on (thread-slice.ts).
-  port.postMessage({ t: 'slice', us: sliceable ? (setThreadSliceUs(faultSliceUs) ?? null) : null } satisfies PreemptFromThread);
-  const reader = new PreemptReader(m.reader, GuestRam.fromShared(m.ram), new MissingPagesPlacer(m.missing));
   let err: VmigError | undefined;
+  let next: PreemptToThread['t'] | undefined;
   try {
-    reader.attach(m.fd, m.first);
+    if (reader) reader.reattach(m.fd, m.first);
+    else {
+      // This thread is on the fault path from now on (thread-slice.ts).
+      port.postMessage({ t: 'slice', us: sliceable ? (setThreadSliceUs(faultSliceUs) ?? null) : null } satisfies PreemptFromThread);
+      reader = new PreemptReader(m.reader, GuestRam.fromShared(m.ram), new MissingPagesPlacer(m.missing));
+      reader.attach(m.fd, m.first);
+    }
     for (;;) {
-      if ((receiveMessageOnPort(port)?.message as PreemptToThread | undefined)?.t === 'stop') {
-        err = new VmigError('VMIG_ERR_CANCELLED', 'load aborted', { channel });
-        break;
-      }
+      next = (receiveMessageOnPort(port)?.message as PreemptToThread | undefined)?.t;
+      if (next === 'stop' || next === 'detach') break;
       const st = reader.service();
       if (st === 'ended') break;
       if (st === 'failed') {
@@ -52,8 +62,11 @@ function run(m: Extract<PreemptToThread, { t: 'start' }>): void {
   } catch (e) {
     err = toVmigError(e, 'VMIG_ERR_CHANNEL', { channel });
   }
-  reader.close();
-  if (err === undefined) port.postMessage({ t: 'end' } satisfies PreemptFromThread);
+  reader?.close();
+  if (next === 'stop') {
+    port.postMessage({ t: 'error', error: new VmigError('VMIG_ERR_CANCELLED', 'load aborted', { channel }).toJSON() } satisfies PreemptFromThread);
+    port.close();
+  } else if (next === 'detach') port.postMessage({ t: 'detached' } satisfies PreemptFromThread);
+  else if (err === undefined) port.postMessage({ t: 'end' } satisfies PreemptFromThread);
   else port.postMessage({ t: 'error', error: err.toJSON() } satisfies PreemptFromThread);
-  port.close();
 }

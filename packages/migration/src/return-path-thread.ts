@@ -52,11 +52,22 @@ export type ReturnPathFromThread =
   | { t: 'slice'; us: number | null }
   /** A page request for the main stream (no preempt channel). */
   | { t: 'request'; type: number; data: Uint8Array }
+  /** Postcopy recovery: a block's received bitmap (MIG_RP_MSG_RECV_BITMAP, as the wire carries it). */
+  | { t: 'recv-bitmap'; idstr: string; bitmap: Uint8Array }
+  /** Postcopy recovery: MIG_RP_MSG_RESUME_ACK's value. */
+  | { t: 'resume-ack'; value: number }
   | { t: 'error'; error: { code: string; message: string } };
 
 export class ReturnPathThread implements SourceReturnPath {
   readonly shut: Promise<number>;
+  readonly resumeAck: Promise<number>;
+  private ack!: { resolve: (value: number) => void; reject: (e: VmigError) => void };
+  /** Postcopy recovery: received bitmaps asked for and not come yet, by block. */
+  private readonly bitmapWaiters = new Map<string, { resolve: (b: Uint8Array) => void; reject: (e: VmigError) => void }>();
+  private failure: VmigError | undefined;
   readonly openPreempt: (() => Promise<void>) | undefined;
+  /** An error on the preempt channel's socket (its owner decides what it means). */
+  onPreemptError: ((e: Error) => void) | undefined;
   /** The slice the thread got when it began serving requests (thread-slice.ts); null: none. */
   faultSliceUs: number | null = null;
   private readonly worker: Worker;
@@ -85,7 +96,6 @@ export class ReturnPathThread implements SourceReturnPath {
     opts: {
       preemptUri?: MigrationUri | undefined;
       faultSliceUs?: number;
-      onPreemptError?: (e: Error) => void;
       writeTimeoutMs?: number;
       secure?: (sock: net.Socket) => Promise<net.Socket>;
     } = {},
@@ -93,6 +103,8 @@ export class ReturnPathThread implements SourceReturnPath {
     this.writeTimeoutMs = opts.writeTimeoutMs;
     this.shut = new Promise<number>((resolve, reject) => (this.settle = { resolve, reject }));
     this.shut.catch(() => {});
+    this.resumeAck = new Promise<number>((resolve, reject) => (this.ack = { resolve, reject }));
+    this.resumeAck.catch(() => {});
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
     this.worker = new Worker(workerUrl(import.meta.url, 'return-path.worker.js'), {
@@ -121,7 +133,7 @@ export class ReturnPathThread implements SourceReturnPath {
             ps = this.preemptBridge.sock;
           }
           this.preemptSock = ps;
-          ps.on('error', (e) => opts.onPreemptError?.(e));
+          ps.on('error', (e) => this.onPreemptError?.(e));
           const shared = createSyncFd(stopReading(ps).fd, this.writeTimeoutMs);
           const io = new SyncFd(shared);
           this.preempt = { io, shared };
@@ -150,8 +162,19 @@ export class ReturnPathThread implements SourceReturnPath {
     this.port.postMessage({ t: 'listen', urgent, preempt: this.preempt?.shared } satisfies ReturnPathToThread);
   }
 
+  receivedBitmap(idstr: string): Promise<Uint8Array> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => this.bitmapWaiters.set(idstr, { resolve, reject }));
+  }
+
   private onMessage(m: ReturnPathFromThread): void {
     if (m.t === 'shut') this.settle.resolve(m.status);
+    else if (m.t === 'recv-bitmap') {
+      const w = this.bitmapWaiters.get(m.idstr);
+      if (!w) return this.fail(new VmigError('VMIG_ERR_STREAM_FORMAT', `a received bitmap for block '${m.idstr}' that was not asked for`, { channel: 'return-path' }));
+      this.bitmapWaiters.delete(m.idstr);
+      w.resolve(m.bitmap);
+    } else if (m.t === 'resume-ack') this.ack.resolve(m.value);
     else if (m.t === 'slice') this.faultSliceUs = m.us;
     else if (m.t === 'request') {
       try {
@@ -164,7 +187,11 @@ export class ReturnPathThread implements SourceReturnPath {
 
   private fail(e: VmigError): void {
     // After SHUT (or close) nothing here changes the outcome.
+    this.failure ??= e;
     this.settle.reject(e);
+    this.ack.reject(e);
+    for (const w of this.bitmapWaiters.values()) w.reject(e);
+    this.bitmapWaiters.clear();
   }
 
   /**

@@ -13,16 +13,21 @@
  */
 import { receiveMessageOnPort, workerData } from 'node:worker_threads';
 import {
+  decodeRpRecvBitmap,
+  decodeRpResumeAck,
   decodeRpShut,
   GuestRam,
   libc,
   MemorySink,
   MIG_RP_MSG_PONG,
+  MIG_RP_MSG_RECV_BITMAP,
   MIG_RP_MSG_REQ_PAGES,
   MIG_RP_MSG_REQ_PAGES_ID,
+  MIG_RP_MSG_RESUME_ACK,
   MIG_RP_MSG_SHUT,
   putRamEos,
   READ_CLOSED,
+  RecvBitmapTrailer,
   READ_EOF,
   READ_NONE,
   RpMessageReader,
@@ -69,6 +74,8 @@ let ram: GuestRam;
 let urgent: { preempt: SyncFd; sender: UrgentPageSender } | undefined;
 let listening = false;
 let stopped = false;
+/** Postcopy recovery: the bitmap being read after a RECV_BITMAP message. */
+let bitmap: RecvBitmapTrailer | undefined;
 
 function post(m: ReturnPathFromThread): void {
   port.postMessage(m);
@@ -98,6 +105,18 @@ function handle(type: number, body: Uint8Array): boolean {
     return false;
   }
   if (type === MIG_RP_MSG_PONG) return true;
+  if (type === MIG_RP_MSG_RECV_BITMAP) {
+    // Postcopy recovery: the raw bitmap follows (read in run()); its size is checked against the block here.
+    const idstr = decodeRpRecvBitmap(body);
+    const block = ram.find(idstr);
+    if (!block) throw new StreamError('VMIG_ERR_UNKNOWN_BLOCK', `received bitmap for unknown RAM block '${idstr}'`, { channel });
+    bitmap = new RecvBitmapTrailer(idstr, block.pages);
+    return true;
+  }
+  if (type === MIG_RP_MSG_RESUME_ACK) {
+    post({ t: 'resume-ack', value: decodeRpResumeAck(body) });
+    return true;
+  }
   if (type === MIG_RP_MSG_REQ_PAGES || type === MIG_RP_MSG_REQ_PAGES_ID) {
     // The switch is posted before the package that lets the destination ask can reach it,
     // so a request read before the switch was seen may only have overtaken its message.
@@ -131,7 +150,18 @@ function run(start: Start): void {
     takeControl();
     if (stopped) return;
     let more = true;
-    for (let m = reader.next(); more && m; m = more ? reader.next() : undefined) more = handle(m.type, m.data);
+    while (more) {
+      if (bitmap) {
+        const b = bitmap;
+        reader.takeRaw((buf, s, e) => b.feed(buf, s, e));
+        if (!b.done) break;
+        post({ t: 'recv-bitmap', idstr: b.idstr, bitmap: b.bitmap });
+        bitmap = undefined;
+      }
+      const m = reader.next();
+      if (!m) break;
+      more = handle(m.type, m.data);
+    }
     sendBatch();
     if (!more) return;
     let n: number;

@@ -18,6 +18,8 @@ export interface CliRun {
 export interface CliProcess {
   child: ChildProcess;
   done: Promise<CliRun>;
+  /** Every JSON line printed on stdout so far. */
+  readonly lines: readonly Record<string, unknown>[];
   /** Resolves with the first JSON line that satisfies `pred`. */
   waitFor(pred: (line: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
 }
@@ -67,6 +69,7 @@ export function spawnCli(cliMain: string, args: string[], opts: { stderr?: 'pipe
   return {
     child,
     done,
+    lines,
     waitFor(pred, timeoutMs = 120_000) {
       const seen = lines.find(pred);
       if (seen) return Promise.resolve(seen);

@@ -69,6 +69,18 @@ export async function incomingCommand(argv: string[]): Promise<number> {
             quitAsked();
             return {};
           },
+          'migrate-recover': async (args) => {
+            if (!dst) throw new InvalidArgumentError('no incoming migration yet');
+            if (typeof args['uri'] !== 'string') throw new InvalidArgumentError("Parameter 'uri' is missing");
+            const bound = await dst.recover(args['uri']);
+            out.event({ event: 'recover', uri: bound }, `vmig: postcopy recovery: listening on ${bound}; on the source: {"execute":"migrate","arguments":{"uri":"${bound}","resume":true}}`);
+            return {};
+          },
+          'migrate-pause': () => {
+            if (!dst) throw new InvalidArgumentError('no incoming migration yet');
+            dst.pause();
+            return {};
+          },
         },
         log,
         settings.control.startsWith('tcp:') ? tls : undefined,
@@ -160,6 +172,15 @@ export async function incomingCommand(argv: string[]): Promise<number> {
   dst.on('status', (st) => {
     status = st;
     control?.event('MIGRATION', { status: st });
+    out.event({ event: 'status', status: st }, undefined);
+    if (st === 'postcopy-paused') {
+      out.event(
+        { event: 'paused', control: control?.address ?? null, error: dst?.pauseCause?.toJSON() ?? null },
+        control
+          ? `vmig: postcopy paused (${dst?.pauseCause?.message}): the guest runs here and waits for its missing pages. To recover, on ${control.address}: {"execute":"migrate-recover","arguments":{"uri":"tcp:HOST:PORT"}}; then on the source: {"execute":"migrate","arguments":{"uri":"tcp:HOST:PORT","resume":true}}`
+          : `vmig: postcopy paused (${dst?.pauseCause?.message}), but this process has no --control socket to recover on (start it with --control unix:PATH); SIGINT ends it`,
+      );
+    }
   });
   dst.on('postcopy', (reason) => out.event({ event: 'postcopy', reason }, undefined));
   // Said only now: a client may signal as soon as it reads it.

@@ -56,6 +56,13 @@ export async function migrateCommand(argv: string[]): Promise<number> {
           'query-migrate-capabilities': () =>
             qmpCapabilities({ 'auto-converge': s.params.autoConverge, 'postcopy-ram': s.postcopy, 'postcopy-preempt': s.postcopyPreempt, multifd: s.multifdChannels > 0 }),
           migrate: (args) => {
+            if (args['resume'] === true) {
+              // Postcopy recovery: the destination listens (migrate-recover) at `uri`.
+              if (!mig) throw new InvalidArgumentError('no migration is running yet');
+              if (typeof args['uri'] !== 'string') throw new InvalidArgumentError("Parameter 'uri' is missing");
+              mig.resume(args['uri']);
+              return {};
+            }
             if (started || !qmpDriven) throw new InvalidArgumentError("There's a migration process in progress");
             if (typeof args['uri'] !== 'string') throw new InvalidArgumentError("Parameter 'uri' is missing");
             migrateAsked(parseMigrationUri(args['uri']));
@@ -75,6 +82,11 @@ export async function migrateCommand(argv: string[]): Promise<number> {
           'migrate-start-postcopy': () => {
             if (!mig) throw new InvalidArgumentError('no migration is running yet');
             mig.startPostcopy();
+            return {};
+          },
+          'migrate-pause': () => {
+            if (!mig) throw new InvalidArgumentError('no migration is running yet');
+            mig.pause();
             return {};
           },
           migrate_cancel: () => {
@@ -166,6 +178,14 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     control?.event('MIGRATION', { status: i.status });
     log.info({ status: i.status }, 'migration status');
     out.event({ event: 'status', status: i.status, totalTimeMs: i.totalTimeMs }, progress ? undefined : `vmig: status ${i.status}`);
+    if (i.status === 'postcopy-paused') {
+      out.event(
+        { event: 'paused', control: control?.address ?? null },
+        control
+          ? `vmig: postcopy paused: every page is still here. To recover, on the destination's control socket: {"execute":"migrate-recover","arguments":{"uri":"tcp:HOST:PORT"}}; then on ${control.address}: {"execute":"migrate","arguments":{"uri":"tcp:HOST:PORT","resume":true}}`
+          : 'vmig: postcopy paused: every page is still here, but this process has no --control socket to resume on (start it with --control unix:PATH); SIGINT ends it',
+      );
+    }
   });
   mig.on('progress', (i) => {
     if (progress) progress.update(i);

@@ -4,8 +4,8 @@
  * device state, RUN) and keeps loading RAM after RUN while the vCPUs run.
  */
 import { DeviceRegistry, checkDeviceVersion } from '../devices/device.js';
-import { StreamError, type VmigError, type VmigErrorCode } from '../errors.js';
-import { MemorySource, type StreamSource } from '../io.js';
+import { isTransportFailure, StreamError, toVmigError, VmigError, type VmigErrorCode } from '../errors.js';
+import { EndOfStream, MemorySource, type StreamSource } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import type { PostcopyIncoming } from '../postcopy/postcopy-incoming.js';
 import {
@@ -17,7 +17,9 @@ import {
   MIG_CMD_POSTCOPY_ADVISE,
   MIG_CMD_POSTCOPY_LISTEN,
   MIG_CMD_POSTCOPY_RAM_DISCARD,
+  MIG_CMD_POSTCOPY_RESUME,
   MIG_CMD_POSTCOPY_RUN,
+  MIG_CMD_RECV_BITMAP,
   QEMU_VM_COMMAND,
   QEMU_VM_EOF,
   QEMU_VM_SECTION_END,
@@ -29,6 +31,7 @@ import {
   RAM_SECTION_VERSION,
 } from '../wire/constants.js';
 import { getString, getU32, getU8, readFileHeader, readSectionFooter, readSectionHeader } from '../wire/main-stream.js';
+import { decodeRecvBitmapCmd } from '../wire/recovery.js';
 import { RamLoadState, type RamLoadOptions } from './ram-load.js';
 
 export interface LoadVmOptions extends RamLoadOptions {
@@ -41,6 +44,17 @@ export interface LoadVmOptions extends RamLoadOptions {
   onPing?: (value: number) => void;
   /** The first failure elsewhere (multifd, preempt channel): waiting for pages stops on it. */
   failed?: () => VmigError | undefined;
+  /**
+   * Postcopy recovery (QEMU's postcopy_pause_incoming): the main stream failed after RUN
+   * with `cause`, a transport failure (a malformed stream is not recovered). Resolves with
+   * the new main connection's stream (migrate-recover, then the source's `migrate
+   * resume=true`), on which the load goes on; rejects to end the load with that error.
+   */
+  onPostcopyPause?: (cause: VmigError) => Promise<StreamSource>;
+  /** MIG_CMD_RECV_BITMAP (recovering only): the block's received bitmap on the return path. */
+  onRecvBitmap?: (idstr: string) => void;
+  /** MIG_CMD_POSTCOPY_RESUME (recovering only): RESUME_ACK, and page requests flow again. */
+  onPostcopyResume?: () => Promise<void>;
 }
 
 export interface LoadVmResult {
@@ -60,6 +74,8 @@ class LoadVm {
   returnPathOpened = false;
   /** The source's machine type (the configuration section), for error messages. */
   machine: string | undefined;
+  /** On a recovery connection, until POSTCOPY_RESUME. */
+  recovering = false;
 
   constructor(private readonly opts: LoadVmOptions) {
     this.ramLoad = new RamLoadState({
@@ -153,6 +169,20 @@ class LoadVm {
       case MIG_CMD_POSTCOPY_RAM_DISCARD:
         this.postcopy('POSTCOPY_RAM_DISCARD').onDiscard(data);
         return undefined;
+      case MIG_CMD_RECV_BITMAP: {
+        // loadvm_handle_recv_bitmap: only on a recovery connection, for a block this side has.
+        if (!this.recovering || !opts.onRecvBitmap) this.fail('RECV_BITMAP outside a postcopy recovery', 'VMIG_ERR_POSTCOPY');
+        const idstr = decodeRecvBitmapCmd(data);
+        if (!this.ramLoad.ram?.find(idstr)) this.fail(`RECV_BITMAP for unknown RAM block '${idstr}'`, 'VMIG_ERR_UNKNOWN_BLOCK');
+        opts.onRecvBitmap(idstr);
+        return undefined;
+      }
+      case MIG_CMD_POSTCOPY_RESUME:
+        if (!this.recovering || !opts.onPostcopyResume) this.fail('POSTCOPY_RESUME outside a postcopy recovery', 'VMIG_ERR_POSTCOPY');
+        if (data.length !== 0) this.fail('POSTCOPY_RESUME with a payload');
+        this.recovering = false;
+        await opts.onPostcopyResume();
+        return undefined;
       case MIG_CMD_POSTCOPY_LISTEN:
         if (!packaged) this.fail('POSTCOPY_LISTEN outside a packaged command', 'VMIG_ERR_POSTCOPY');
         await this.postcopy('POSTCOPY_LISTEN').onListen();
@@ -194,11 +224,24 @@ export async function qemuLoadVmState(s: StreamSource, opts: LoadVmOptions): Pro
   }
   const lv = new LoadVm(opts);
   lv.machine = header.machine;
-  await lv.loop(s);
+  let stream = s;
+  for (;;) {
+    try {
+      await lv.loop(stream);
+      if (lv.ramSectionId === undefined || !lv.ramLoad.ram) throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'stream ended without a RAM section', { channel: 'main', phase: 'load' });
+      // Postcopy: the main stream is done, but requested pages may still be on the preempt channel.
+      await opts.postcopy?.finish(opts.failed ?? (() => undefined));
+      break;
+    } catch (e) {
+      // After RUN the guest runs here: a broken connection pauses the load instead of ending it.
+      if (!opts.onPostcopyPause || opts.postcopy?.state !== 'running' || !isTransportFailure(e)) throw e;
+      const cause = e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'the source closed the main channel', { channel: 'main', phase: 'postcopy' }) : toVmigError(e, 'VMIG_ERR_CHANNEL');
+      stream = await opts.onPostcopyPause(cause);
+      lv.recovering = true;
+    }
+  }
   const { ramLoad } = lv;
-  if (lv.ramSectionId === undefined || !ramLoad.ram) throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'stream ended without a RAM section', { channel: 'main', phase: 'load' });
-  // Postcopy: the main stream is done, but requested pages may still be on the preempt channel.
-  await opts.postcopy?.finish(opts.failed ?? (() => undefined));
+  if (!ramLoad.ram) throw new StreamError('VMIG_ERR_STREAM_FORMAT', 'stream ended without a RAM section', { channel: 'main', phase: 'load' });
   return {
     machine: header.machine,
     ram: ramLoad.ram,

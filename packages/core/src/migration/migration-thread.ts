@@ -6,7 +6,7 @@
  * flush) and device-sections.ts; every wait on a peer or a thread is bounded (watchdog.ts).
  */
 import type { DeviceRegistry } from '../devices/device.js';
-import { postcopySplitError, VmigError, toVmigError } from '../errors.js';
+import { InvalidArgumentError, isTransportFailure, postcopySplitError, VmigError, toVmigError } from '../errors.js';
 import type { StreamSink } from '../io.js';
 import type { GuestRam } from '../ram/ram-block.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
@@ -14,7 +14,7 @@ import { putDeviceSectionsAndEof, putSetupDeviceSections } from './device-sectio
 import { MigrationNotifiers, type MigrationStateEvent, type PrecopyNotifyReason } from '../lifecycle/notifiers.js';
 import { silentLogger, type Logger } from '../log.js';
 import { AutoConverge } from './auto-converge.js';
-import { PostcopySource, SHUT } from './postcopy-source.js';
+import { type PostcopyLink, PostcopySource, SHUT } from './postcopy-source.js';
 import { MAIN, RAM_SECTION_ID, RamSections } from './ram-sections.js';
 import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
 import { RateLimiter } from './rate-limit.js';
@@ -80,6 +80,8 @@ export interface MigrationContext {
   /** Notifier chains; a fresh, empty set if omitted. */
   notifiers?: MigrationNotifiers | undefined;
   log?: Logger | undefined;
+  /** Postcopy recovery; without it a failure after the switch fails the migration. */
+  recovery?: PostcopyRecovery | undefined;
   /**
    * The longest any wait on the destination or the vCPUs may last (ms, --channel-timeout):
    * past it the migration fails with VMIG_ERR_TIMEOUT (before the postcopy switch, with the
@@ -89,6 +91,18 @@ export interface MigrationContext {
 }
 
 export const DEFAULT_CHANNEL_TIMEOUT_MS = 30_000;
+
+/**
+ * Postcopy recovery's channels (implemented outside core: sockets and threads). After the
+ * switch a transport failure pauses the migration instead of failing it: pause() lets go of
+ * every channel, and each `migrate URI resume=true` reconnects them.
+ */
+export interface PostcopyRecovery {
+  /** Closes the broken channels and their threads (their failures say nothing any more). */
+  pause(): Promise<void>;
+  /** Connects the main channel (and its return path's thread) to `uri`. */
+  reconnect(uri: string): Promise<Omit<PostcopyLink, 'shutStatus'>>;
+}
 
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
 const BANDWIDTH_PERIOD_MS = 100;
@@ -116,6 +130,12 @@ export class MigrationThread {
   private guestSplit = false;
   /** The RAM sections and the multifd flush on the main stream. */
   private readonly sections: RamSections;
+  /** Bumped at each pause: failures of the channels before it say nothing any more. */
+  private epoch = 0;
+  /** migrate_cancel was asked for (a pause may have cleared the error it set). */
+  private cancelRequested = false;
+  /** Postcopy paused: the next `migrate URI resume=true`. */
+  private resumeWaiter: { resolve: (uri: string) => void; reject: (e: VmigError) => void } | undefined;
 
   constructor(private readonly ctx: MigrationContext) {
     this.stats = ctx.stats ?? new MigrationStats();
@@ -183,7 +203,27 @@ export class MigrationThread {
     const st = this.stats.status;
     if (isTerminal(st) || st === 'cancelling') return;
     if (st !== 'none') this.setStatus('cancelling');
-    this.fail(new VmigError('VMIG_ERR_CANCELLED', 'migration cancelled'));
+    this.cancelRequested = true;
+    const e = new VmigError('VMIG_ERR_CANCELLED', 'migration cancelled');
+    this.fail(e);
+    this.resumeWaiter?.reject(e);
+  }
+
+  /**
+   * migrate-pause (postcopy-active only): the channels are given up as a network failure
+   * would break them; the migration goes to postcopy-paused.
+   */
+  pause(): void {
+    if (this.stats.status !== 'postcopy-active' || !this.ctx.recovery) throw new InvalidArgumentError(`migrate-pause is only possible in postcopy-active (now ${this.stats.status})`);
+    this.fail(new VmigError('VMIG_ERR_CHANNEL', 'paused by migrate-pause', { channel: 'main', phase: 'postcopy' }));
+  }
+
+  /** `migrate URI resume=true`: postcopy-paused only; the recovery then runs on the migration thread. */
+  resume(uri: string): void {
+    if (this.stats.status !== 'postcopy-paused' || !this.resumeWaiter) throw new InvalidArgumentError(`migrate with resume is only possible in postcopy-paused (now ${this.stats.status})`);
+    const w = this.resumeWaiter;
+    this.resumeWaiter = undefined;
+    w.resolve(uri);
   }
 
   /** migrate-set-parameters while running. */
@@ -305,21 +345,36 @@ export class MigrationThread {
     if (params.autoConverge) this.autoConverge = new AutoConverge(performance.now(), 0);
     if (params.postcopy && !returnPath) throw new VmigError('VMIG_ERR_POSTCOPY', 'postcopy needs the return path');
     putStreamStart(sink, { machineName: params.machineName, returnPath: !!returnPath, postcopy: params.postcopy });
-    if (returnPath) {
-      this.shutStatus = returnPath.shut;
-      this.shutStatus.then(
-        (status) => {
-          if (status !== 0) this.fail(new VmigError('VMIG_ERR_REMOTE', 'destination failed to load the migration stream', { channel: 'return-path' }));
-        },
-        (e: unknown) => this.fail(e),
-      );
-    }
+    if (returnPath) this.watchShut(returnPath);
     await this.sections.setupSection();
     // Postcopy: what the destination must prepare before the switch (its vCPU threads).
     if (params.postcopy) putSetupDeviceSections(sink, this.ctx.devices, RAM_SECTION_ID + 1);
     await this.guard(sink.flush(), MAIN);
     this.stats.setupTimeMs = performance.now() - this.stats.startTime;
     this.log.debug({ setupTimeMs: this.stats.setupTimeMs, blocks: this.ctx.ram.blocks.length, multifd: !!this.ctx.multifd, returnPath: !!returnPath, postcopy: params.postcopy }, 'setup done');
+  }
+
+  /** The destination's SHUT, or its return path's failure, on the channels of this epoch. */
+  private watchShut(returnPath: SourceReturnPath): void {
+    const epoch = this.epoch;
+    this.shutStatus = returnPath.shut;
+    this.shutStatus.then(
+      (status) => {
+        if (status !== 0 && epoch === this.epoch) this.fail(new VmigError('VMIG_ERR_REMOTE', 'destination failed to load the migration stream', { channel: 'return-path' }));
+      },
+      (e: unknown) => {
+        if (epoch === this.epoch) this.fail(e);
+      },
+    );
+  }
+
+  /** Whether a failure of the channels of `epoch` still counts (migrate.ts's socket listeners). */
+  failIfCurrent(epoch: number, e: unknown): void {
+    if (epoch === this.epoch) this.fail(e);
+  }
+
+  get channelEpoch(): number {
+    return this.epoch;
   }
 
   private async iterate(): Promise<'complete' | 'postcopy'> {
@@ -405,10 +460,13 @@ export class MigrationThread {
     }
   }
 
-  /** postcopy_start and postcopy's page loop (postcopy-source.ts). */
+  /**
+   * postcopy_start and postcopy's page loop (postcopy-source.ts); after the switch a
+   * transport failure pauses (postcopy_pause) and each recovery goes on from where it is.
+   */
   private async postcopy(): Promise<void> {
     const { ctx } = this;
-    await new PostcopySource({
+    const pc = new PostcopySource({
       ram: ctx.ram,
       sink: ctx.sink,
       vm: ctx.vm,
@@ -431,7 +489,61 @@ export class MigrationThread {
         this.setStatus('postcopy-active');
       },
       onCompletion: () => this.stats.timeline.enter('completion', performance.now()),
-    }).run();
+    });
+    let resumed = false;
+    for (;;) {
+      try {
+        if (resumed) await pc.continue();
+        else await pc.run();
+        return;
+      } catch (e) {
+        this.fail(e);
+        const err = this.error!;
+        if (!this.guestSplit || !ctx.recovery || this.cancelRequested || !isTransportFailure(err)) throw err;
+        await this.postcopyPaused(pc, err);
+        resumed = true;
+      }
+    }
+  }
+
+  /**
+   * postcopy_pause: the channels are let go, the guest's pages all stay here, and each
+   * `migrate URI resume=true` tries a recovery until one works (then it returns) or the
+   * migration is cancelled (then it throws).
+   */
+  private async postcopyPaused(pc: PostcopySource, cause: VmigError): Promise<void> {
+    const recovery = this.ctx.recovery!;
+    const { stats } = this;
+    for (let err = cause; ; ) {
+      this.epoch++;
+      await recovery.pause();
+      if (this.cancelRequested) throw this.error ?? err;
+      const uri = new Promise<string>((resolve, reject) => (this.resumeWaiter = { resolve, reject }));
+      // The next failure is the recovery's own.
+      this.error = undefined;
+      stats.timeline.enter('postcopy-paused', performance.now());
+      this.log.warn({ error: err.toJSON() }, 'postcopy paused: every page stays here; on the destination migrate-recover URI, then here migrate URI resume=true');
+      this.setStatus('postcopy-paused');
+      try {
+        const target = await uri;
+        this.setStatus('postcopy-recover');
+        const link = await this.guard(recovery.reconnect(target), 'the recovery connection');
+        this.watchShut(link.returnPath);
+        await pc.resume({ ...link, shutStatus: this.shutStatus! });
+        stats.postcopyRecoveries++;
+        stats.timeline.enter('postcopy', performance.now());
+        this.log.info({ uri: target, recoveries: stats.postcopyRecoveries }, 'postcopy resumed');
+        this.setStatus('postcopy-active');
+        return;
+      } catch (e) {
+        this.fail(e);
+        err = this.error!;
+        if (this.cancelRequested) throw err;
+        this.log.warn({ error: err.toJSON() }, 'postcopy recovery failed; still paused');
+      } finally {
+        this.resumeWaiter = undefined;
+      }
+    }
   }
 
   /** migration_completion: stop, the completion hook, the last pass, the device state, EOF, SHUT. */

@@ -166,6 +166,34 @@ export class RamSaver implements PageSender {
     this.stats.remainingPages = this.dirtyPages;
   }
 
+  /**
+   * Postcopy recovery (ram_dirty_bitmap_reload): block `blockIdx`'s migration bitmap becomes
+   * every page the destination has not received (`received`: bit i of byte i/8, as the wire
+   * carries it). After the switch the source's RAM no longer changes, so this is exactly
+   * what is left to send. Migration thread only, with no other thread clearing bits (the
+   * return-path thread of the broken connection has ended). Then restartScan().
+   */
+  reloadFromReceived(blockIdx: number, received: Uint8Array): void {
+    const bm = this.bitmaps[blockIdx]!;
+    const words = bm.words;
+    const tail = bm.nbits & 31;
+    for (let w = 0; w < words.length; w++) {
+      const b = w * 4;
+      const got = (received[b] ?? 0) | ((received[b + 1] ?? 0) << 8) | ((received[b + 2] ?? 0) << 16) | ((received[b + 3] ?? 0) << 24);
+      const valid = w === words.length - 1 && tail !== 0 ? (1 << tail) - 1 : -1;
+      Atomics.store(words, w, ~got & valid);
+    }
+  }
+
+  /** After the bitmaps were reloaded: the dirty count from them, the scan from the start (ram_state_resume_prepare). */
+  restartScan(): void {
+    this.dirtyPages = this.bitmaps.reduce((n, b) => n + b.count(), 0);
+    this.stats.remainingPages = this.dirtyPages;
+    this.blockIdx = 0;
+    this.nextPage = 0;
+    this.lastSentBlock = undefined;
+  }
+
   writeSetupSection(w: ByteWriter, sectionId: number): void {
     putSectionFull(w, QEMU_VM_SECTION_START, { sectionId, idstr: RAM_SECTION_IDSTR, instanceId: 0, versionId: RAM_SECTION_VERSION });
     putRamMemSize(w, this.ram.blocks);

@@ -36,10 +36,12 @@ export class RamSections {
   private unsynced = false;
   /** After the postcopy switch multifd carries nothing and syncs nothing. */
   private multifdOff = false;
+  /** Bytes the main channels before this one took (postcopy recovery replaces the channel). */
+  private earlierBytes = 0;
 
   constructor(
     private readonly saver: RamSaver,
-    private readonly sink: StreamSink,
+    private sink: StreamSink,
     private readonly multifd: MultifdLink | undefined,
     private readonly stats: MigrationStats,
     private readonly guard: Guard,
@@ -48,11 +50,21 @@ export class RamSections {
 
   /** Bytes on every channel (main stream and multifd) the transports took. */
   flushedBytes(): number {
-    return this.sink.bytesFlushed + this.stats.multifdBytes;
+    return this.earlierBytes + this.sink.bytesFlushed + this.stats.multifdBytes;
   }
 
   writtenBytes(): number {
-    return this.sink.bytesWritten + this.stats.multifdBytes;
+    return this.earlierBytes + this.sink.bytesWritten + this.stats.multifdBytes;
+  }
+
+  /**
+   * Postcopy recovery: the main stream goes on over a new connection. What the old one had
+   * taken counts as sent; what was still queued in front of it is lost (the received bitmap
+   * says which pages to send again).
+   */
+  useSink(sink: StreamSink): void {
+    this.earlierBytes += this.sink.bytesFlushed;
+    this.sink = sink;
   }
 
   /**

@@ -14,10 +14,13 @@ import {
   MIG_CMD_POSTCOPY_ADVISE,
   MIG_CMD_POSTCOPY_LISTEN,
   MIG_CMD_POSTCOPY_RAM_DISCARD,
+  MIG_CMD_POSTCOPY_RESUME,
   MIG_CMD_POSTCOPY_RUN,
+  MIG_CMD_RECV_BITMAP,
 } from '../wire/constants.js';
 import { putCommand, putFileHeader } from '../wire/main-stream.js';
 import { discardCommands, encodePackagedLength, encodePostcopyAdvise } from '../wire/postcopy.js';
+import { encodeRecvBitmapCmd } from '../wire/recovery.js';
 import { putDeviceSections } from './device-sections.js';
 
 /** qemu_savevm_state_header and the commands before the first section. */
@@ -49,4 +52,17 @@ export function putPostcopyPackage(sink: StreamSink, devices: DeviceRegistry, fi
   const blob = pkg.bytes();
   putCommand(sink, MIG_CMD_PACKAGED, encodePackagedLength(blob.length));
   sink.putBytes(blob);
+}
+
+/**
+ * Postcopy recovery on a new main channel (ram_dirty_bitmap_sync_all): a RECV_BITMAP per
+ * block; the destination answers each with its received bitmap on the return path.
+ */
+export function putRecvBitmapRequests(sink: StreamSink, ram: GuestRam): void {
+  for (const block of ram.blocks) putCommand(sink, MIG_CMD_RECV_BITMAP, encodeRecvBitmapCmd(block.idstr));
+}
+
+/** qemu_savevm_send_postcopy_resume: the source is ready; the destination answers RESUME_ACK. */
+export function putPostcopyResume(sink: StreamSink): void {
+  putCommand(sink, MIG_CMD_POSTCOPY_RESUME);
 }

@@ -20,4 +20,11 @@ export interface SourceReturnPath {
    * a bad request; the return path then fails.
    */
   listen(urgent: UrgentPagesShared, queue: (type: number, data: Uint8Array) => void): void;
+  /**
+   * Postcopy recovery (a return path on a new connection): `idstr`'s received bitmap, as the
+   * destination sends it after MIG_CMD_RECV_BITMAP (bit i of byte i/8: page i is in place).
+   */
+  receivedBitmap?(idstr: string): Promise<Uint8Array>;
+  /** Postcopy recovery: the value of the destination's RESUME_ACK. */
+  readonly resumeAck?: Promise<number>;
 }

@@ -22,6 +22,8 @@ export interface RamStats {
   /** Postcopy: page requests served, and bytes sent after the switch. */
   postcopyRequests: number;
   postcopyBytes: number;
+  /** Postcopy recoveries completed (a connection broke after the switch and was replaced). */
+  postcopyRecoveries: number;
 }
 
 export interface MigrationInfo {
@@ -37,7 +39,7 @@ export interface MigrationInfo {
 }
 
 /** The phases of a migration, in QEMU's terms. */
-export type MigrationPhase = 'setup' | 'iterations' | 'stop-and-copy' | 'postcopy' | 'completion';
+export type MigrationPhase = 'setup' | 'iterations' | 'stop-and-copy' | 'postcopy' | 'postcopy-paused' | 'completion';
 
 export interface PhaseRecord {
   phase: MigrationPhase;
@@ -130,6 +132,7 @@ export class MigrationStats {
   multifdBytes = 0;
   postcopyRequests = 0;
   postcopyBytes = 0;
+  postcopyRecoveries = 0;
   cpuThrottlePercentage = 0;
   error: { code: string; message: string } | undefined;
   readonly timeline = new TimelineRecorder();
@@ -159,6 +162,7 @@ export class MigrationStats {
         multifdBytes: this.multifdBytes,
         postcopyRequests: this.postcopyRequests,
         postcopyBytes: this.postcopyBytes,
+        postcopyRecoveries: this.postcopyRecoveries,
       },
     };
     if (this.downtimeMs !== undefined) out.downtimeMs = round(this.downtimeMs);

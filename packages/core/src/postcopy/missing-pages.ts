@@ -34,6 +34,14 @@
  *    for the role, so a release after that finds it).
  * 3. Teardown (a failure during postcopy): ABORT is set and every word notified; a blocked
  *    writer gives up without writing (the guest is split, nothing may land).
+ * 4. Recovery (postcopy paused, then resumed on new channels): nothing here changes while
+ *    paused; writers that fault keep waiting on `received`, and their requests are held by
+ *    the return path (return-path-writer.ts, HOLD) with their `requested` bit set. Once the
+ *    return path flows again (ReturnPathWriter.resume, which takes the fd's lock and clears
+ *    HOLD), requestAgain() writes a request for every page requested and not received. A
+ *    writer whose request found HOLD set had set its `requested` bit before (Atomics.or,
+ *    then the HOLD load under the lock), so the scan, which runs after HOLD was cleared,
+ *    sees that bit; a request written twice costs one copy that the placer drops.
  */
 import { AtomicBitmap } from '../ram/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
@@ -299,6 +307,30 @@ export class MissingPagesPlacer {
       const p = Atomics.load(v.waiting, i) - 1;
       if (p >= 0) Atomics.notify(v.received.words, p >>> 5);
     }
+  }
+
+  /** Rule 4: whether page `page` of block `blockIdx` is in place (for the received bitmap). */
+  receivedIn(blockIdx: number): (page: number) => boolean {
+    let base = 0;
+    for (let b = 0; b < blockIdx; b++) base += this.shared.blocks[b]!.pages;
+    const received = this.v.received;
+    return (page) => received.test(base + page);
+  }
+
+  /** Rule 4, after ReturnPathWriter.resume(): the requests still unanswered, again. Returns how many. */
+  requestAgain(): number {
+    const v = this.v;
+    const rp = new ReturnPathWriter(this.shared.returnPath);
+    let n = 0;
+    let base = 0;
+    this.shared.blocks.forEach((b, idx) => {
+      for (let p = 0; p < b.pages; p++) {
+        const g = base + p;
+        if (v.requested.test(g) && !v.received.test(g) && rp.requestPage(idx, b.idstr, p * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE)) n++;
+      }
+      base += b.pages;
+    });
+    return n;
   }
 
   /** Rule 3. */

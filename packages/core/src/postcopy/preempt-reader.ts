@@ -39,6 +39,9 @@
  *    whoever holds the fd's handle may close it (the CLI's main thread, once the preempt
  *    thread ended). A holder that died with the role (a terminated thread) cannot read
  *    either, so the owner waits for the role at most CLOSE_WAIT_MS.
+ * 6. Reattach (postcopy recovery: the source connects a new preempt channel): the owner
+ *    still holds the role from close(); it resets STATE, the buffer and LAST_BLOCK, then does
+ *    rule 2 with the new fd and gives the role back.
  */
 import fs from 'node:fs';
 import { StreamError, toVmigError, VmigError } from '../errors.js';
@@ -183,6 +186,15 @@ export class PreemptReader {
   }
 
   /* ------------------------------------------------------------ the owner's side */
+
+  /** Rule 6 (the owner, after close()): a new channel in place of the old one. */
+  reattach(fd: number, first: Uint8Array): void {
+    Atomics.store(this.ctl, STATE, OPEN);
+    Atomics.store(this.ctl, ERROR_LEN, 0);
+    this.ctl[LAST_BLOCK] = -1;
+    this.attach(fd, first);
+    this.release();
+  }
 
   /** Rule 2: the channel exists; `first` are the bytes read from it already. */
   attach(fd: number, first: Uint8Array): void {

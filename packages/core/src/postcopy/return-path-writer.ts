@@ -11,6 +11,10 @@
  *   be a REQ_PAGES without the name (the source keeps the same state). Written only with the
  *   fd's lock held.
  * - REQUESTS: page requests written.
+ * - HOLD: postcopy recovery (paused, or the new connection not resumed yet): page requests
+ *   are not written (requestPage returns false), so that none reaches a source before its
+ *   RESUME_ACK; the vCPU's `requested` bit stays set and resume() writes them all again
+ *   (missing-pages.ts, rule 4). Read with the fd's lock held; set and cleared by the owner.
  *
  * Ownership: the main thread owns the socket (its handle); it calls close() before it ends
  * or destroys it, and close() returns only after any write in progress has finished.
@@ -20,7 +24,8 @@ import { encodeRpReqPages } from '../wire/postcopy.js';
 
 const LAST_BLOCK = 0;
 const REQUESTS = 1;
-const WORDS = 2;
+const HOLD = 2;
+const WORDS = 3;
 
 export interface ReturnPathShared {
   io: SyncFdShared;
@@ -55,6 +60,7 @@ export class ReturnPathWriter {
   requestPage(blockIdx: number, idstr: string, offset: number, length: number): boolean {
     this.io.lock();
     try {
+      if (Atomics.load(this.ctl, HOLD) !== 0) return false;
       const same = Atomics.load(this.ctl, LAST_BLOCK) === blockIdx;
       if (!this.io.writeLocked(encodeRpReqPages(same ? undefined : idstr, offset, length))) return false;
       Atomics.store(this.ctl, LAST_BLOCK, blockIdx);
@@ -72,5 +78,34 @@ export class ReturnPathWriter {
   /** No write starts after this returns, and none is in progress: the fd may be closed. */
   close(): void {
     this.io.close();
+  }
+
+  /**
+   * Postcopy paused: page requests are held from now on (HOLD), and the fd is let go as
+   * close() does. Messages of the owner's own (write()) go on once reopen() gave a new fd.
+   */
+  pause(): void {
+    Atomics.store(this.ctl, HOLD, 1);
+    this.io.close();
+  }
+
+  /** Recovery: the new connection's fd, for the owner's messages (requests still held). */
+  reopen(fd: number): void {
+    this.io.reopen(fd);
+  }
+
+  /**
+   * RESUME_ACK is written: requests flow again. The next one names its block (the source's
+   * new return path has no previous one). Returns once no request is held any more; the
+   * caller then writes again those a vCPU asked for meanwhile.
+   */
+  resume(): void {
+    this.io.lock();
+    try {
+      Atomics.store(this.ctl, LAST_BLOCK, -1);
+      Atomics.store(this.ctl, HOLD, 0);
+    } finally {
+      this.io.unlock();
+    }
   }
 }

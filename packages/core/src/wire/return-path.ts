@@ -74,6 +74,14 @@ export class RpMessageReader {
     this.end += n;
   }
 
+  /**
+   * Raw bytes that follow a message outside the framing (RECV_BITMAP's bitmap): `take` gets
+   * what is buffered and returns how many bytes it used.
+   */
+  takeRaw(take: (buf: Uint8Array, start: number, end: number) => number): void {
+    this.start += take(this.buf, this.start, this.end);
+  }
+
   /** The next whole message, or undefined until more bytes arrive. Throws on an oversize one. */
   next(): RpMessage | undefined {
     const { buf, start, end } = this;
