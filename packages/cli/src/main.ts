@@ -11,7 +11,7 @@ import { migrateCommand } from './commands/migrate.js';
 import { REPORT_OPTIONS, reportCommand } from './commands/report.js';
 import { restoreCommand } from './commands/restore.js';
 import { snapshotCommand } from './commands/snapshot.js';
-import { INCOMING_OPTIONS, MIGRATE_OPTIONS, RESTORE_OPTIONS, SNAPSHOT_OPTIONS } from './options.js';
+import { DEMO_OPTIONS, INCOMING_OPTIONS, MIGRATE_OPTIONS, RESTORE_OPTIONS, SNAPSHOT_OPTIONS } from './options.js';
 
 const USAGE = `usage: vmig <command> [flags]
 
@@ -31,7 +31,7 @@ See docs/cli.md for every flag.`;
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; synopsis: string; options: Record<string, { type: string; multiple?: boolean; short?: string }>; role: string }> = {
   incoming: { run: incomingCommand, synopsis: 'incoming URI [flags]', options: INCOMING_OPTIONS, role: 'destination' },
   migrate: { run: migrateCommand, synopsis: 'migrate URI --ram SIZE [flags]', options: MIGRATE_OPTIONS, role: 'source' },
-  demo: { run: demoCommand, synopsis: 'demo [migrate flags]', options: MIGRATE_OPTIONS, role: 'demo' },
+  demo: { run: demoCommand, synopsis: 'demo [migrate flags] [--postcopy-faults N]', options: DEMO_OPTIONS, role: 'demo' },
   bench: { run: benchCommand, synopsis: 'bench [--scenario NAME ...] [--ram SIZE] [--repeat N] [--list] [--html FILE]', options: BENCH_OPTIONS, role: 'bench' },
   report: { run: reportCommand, synopsis: 'report RUN.jsonl [MORE.jsonl ...] -o report.html', options: REPORT_OPTIONS, role: 'report' },
   snapshot: { run: snapshotCommand, synopsis: 'snapshot FILE --ram SIZE [flags]', options: SNAPSHOT_OPTIONS, role: 'snapshot' },

@@ -132,6 +132,12 @@ export const MIGRATE_OPTIONS = {
   metrics: { type: 'string' },
 } as const;
 
+/** `vmig demo`: migrate's flags, and the link failures it may inject. */
+export const DEMO_OPTIONS = {
+  ...MIGRATE_OPTIONS,
+  'postcopy-faults': { type: 'string' },
+} as const;
+
 export interface SharedSettings {
   ram: RamSpec[] | undefined;
   /** 0 = no multifd. */

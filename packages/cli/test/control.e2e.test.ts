@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { makeTlsCreds, runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
-import { ControlClient } from './control-client.js';
+import { ControlClient } from '@vmig/test-harness';
 
 type Json = Record<string, any>;
 

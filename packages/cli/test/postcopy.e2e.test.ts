@@ -11,7 +11,7 @@ import { libc } from '@vmig/core';
 import { type CliProcess, type CliRun, runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { kernelHasCustomSlices } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
-import { ControlClient } from './control-client.js';
+import { ControlClient } from '@vmig/test-harness';
 
 type Report = Record<string, any>;
 const tmp = mkdtempSync(join(tmpdir(), 'vmig-postcopy-'));

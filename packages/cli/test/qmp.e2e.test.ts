@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN, haveQemu, QEMU } from './cli.js';
-import { ControlClient } from './control-client.js';
+import { ControlClient } from '@vmig/test-harness';
 
 type Json = Record<string, any>;
 

@@ -18,7 +18,7 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { MULTIFD_INIT_SIZE } from '@vmig/multifd';
 import { type CliProcess, type CliRun, FaultProxy, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN } from './cli.js';
-import { ControlClient } from './control-client.js';
+import { ControlClient } from '@vmig/test-harness';
 
 type Json = Record<string, any>;
 

@@ -68,6 +68,11 @@ export interface IncomingOptions extends MultifdOptions {
   postcopyFaultSliceUs?: number;
   /** With preempt: whether a faulting vCPU may read the preempt channel itself. Default 'vcpu'. */
   postcopyPreemptReader?: PreemptReaderChoice;
+  /**
+   * Postcopy recovery: after RUN a broken link pauses the load (postcopy-paused) until
+   * recover() and the source's resume, or cancel(), instead of failing it. Default true.
+   */
+  postcopyRecovery?: boolean;
   /** Require the source's RAM digests (it runs with `integrity` too) and check them. */
   integrity?: boolean;
   tls?: TlsOptions;
@@ -435,7 +440,7 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
       onPing: (v) => this.main!.rp.write(encodeRpPong(v)),
       postcopy: this.postcopy?.incoming,
       failed: () => this.firstError ?? this.pauseRequest,
-      ...(this.postcopy
+      ...(this.postcopy && o.postcopyRecovery !== false
         ? {
             onPostcopyPause: (cause: VmigError) => this.postcopyPaused(cause),
             onRecvBitmap: (idstr: string) => this.sendRecvBitmap(idstr),

@@ -51,6 +51,12 @@ export interface MigrateOptions extends Partial<MigrationParams>, MultifdOptions
   postcopyFaultSliceUs?: number;
   /** With preempt: the nice value for the background stream after the switch; 0: unchanged. Default 19 (0 with TLS). */
   postcopyBackgroundNice?: number;
+  /**
+   * Postcopy recovery: after the switch a broken link pauses the migration (postcopy-paused)
+   * until resume() or cancel(), instead of failing it. Default true; off, such a failure
+   * fails the migration (the guest is split: nothing can run it then).
+   */
+  postcopyRecovery?: boolean;
   /** RAM digests per MiB sent with the device state, checked by the destination (vmig's own). */
   integrity?: boolean;
   tls?: TlsOptions;
@@ -262,7 +268,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
       notifiers: o.notifiers ?? new MigrationNotifiers(),
       log: o.log,
       channelTimeoutMs: timeoutMs,
-      recovery: {
+      recovery: o.postcopyRecovery === false ? undefined : {
         pause: async () => {
           log.debug({ channel: 'main' }, 'postcopy paused: closing the channels');
           await this.closeLink(link);

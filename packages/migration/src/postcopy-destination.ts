@@ -109,7 +109,7 @@ export class PostcopyDestination {
   private startPreemptThread(): Worker {
     const w = new Worker(workerUrl(import.meta.url, 'preempt-channel.worker.js'), {
       execArgv: workerExecArgv(),
-      workerData: { faultSliceUs: this.opts.faultSliceUs } satisfies PreemptThreadData,
+      workerData: { faultSliceUs: this.opts.faultSliceUs, timeoutMs: this.opts.timeoutMs } satisfies PreemptThreadData,
     });
     this.preemptExited = exitOf(w);
     w.on('message', (m: PreemptFromThread) => {

@@ -18,17 +18,18 @@
  * sure nobody reads the fd any more (PreemptReader.close, which waits for a vCPU reading it).
  */
 import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
-import { GuestRam, MissingPagesPlacer, PreemptReader, setThreadName, toVmigError, VmigError } from '@vmig/core';
+import { GuestRam, MissingPagesPlacer, PreemptReader, preemptReads, setThreadName, toVmigError, VmigError } from '@vmig/core';
 import type { PreemptFromThread, PreemptThreadData, PreemptToThread } from './preempt-protocol.js';
 import { canSetThreadSlice, setThreadSliceUs } from './thread-slice.js';
 
 setThreadName('mig/dst/preempt');
 const port = parentPort!;
 const channel = 'preempt';
-const { faultSliceUs } = workerData as PreemptThreadData;
+const { faultSliceUs, timeoutMs } = workerData as PreemptThreadData;
 // Loaded now, not at LISTEN.
 const sliceable = faultSliceUs > 0 && canSetThreadSlice();
 let reader: PreemptReader | undefined;
+let placer: MissingPagesPlacer | undefined;
 
 port.on('message', (m: PreemptToThread) => {
   if (m.t === 'start') run(m);
@@ -46,12 +47,27 @@ function run(m: Extract<PreemptToThread, { t: 'start' }>): void {
     else {
       // This thread is on the fault path from now on (thread-slice.ts).
       port.postMessage({ t: 'slice', us: sliceable ? (setThreadSliceUs(faultSliceUs) ?? null) : null } satisfies PreemptFromThread);
-      reader = new PreemptReader(m.reader, GuestRam.fromShared(m.ram), new MissingPagesPlacer(m.missing));
+      placer = new MissingPagesPlacer(m.missing);
+      reader = new PreemptReader(m.reader, GuestRam.fromShared(m.ram), placer);
       reader.attach(m.fd, m.first);
     }
+    // Liveness: while a vCPU waits, pages must keep coming (a frozen link sends nothing, and
+    // closes nothing).
+    let placed = -1;
+    let progressAt = performance.now();
     for (;;) {
       next = (receiveMessageOnPort(port)?.message as PreemptToThread | undefined)?.t;
       if (next === 'stop' || next === 'detach') break;
+      const now = performance.now();
+      const p = preemptReads(m.reader);
+      const total = p.preemptPagesByThread + p.preemptPagesByVcpus;
+      if (total !== placed || !placer!.anyWaiting()) {
+        placed = total;
+        progressAt = now;
+      } else if (timeoutMs > 0 && now - progressAt > timeoutMs) {
+        err = new VmigError('VMIG_ERR_TIMEOUT', `a vCPU waited ${timeoutMs} ms and no page came on the preempt channel (--channel-timeout): the link is frozen or the source stopped`, { channel });
+        break;
+      }
       const st = reader.service();
       if (st === 'ended') break;
       if (st === 'failed') {

@@ -17,6 +17,11 @@ export type PreemptToThread =
 export interface PreemptThreadData {
   /** The slice (us) to ask for at the first 'start' (thread-slice.ts); 0: none. */
   faultSliceUs: number;
+  /**
+   * Liveness (--channel-timeout, ms): a vCPU waits for a page and nothing was placed from the
+   * channel for this long: the channel failed (VMIG_ERR_TIMEOUT), which pauses postcopy.
+   */
+  timeoutMs: number;
 }
 
 export type PreemptFromThread =

@@ -13,3 +13,5 @@ export * from './postcopy-verify.js';
 export * from './tls-creds.js';
 export * from './test-guest-destination.js';
 export * from './child-script.js';
+export * from './control-client.js';
+export * from './postcopy-faults.js';

@@ -155,6 +155,8 @@ export async function incomingCommand(argv: string[]): Promise<number> {
       postcopyFaultSliceUs: settings.postcopyFaultSliceUs,
       postcopyPreemptReader: settings.postcopyPreemptReader,
       integrity: settings.integrity,
+      // Recovery needs a control socket (migrate-recover); without one a broken link after RUN fails the load.
+      postcopyRecovery: control !== undefined,
       tls,
       channelTimeoutMs: settings.channelTimeoutMs,
       notifiers,
@@ -178,7 +180,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
         { event: 'paused', control: control?.address ?? null, error: dst?.pauseCause?.toJSON() ?? null },
         control
           ? `vmig: postcopy paused (${dst?.pauseCause?.message}): the guest runs here and waits for its missing pages. To recover, on ${control.address}: {"execute":"migrate-recover","arguments":{"uri":"tcp:HOST:PORT"}}; then on the source: {"execute":"migrate","arguments":{"uri":"tcp:HOST:PORT","resume":true}}`
-          : `vmig: postcopy paused (${dst?.pauseCause?.message}), but this process has no --control socket to recover on (start it with --control unix:PATH); SIGINT ends it`,
+          : `vmig: postcopy paused (${dst?.pauseCause?.message})`,
       );
     }
   });

@@ -167,6 +167,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     postcopyFaultSliceUs: s.postcopyFaultSliceUs,
     postcopyBackgroundNice: s.postcopyBackgroundNice,
     integrity: s.integrity,
+    // Recovery needs a control socket to be told where to resume; without one a broken
+    // link after the switch fails the migration.
+    postcopyRecovery: control !== undefined,
     tls: tlsOptions(s, 'client'),
     channelTimeoutMs: s.channelTimeoutMs,
     notifiers,
@@ -183,7 +186,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
         { event: 'paused', control: control?.address ?? null },
         control
           ? `vmig: postcopy paused: every page is still here. To recover, on the destination's control socket: {"execute":"migrate-recover","arguments":{"uri":"tcp:HOST:PORT"}}; then on ${control.address}: {"execute":"migrate","arguments":{"uri":"tcp:HOST:PORT","resume":true}}`
-          : 'vmig: postcopy paused: every page is still here, but this process has no --control socket to resume on (start it with --control unix:PATH); SIGINT ends it',
+          : 'vmig: postcopy paused',
       );
     }
   });

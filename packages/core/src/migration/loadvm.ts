@@ -234,7 +234,9 @@ export async function qemuLoadVmState(s: StreamSource, opts: LoadVmOptions): Pro
       break;
     } catch (e) {
       // After RUN the guest runs here: a broken connection pauses the load instead of ending it.
-      if (!opts.onPostcopyPause || opts.postcopy?.state !== 'running' || !isTransportFailure(e)) throw e;
+      // So does anything wrong on a recovery connection before its RESUME: whoever connected
+      // there (a stranger, a source that went away) cannot end the guest.
+      if (!opts.onPostcopyPause || opts.postcopy?.state !== 'running' || !(lv.recovering || isTransportFailure(e))) throw e;
       const cause = e instanceof EndOfStream ? new VmigError('VMIG_ERR_PEER_CLOSED', 'the source closed the main channel', { channel: 'main', phase: 'postcopy' }) : toVmigError(e, 'VMIG_ERR_CHANNEL');
       stream = await opts.onPostcopyPause(cause);
       lv.recovering = true;

@@ -521,7 +521,7 @@ export class MigrationThread {
       const uri = new Promise<string>((resolve, reject) => (this.resumeWaiter = { resolve, reject }));
       // The next failure is the recovery's own.
       this.error = undefined;
-      stats.timeline.enter('postcopy-paused', performance.now());
+      if (err === cause) stats.timeline.enter('postcopy-paused', performance.now());
       this.log.warn({ error: err.toJSON() }, 'postcopy paused: every page stays here; on the destination migrate-recover URI, then here migrate URI resume=true');
       this.setStatus('postcopy-paused');
       try {

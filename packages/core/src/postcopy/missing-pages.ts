@@ -11,7 +11,7 @@
  * - `requested` bitmap: a page request was written for the page.
  * - the return path (return-path-writer.ts): a faulting vCPU writes its request itself.
  * - `waiting`, one Int32 per vCPU: 1 + the page it waits for (0: none). Only that vCPU
- *   writes its slot; wakeWaiting() reads them all.
+ *   writes its slot; wakeWaiting() and anyWaiting() read them all.
  * - with preempt, the preempt channel's reader role (preempt-reader.ts).
  * - control words: ABORT, the "all vCPUs blocked" bookkeeping, counters.
  * - per-writer fault latency samples (stats/latency-samples.ts).
@@ -190,7 +190,8 @@ export class MissingPagesVcpu {
     const preempt = this.preempt;
     const done = (): boolean => (Atomics.load(words, w) & bit) !== 0 || Atomics.load(v.ctl, ABORT) !== 0;
     let ok = true;
-    if (preempt) Atomics.store(v.waiting, this.writer, page + 1);
+    // The slot says what this writer waits for (rule 2's wake-ups; the preempt thread's liveness check).
+    Atomics.store(v.waiting, this.writer, page + 1);
     for (;;) {
       const cur = Atomics.load(words, w);
       if ((cur & bit) !== 0) break;
@@ -203,7 +204,7 @@ export class MissingPagesVcpu {
       // take and this wait.
       else Atomics.wait(words, w, cur, preempt ? 5 : 20);
     }
-    if (preempt) Atomics.store(v.waiting, this.writer, 0);
+    Atomics.store(v.waiting, this.writer, 0);
     if (timed) {
       const t1 = clock();
       v.blockedDelta(-1, t1);
@@ -331,6 +332,14 @@ export class MissingPagesPlacer {
       base += b.pages;
     });
     return n;
+  }
+
+  /** Whether any vCPU waits for a page now (its `waiting` slot is set). */
+  anyWaiting(): boolean {
+    const v = this.v;
+    const n = Math.min(v.waiting.length, Atomics.load(v.ctl, WRITERS));
+    for (let i = 0; i < n; i++) if (Atomics.load(v.waiting, i) !== 0) return true;
+    return false;
   }
 
   /** Rule 3. */

@@ -183,7 +183,8 @@ export class PostcopyIncoming implements PostcopyPlacing {
       const now = placer.missing();
       if (now < missing) progressAt = performance.now();
       else if (performance.now() - progressAt > timeoutMs) {
-        throw new StreamError('VMIG_ERR_TIMEOUT', `the stream ended with ${now} page(s) not placed, and none arrived for ${timeoutMs} ms (--channel-timeout)`, { channel: 'main', phase: 'postcopy' });
+        // A link that stopped delivering (the preempt channel frozen, say): postcopy recovery can get over it.
+        throw new VmigError('VMIG_ERR_TIMEOUT', `the stream ended with ${now} page(s) not placed, and none arrived for ${timeoutMs} ms (--channel-timeout)`, { channel: 'main', phase: 'postcopy' });
       }
       missing = now;
     }
