@@ -174,6 +174,13 @@ describe('postcopy recovery between two vmig processes', () => {
     stranger.end(Buffer.from('GET / HTTP/1.1\r\n\r\n'));
     await pair.dst.waitFor(() => statusCount(pair.dst, 'postcopy-paused') >= 2, 30_000);
     expect(statusCount(pair.dst, 'postcopy-recover')).toBe(1);
+    stranger.destroy();
+    // A peer that connects and says nothing holds the recovery for the channel timeout at most.
+    const silentUri = await migrateRecover(pair);
+    const silent = net.connect(Number(silentUri.split(':').pop()), '127.0.0.1');
+    silent.on('error', () => {});
+    await pair.dst.waitFor(() => statusCount(pair.dst, 'postcopy-paused') >= 3, 30_000);
+    silent.destroy();
     // Then the real one.
     await recoverPair(pair);
     await expectVerified(pair, 1);

@@ -178,10 +178,12 @@ export function acceptChannels(
 /**
  * Postcopy recovery's listener (migrate-recover): the source's `migrate resume=true` opens
  * the main channel first, which starts with commands (no QEVM header: the stream goes on),
- * then, with preempt, the preempt channel. The first connection that says something, or
- * passes its TLS handshake, is the main channel; after it the preempt channel goes to
- * `onPreempt`; anything else is turned away. Resolves with the main channel; rejects only
- * when the listener closes first.
+ * then, with preempt, the preempt channel, which may stay silent (QEMU 7.2 opens it at once
+ * and writes nothing until a page is requested). So connections are told apart by order, as
+ * QEMU's destination does (the first is the main channel): the first goes to the load (after
+ * its TLS handshake), the next to `onPreempt`, anything later is turned away. A stranger who
+ * connects first gets the main channel, and its first error pauses postcopy again (loadvm.ts).
+ * Resolves with the main channel; rejects only when the listener closes first.
  */
 export function acceptRecovery(
   listener: Listener,
@@ -192,53 +194,39 @@ export function acceptRecovery(
   tls: TlsOptions | undefined,
 ): Promise<MainChannel> {
   return new Promise((resolveMain, rejectMain) => {
-    let mainSeen = false;
-    let preemptSeen = false;
-    const handle = async (sock: net.Socket): Promise<void> => {
+    let accepted = 0;
+    const handle = async (sock: net.Socket, n: number): Promise<void> => {
       sock.on('error', () => {});
-      if (mainSeen) {
-        if (!onPreempt || preemptSeen) {
-          log.warn({ reason: 'a connection after every channel of the recovery' }, 'connection turned away');
-          sock.destroy();
-          return;
+      if (n === 0) {
+        let s: net.Socket = sock;
+        if (tls) {
+          try {
+            s = await tlsAccept(sock, tls, timeoutMs, 'main');
+          } catch (e) {
+            // A stranger, or a source with other certificates: the next connection may be the main channel.
+            sock.destroy();
+            log.warn({ error: toVmigError(e, 'VMIG_ERR_TLS').toJSON() }, 'recovery connection refused (TLS)');
+            accepted = 0;
+            return;
+          }
         }
-        preemptSeen = true;
-        if (!tls) return onPreempt(sock, Buffer.alloc(0));
-        try {
-          const t = await tlsAccept(sock, tls, timeoutMs, 'preempt');
-          onPreempt((await bridgeTls(t, 'in')).sock, Buffer.alloc(0));
-        } catch (e) {
-          sock.destroy();
-          onFatal(toVmigError(e, 'VMIG_ERR_TLS', { channel: 'preempt' }));
-        }
+        log.debug({ channel: 'main', tls: !!tls }, 'recovery: main channel connected');
+        resolveMain({ sock: s, first: Buffer.alloc(0), tls: !!tls });
         return;
       }
-      let s: net.Socket = sock;
-      if (tls) {
-        try {
-          s = await tlsAccept(sock, tls, timeoutMs, 'main');
-        } catch (e) {
-          // A stranger, or a source with other certificates: the recovery waits for the next.
-          sock.destroy();
-          log.warn({ error: toVmigError(e, 'VMIG_ERR_TLS').toJSON() }, 'recovery connection refused (TLS)');
-          return;
-        }
+      if (n > 1 || !onPreempt) {
+        log.warn({ reason: 'a connection after every channel of the recovery' }, 'connection turned away');
+        sock.destroy();
+        return;
       }
-      let first: Buffer;
+      if (!tls) return onPreempt(sock, Buffer.alloc(0));
       try {
-        first = await readFirstBytes(s, 1, timeoutMs);
+        const t = await tlsAccept(sock, tls, timeoutMs, 'preempt');
+        onPreempt((await bridgeTls(t, 'in')).sock, Buffer.alloc(0));
       } catch (e) {
-        s.destroy();
-        log.warn({ reason: `a recovery connection that said nothing (${(e as Error).message})` }, 'connection turned away');
-        return;
+        sock.destroy();
+        onFatal(toVmigError(e, 'VMIG_ERR_TLS', { channel: 'preempt' }));
       }
-      if (mainSeen) {
-        s.destroy();
-        return;
-      }
-      mainSeen = true;
-      log.debug({ channel: 'main', tls: !!tls }, 'recovery: main channel connected');
-      resolveMain({ sock: s, first, tls: !!tls });
     };
     void (async () => {
       for (;;) {
@@ -249,7 +237,7 @@ export function acceptRecovery(
           rejectMain(e);
           return;
         }
-        handle(sock).catch(() => sock.destroy());
+        handle(sock, accepted++).catch(() => sock.destroy());
       }
     })();
   });

@@ -349,27 +349,27 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     const log = this.opts.log ?? silentLogger;
     const old = this.main!;
     this.pauseRequest = undefined;
-    let deliver!: (m: MainChannel) => void;
-    const main = new Promise<MainChannel>((r) => (deliver = r));
-    this.paused = { cause, main, deliver };
     // No request leaves until the source's RESUME_ACK; the fd is let go before it closes.
     old.rp.pause();
     old.rpBridge?.sock.destroy();
     old.sock.destroy();
     await this.listener.close();
-    await this.recoverListener?.close();
-    this.recoverListener = undefined;
     await this.postcopy!.pause();
-    if (this.firstError) throw this.firstError;
-    log.warn({ error: cause.toJSON() }, 'postcopy paused: the guest runs here and waits for missing pages; recover with migrate-recover URI here, then migrate URI resume=true on the source');
-    this.setStatus('postcopy-paused');
     for (;;) {
+      await this.recoverListener?.close();
+      this.recoverListener = undefined;
+      let deliver!: (m: MainChannel) => void;
+      const main = new Promise<MainChannel>((r) => (deliver = r));
+      this.paused = { cause, main, deliver };
+      if (this.firstError) throw this.firstError;
+      log.warn({ error: cause.toJSON() }, 'postcopy paused: the guest runs here and waits for missing pages; recover with migrate-recover URI here, then migrate URI resume=true on the source');
+      this.setStatus('postcopy-paused');
       const accepted = await Promise.race([main, this.fatalError]);
       try {
         this.main = await this.openMain(accepted, old);
       } catch (e) {
         accepted.sock.destroy();
-        log.warn({ error: toVmigError(e, 'VMIG_ERR_CHANNEL').toJSON() }, 'postcopy recovery: the new main channel failed; still paused');
+        cause = toVmigError(e, 'VMIG_ERR_CHANNEL');
         continue;
       }
       this.setStatus('postcopy-recover');
