@@ -26,7 +26,7 @@ export interface MetricsSource {
   snapshotStallsMs?(): number[];
 }
 
-const STATUSES: readonly MigrationStatus[] = ['none', 'setup', 'active', 'postcopy-active', 'cancelling', 'cancelled', 'completed', 'failed'];
+const STATUSES: readonly MigrationStatus[] = ['none', 'setup', 'active', 'postcopy-active', 'postcopy-paused', 'postcopy-recover', 'cancelling', 'cancelled', 'completed', 'failed'];
 /** Latency buckets (seconds): 50 us to 2 s. */
 const LATENCY_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2];
 

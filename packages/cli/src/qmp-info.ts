@@ -67,7 +67,7 @@ export function qmpStatus(migration: string | undefined, side: 'source' | 'desti
     const done = migration === 'completed';
     return { status: done ? 'running' : 'inmigrate', running: done, singlestep: false };
   }
-  if (migration === 'completed' || migration === 'postcopy-active') return { status: 'postmigrate', running: false, singlestep: false };
+  if (migration === 'completed' || migration === 'postcopy-active' || migration === 'postcopy-paused' || migration === 'postcopy-recover') return { status: 'postmigrate', running: false, singlestep: false };
   if (migration === 'device') return { status: 'finish-migrate', running: false, singlestep: false };
   return { status: 'running', running: true, singlestep: false };
 }

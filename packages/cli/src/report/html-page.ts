@@ -19,7 +19,7 @@ export interface ChartSpec {
   yRightLabel?: string;
   /** Vertical marks (round ends). */
   marks?: number[];
-  /** Shaded spans (downtime, postcopy). */
+  /** Shaded spans (downtime, postcopy, paused for recovery). */
   bands?: { from: number; to: number; label: string }[];
   /** The x axis ends here at least (the run's end). */
   xMax?: number;
@@ -78,7 +78,7 @@ for (const [i, c] of specs.entries()) {
     ctx.save();
     for (const b of c.bands ?? []) {
       const x0 = u.valToPos(b.from, 'x', true), x1 = u.valToPos(b.to, 'x', true);
-      ctx.fillStyle = b.label === 'downtime' ? 'rgba(209,36,47,0.15)' : 'rgba(130,80,223,0.12)';
+      ctx.fillStyle = b.label === 'downtime' ? 'rgba(209,36,47,0.15)' : b.label === 'postcopy' ? 'rgba(130,80,223,0.12)' : 'rgba(154,103,0,0.18)';
       ctx.fillRect(x0, u.bbox.top, Math.max(2, x1 - x0), u.bbox.height);
       ctx.fillStyle = '#444';
       ctx.fillText(b.label, x0 + 3, u.bbox.top + 12);

@@ -9,8 +9,8 @@ export function runPage(m: RunModel): PageSpec {
   const marks = m.rounds.map((r) => r.endS);
   const xMax = Math.max(0, ...m.phases.map((p) => p.endS));
   const bands = m.phases
-    .filter((p) => p.phase === 'stop-and-copy' || p.phase === 'postcopy')
-    .map((p) => ({ from: p.startS, to: p.endS, label: p.phase === 'stop-and-copy' ? 'downtime' : 'postcopy' }));
+    .filter((p) => p.phase === 'stop-and-copy' || p.phase === 'postcopy' || p.phase === 'postcopy-paused')
+    .map((p) => ({ from: p.startS, to: p.endS, label: p.phase === 'stop-and-copy' ? 'downtime' : p.phase === 'postcopy' ? 'postcopy' : 'paused (recovery)' }));
   if (m.series.length > 0) {
     charts.push({
       title: 'Throughput (rounds dashed, downtime and postcopy shaded)',
