@@ -5,7 +5,7 @@ import type { GuestRam } from '@vmig/core';
 export async function dumpRam(ram: GuestRam, file: string): Promise<void> {
   const fh = await open(file, 'w');
   try {
-    for (const b of ram.blocks) await fh.write(b.host);
+    for (const b of ram.blocks) for (const seg of b.segments) await fh.write(seg);
   } finally {
     await fh.close();
   }

@@ -123,7 +123,7 @@ export class PacketReceiver {
         return this.header.subarray(this.filled);
       case 'pages': {
         const start = this.runs[this.run]! + this.filled;
-        return this.block!.host.subarray(start, this.runs[this.run + 1]!);
+        return this.block!.bytes(start, this.runs[this.run + 1]! - start);
       }
       case 'payload':
         return this.payload!.subarray(this.filled, this.payloadLen);
@@ -241,10 +241,11 @@ export class PacketReceiver {
       this.phase = 'payload';
     } else {
       // nocomp: normal_pages raw pages (next_packet_size is not trusted: QEMU 7.2 leaves it stale).
+      // Runs of contiguous pages are read straight into RAM; a run ends at a segment edge.
       const runs: number[] = [];
       for (let i = 0; i < h.normalPages; i++) {
         const off = h.offsets[i]!;
-        if (runs.length > 0 && runs[runs.length - 1] === off) runs[runs.length - 1] = off + TARGET_PAGE_SIZE;
+        if (runs.length > 0 && runs[runs.length - 1] === off && block.segmentEnd(off - 1) > off) runs[runs.length - 1] = off + TARGET_PAGE_SIZE;
         else runs.push(off, off + TARGET_PAGE_SIZE);
       }
       this.runs = runs;
@@ -261,8 +262,8 @@ export class PacketReceiver {
     const payload = Buffer.from(this.payload!.buffer, 0, this.payloadLen);
     this.wait(
       d.decompress(payload, out).then(() => {
-        const host = this.block!.host;
-        for (let i = 0; i < h.normalPages; i++) host.set(out.subarray(i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE), h.offsets[i]!);
+        const block = this.block!;
+        for (let i = 0; i < h.normalPages; i++) block.page(h.offsets[i]! / TARGET_PAGE_SIZE).set(out.subarray(i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE));
         this.packetDone();
       }),
     );

@@ -13,7 +13,7 @@
 import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
 import { tlsConnect } from '@vmig/channel';
-import { GuestRam, isZeroPage, setThreadName, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
+import { GuestRam, isZeroPage, type RamBlock, setThreadName, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
 import { compressionByName } from './compress/registry.js';
 import { JOB_PACKETS, type SendChannelConfig, type SendToChannel } from './send-protocol.js';
 import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_MAX_PAYLOAD, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE, MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
@@ -21,7 +21,6 @@ import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIF
 const cfg = workerData as SendChannelConfig;
 const port = parentPort!;
 const ram = GuestRam.fromShared(cfg.ram);
-const hosts = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
 const compressor = compressionByName(cfg.compression)?.createSender();
 const channel = `multifd/${cfg.id}`;
 setThreadName(`mig/src/send_${cfg.id}`);
@@ -134,18 +133,21 @@ async function handle(m: SendToChannel): Promise<void> {
 /**
  * zero-page-detection=multifd: this thread finds zero pages and lists them, no payload.
  * A run of contiguous pages is checked with one compare first (a call per page costs more
- * than the compare itself); only a run that is not all zero is checked page by page.
+ * than the compare itself); only a run that is not all zero is checked page by page. A run
+ * ends at a segment edge of the block (ram-block.ts).
  */
-function splitZeroPages(host: Buffer, pages: Uint32Array, normal: number[], zero: number[]): void {
+function splitZeroPages(block: RamBlock, pages: Uint32Array, normal: number[], zero: number[]): void {
   for (let i = 0; i < pages.length; ) {
-    let j = i + 1;
-    while (j < pages.length && pages[j] === pages[j - 1]! + 1) j++;
     const start = pages[i]! * TARGET_PAGE_SIZE;
+    const limit = block.segmentEnd(start) / TARGET_PAGE_SIZE;
+    let j = i + 1;
+    while (j < pages.length && pages[j] === pages[j - 1]! + 1 && pages[j]! < limit) j++;
     const end = (pages[j - 1]! + 1) * TARGET_PAGE_SIZE;
-    if (ZERO_RUN.compare(host, start, end, 0, end - start) === 0) {
+    const run = block.bytes(start, end - start);
+    if (ZERO_RUN.compare(run, 0, run.length, 0, run.length) === 0) {
       for (let off = start; off < end; off += TARGET_PAGE_SIZE) zero.push(off);
     } else {
-      for (let off = start; off < end; off += TARGET_PAGE_SIZE) (isZeroPage(host, off) ? zero : normal).push(off);
+      for (let off = start; off < end; off += TARGET_PAGE_SIZE) (isZeroPage(run, off - start) ? zero : normal).push(off);
     }
     i = j;
   }
@@ -154,7 +156,6 @@ function splitZeroPages(host: Buffer, pages: Uint32Array, normal: number[], zero
 /** One job: its pages as packets of up to 128 pages each, numbered from `packetNum`. */
 async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number): Promise<void> {
   const block = ram.blocks[blockIdx]!;
-  const host = hosts[blockIdx]!;
   const headers = freeHeaders.pop() ?? Buffer.allocUnsafeSlow(JOB_PACKETS * MULTIFD_PACKET_HEADER_SIZE);
   const w = new Writes();
   let bytes = 0;
@@ -164,7 +165,7 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
     const part = pages.subarray(k * MULTIFD_PAGE_COUNT, (k + 1) * MULTIFD_PAGE_COUNT);
     const normal: number[] = [];
     const zero: number[] = [];
-    if (cfg.zeroPageDetection === 'multifd') splitZeroPages(host, part, normal, zero);
+    if (cfg.zeroPageDetection === 'multifd') splitZeroPages(block, part, normal, zero);
     else for (const p of part) normal.push(p * TARGET_PAGE_SIZE);
     let flags = 0;
     let payloadLen = normal.length * TARGET_PAGE_SIZE;
@@ -172,7 +173,7 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
     // method sent it raw) the pages go straight from guest RAM.
     let payload: Buffer | undefined;
     if (compressor !== undefined && normal.length > 0) {
-      for (let i = 0; i < normal.length; i++) host.copy(pagesScratch, i * TARGET_PAGE_SIZE, normal[i]!, normal[i]! + TARGET_PAGE_SIZE);
+      for (let i = 0; i < normal.length; i++) block.page(normal[i]! / TARGET_PAGE_SIZE).copy(pagesScratch, i * TARGET_PAGE_SIZE);
       // Only the method may choose to send raw: a stateful stream (zlib) has consumed the
       // pages, so its output must go out even when it grew (random data does).
       const out = await compressor.compress(pagesScratch.subarray(0, payloadLen));
@@ -197,11 +198,13 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
     if (payload) {
       w.add(payload, 0, payloadLen);
     } else {
-      // A view per run of contiguous pages.
+      // A view per run of contiguous pages inside one segment.
       for (let i = 0; i < normal.length; ) {
+        const limit = block.segmentEnd(normal[i]!);
         let j = i + 1;
-        while (j < normal.length && normal[j] === normal[j - 1]! + TARGET_PAGE_SIZE) j++;
-        w.add(host, normal[i]!, normal[j - 1]! + TARGET_PAGE_SIZE);
+        while (j < normal.length && normal[j] === normal[j - 1]! + TARGET_PAGE_SIZE && normal[j]! < limit) j++;
+        const run = block.bytes(normal[i]!, normal[j - 1]! + TARGET_PAGE_SIZE - normal[i]!);
+        w.add(run, 0, run.length);
         i = j;
       }
     }

@@ -4,7 +4,7 @@
  * digestRam runs on the calling thread; parallel-digest.ts spreads the same work over cores.
  */
 import { xxh3 } from '@node-rs/xxhash';
-import type { GuestRam } from '@vmig/core';
+import { type GuestRam, TARGET_PAGE_SIZE } from '@vmig/core';
 import { digestPages } from './page-digest.js';
 
 export interface RamDigest {
@@ -18,8 +18,11 @@ export function digestRam(ram: GuestRam): RamDigest {
   const pages = new BigUint64Array(ram.totalPages);
   let first = 0;
   for (const block of ram.blocks) {
-    digestPages(Buffer.from(block.hostSab, 0, block.usedLength), pages.subarray(first, first + block.pages));
-    first += block.pages;
+    for (const seg of block.segments) {
+      const n = seg.length / TARGET_PAGE_SIZE;
+      digestPages(seg, pages.subarray(first, first + n));
+      first += n;
+    }
   }
   return { pages, digest: hexDigest(pages) };
 }

@@ -2,7 +2,7 @@
  * RAM fill patterns for tests, the demo and benchmarks. Deterministic for a seed.
  */
 import crypto from 'node:crypto';
-import { type GuestRam, InvalidArgumentError } from '@vmig/core';
+import { type GuestRam, InvalidArgumentError, type RamBlock } from '@vmig/core';
 import { xorshift } from './rng.js';
 
 export type FillPattern = 'zero' | 'random' | 'text';
@@ -16,13 +16,13 @@ export function fillRam(ram: GuestRam, pattern: FillPattern, seed: string | numb
     const blockSeed = `${seed}/${block.idstr}`;
     switch (pattern) {
       case 'zero':
-        block.host.fill(0);
+        for (const seg of block.segments) seg.fill(0);
         break;
       case 'random':
-        fillRandom(block.host, blockSeed);
+        fillRandom(block, blockSeed);
         break;
       case 'text':
-        fillText(block.host, blockSeed);
+        fillText(block, blockSeed);
         break;
       default:
         throw new InvalidArgumentError(`unknown fill pattern '${String(pattern)}'`);
@@ -30,14 +30,17 @@ export function fillRam(ram: GuestRam, pattern: FillPattern, seed: string | numb
   }
 }
 
-/** AES-128-CTR keystream keyed by the seed: incompressible, fast, reproducible. */
-function fillRandom(host: Uint8Array, seed: string): void {
+/**
+ * AES-128-CTR keystream keyed by the seed: incompressible, fast, reproducible. The same
+ * bytes whatever the block's segments (block.write cuts at their edges).
+ */
+function fillRandom(block: RamBlock, seed: string): void {
   const key = crypto.createHash('sha256').update(seed).digest().subarray(0, 16);
   const cipher = crypto.createCipheriv('aes-128-ctr', key, Buffer.alloc(16));
   const zeros = Buffer.alloc(CHUNK);
-  for (let off = 0; off < host.length; off += CHUNK) {
-    const n = Math.min(CHUNK, host.length - off);
-    host.set(cipher.update(n === CHUNK ? zeros : zeros.subarray(0, n)), off);
+  for (let off = 0; off < block.usedLength; off += CHUNK) {
+    const n = Math.min(CHUNK, block.usedLength - off);
+    block.write(off, cipher.update(n === CHUNK ? zeros : zeros.subarray(0, n)));
   }
 }
 
@@ -49,19 +52,21 @@ const WORDS = (
 ).split(' ');
 
 /** English-like text: a seeded pool of words, then RAM assembled from pieces of the pool. */
-function fillText(host: Uint8Array, seed: string): void {
+function fillText(block: RamBlock, seed: string): void {
   const rng = xorshift(hashSeed(seed));
-  const pool = Buffer.alloc(Math.min(4 * CHUNK, host.length));
+  const length = block.usedLength;
+  const pool = Buffer.alloc(Math.min(4 * CHUNK, length));
   let p = 0;
   while (p < pool.length) {
     const w = WORDS[rng() % WORDS.length]!;
     p += pool.write(w + (rng() % 13 === 0 ? '.\n' : ' '), p);
   }
-  host.set(pool.subarray(0, Math.min(pool.length, host.length)));
+  block.write(0, pool.subarray(0, Math.min(pool.length, length)));
   const PIECE = 512;
-  for (let off = pool.length; off < host.length; off += PIECE) {
+  for (let off = pool.length; off < length; off += PIECE) {
     const from = rng() % (pool.length - PIECE);
-    host.set(pool.subarray(from, from + Math.min(PIECE, host.length - off)), off);
+    // A piece lies in one segment (512 divides a segment's size).
+    block.bytes(off, Math.min(PIECE, length - off)).set(pool.subarray(from, from + Math.min(PIECE, length - off)));
   }
 }
 

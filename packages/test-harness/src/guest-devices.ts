@@ -122,7 +122,7 @@ export class ItsTableDevice extends MsgpackDevice<ItsState> {
     if (!v || !b || !Number.isInteger(v.offset) || v.offset < 0 || v.offset + ITS_TABLE_BYTES > b.usedLength) {
       this.tableInRam = false;
     } else {
-      this.tableInRam = Buffer.compare(b.host.subarray(v.offset, v.offset + ITS_TABLE_BYTES), itsTable(v.generation)) === 0;
+      this.tableInRam = Buffer.compare(b.read(v.offset, ITS_TABLE_BYTES), itsTable(v.generation)) === 0;
     }
     return this.tableInRam;
   }

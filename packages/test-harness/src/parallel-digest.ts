@@ -54,16 +54,19 @@ export async function digestRamParallel(ram: GuestRam, opts: ParallelDigestOptio
   return { pages, digest: hexDigest(pages) };
 }
 
-/** Every block cut into ranges of at most DIGEST_RANGE_BYTES, in guest page order. */
+/** Every segment of every block cut into ranges of at most DIGEST_RANGE_BYTES, in guest page order. */
 function pageRanges(ram: GuestRam, pages: SharedArrayBuffer, done: SharedArrayBuffer): DigestRange[] {
   const ranges: DigestRange[] = [];
   let firstPage = 0;
   for (const block of ram.blocks) {
-    for (let offset = 0; offset < block.usedLength; offset += DIGEST_RANGE_BYTES) {
-      const length = Math.min(DIGEST_RANGE_BYTES, block.usedLength - offset);
-      ranges.push({ host: block.hostSab, offset, length, pages, firstPage, done });
-      firstPage += length / TARGET_PAGE_SIZE;
-    }
+    block.segmentSabs.forEach((host, i) => {
+      const segLength = block.segments[i]!.length;
+      for (let offset = 0; offset < segLength; offset += DIGEST_RANGE_BYTES) {
+        const length = Math.min(DIGEST_RANGE_BYTES, segLength - offset);
+        ranges.push({ host, offset, length, pages, firstPage, done });
+        firstPage += length / TARGET_PAGE_SIZE;
+      }
+    });
   }
   return ranges;
 }

@@ -44,9 +44,8 @@ export function checkStampedRam(ram: GuestRam, tracks: readonly WriterTrack[], w
   let badStamps = 0;
   let g = 0;
   for (const block of ram.blocks) {
-    const host = Buffer.from(block.hostSab, 0, block.usedLength);
     for (let page = 0; page < block.pages; page++, g++) {
-      const bytes = host.subarray(page * TARGET_PAGE_SIZE, (page + 1) * TARGET_PAGE_SIZE);
+      const bytes = block.page(page);
       const written = byPage.get(g);
       if (!written) {
         digests[g] = xxh3.xxh64(bytes);

@@ -26,7 +26,9 @@ const ram = GuestRam.fromShared(cfg.ram);
 const ctl = new Int32Array(cfg.control);
 const rng = xorshift(cfg.seed * 7919 + cfg.index + 1);
 const blocks = ram.blocks;
-const words = blocks.map((b) => new Int32Array(b.hostSab, 0, b.usedLength >>> 2));
+/** Per block, per segment: the segment as Int32 words (a page never crosses a segment). */
+const words = blocks.map((b) => b.segmentSabs.map((sab, i) => new Int32Array(sab, 0, b.segments[i]!.length / 4)));
+const segmentPages = blocks.map((b) => b.segmentBytes / TARGET_PAGE_SIZE);
 // The last page of guest RAM belongs to a device (the test guest's ITS table): vCPUs leave it alone.
 const writablePages = Math.max(1, ram.totalPages - 1);
 const hotPages = Math.max(1, Math.min(cfg.hotPages, writablePages));
@@ -92,9 +94,10 @@ function writeOnce(): void {
   // A failed postcopy: the page will never come, and nothing may be written.
   if (missing && !missing.beforeWrite(globalPage)) return;
   const slot = stampSlot(cfg.index, cfg.writers, page);
-  const base = ((page * TARGET_PAGE_SIZE) >>> 2) + slot * SLOT_WORDS;
-  const w = words[b]!;
-  track?.write(globalPage, blocks[b]!.host, base * 4, seq);
+  const seg = Math.floor(page / segmentPages[b]!);
+  const base = ((page - seg * segmentPages[b]!) * TARGET_PAGE_SIZE) / 4 + slot * SLOT_WORDS;
+  const w = words[b]![seg]!;
+  track?.write(globalPage, blocks[b]!.segments[seg]!, base * 4, seq);
   writeStamp(w, base, cfg.index, seq, page);
   // Publish: the dirty bit after the data (release through Atomics.or).
   blocks[b]!.dirtyLog.set(page);

@@ -28,9 +28,10 @@ export const INTEGRITY_RANGE_BYTES = 1 << 20;
 export function digestRanges(block: RamBlock, rangeBytes = INTEGRITY_RANGE_BYTES): Uint32Array {
   const n = Math.ceil(block.usedLength / rangeBytes);
   const out = new Uint32Array(2 * n);
-  const host = Buffer.from(block.hostSab, 0, block.usedLength);
   for (let i = 0; i < n; i++) {
-    const d = xxh64(host.subarray(i * rangeBytes, Math.min(block.usedLength, (i + 1) * rangeBytes)));
+    // A range never crosses a segment edge: segments are whole MiB (ram-block.ts).
+    const start = i * rangeBytes;
+    const d = xxh64(block.bytes(start, Math.min(block.usedLength, start + rangeBytes) - start));
     out[2 * i] = Number(d >> 32n);
     out[2 * i + 1] = Number(d & 0xffffffffn);
   }

@@ -62,7 +62,6 @@ export interface ScanResult {
 
 export class RamSaver implements PageSender {
   readonly bitmaps: AtomicBitmap[];
-  private readonly hostBuffers: Buffer[];
   private blockIdx = 0;
   private nextPage = 0;
   /** Block of the last record on the main stream, for RAM_SAVE_FLAG_CONTINUE. */
@@ -79,7 +78,6 @@ export class RamSaver implements PageSender {
     private zeroPageDetection: ZeroPageDetection = 'legacy',
   ) {
     this.bitmaps = ram.blocks.map((b) => AtomicBitmap.create(b.pages));
-    this.hostBuffers = ram.blocks.map((b) => Buffer.from(b.hostSab, 0, b.usedLength));
   }
 
   /** ram_save_setup: start dirty logging, then mark every page dirty. */
@@ -245,7 +243,7 @@ export class RamSaver implements PageSender {
 
   private savePageChecked(w: ByteWriter, blockIdx: number, page: number): void {
     const block = this.ram.blocks[blockIdx]!;
-    if (this.zeroPageDetection === 'legacy' && isZeroPage(this.hostBuffers[blockIdx]!, page * TARGET_PAGE_SIZE)) {
+    if (this.zeroPageDetection === 'legacy' && block.isZeroPage(page)) {
       this.putZeroPageRecord(w, block, page);
       return;
     }

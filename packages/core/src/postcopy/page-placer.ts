@@ -33,8 +33,8 @@ export class RamPagePlacer implements PostcopyPlacing {
   placePage(block: RamBlock, offset: number, data: Uint8Array | null): void {
     const page = this.blockBase.get(block)! + offset / TARGET_PAGE_SIZE;
     this.placer.place(page, () => {
-      if (data) block.host.set(data, offset);
-      else block.host.fill(0, offset, offset + TARGET_PAGE_SIZE);
+      if (data) block.page(offset / TARGET_PAGE_SIZE).set(data);
+      else block.page(offset / TARGET_PAGE_SIZE).fill(0);
     });
   }
 }

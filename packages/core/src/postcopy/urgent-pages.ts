@@ -26,7 +26,7 @@
  */
 import type { ByteWriter } from '../io.js';
 import { AtomicBitmap } from '../ram/bitmap.js';
-import { type GuestRam, isZeroPage, TARGET_PAGE_SIZE } from '../ram/ram-block.js';
+import { type GuestRam, TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { putRamPage, putRamZeroPage } from '../wire/main-stream.js';
 import { PageRequestChecker } from '../migration/page-requests.js';
 
@@ -93,7 +93,7 @@ export class UrgentPageSender {
       // Rule 1: clear first, then count; the scan will not send it again.
       if (bitmap.testAndClear(p)) Atomics.add(this.ctl, CLEARED, 1);
       const offset = p * TARGET_PAGE_SIZE;
-      if (this.s.zeroPages && isZeroPage(block.host, offset)) {
+      if (this.s.zeroPages && block.isZeroPage(p)) {
         putRamZeroPage(w, offset, block.idstr, false);
         Atomics.add(this.ctl, ZERO, 1);
       } else {

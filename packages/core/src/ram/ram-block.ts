@@ -6,16 +6,41 @@ export const TARGET_PAGE_BITS = 12;
 export const TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS;
 /** idstr travels as u8 length + bytes. */
 export const MAX_IDSTR_LENGTH = 255;
-/** The largest typed array over a SharedArrayBuffer on Node 20 (and so the largest block today). */
-const MAX_VIEW_BYTES = 2 ** 32;
-/** One block may be at most this large (Node's SharedArrayBuffer limit is far above). */
+/** One block may be at most this large; a guest, MAX_RAM_BLOCKS (wire/constants.ts) of them. */
 export const MAX_BLOCK_BYTES = 64 * 2 ** 30;
+/**
+ * A block's memory is a list of SharedArrayBuffers of this size (the last may be shorter):
+ * a typed array on Node 20 stops at 4 GiB, and fresh memory is cheaper to hand out in pieces.
+ */
+export const RAM_SEGMENT_BYTES = 2 ** 30;
+/** Segments are whole MiB (RAM digests cover 1 MiB ranges that never cross one). */
+const SEGMENT_UNIT = 2 ** 20;
+
+/**
+ * The segment size for blocks made without one: RAM_SEGMENT_BYTES, or VMIG_RAM_SEGMENT_BYTES
+ * from the environment (a testing knob: small segments put segment edges into small guests).
+ */
+export function defaultSegmentBytes(): number {
+  const env = typeof process !== 'undefined' ? process.env['VMIG_RAM_SEGMENT_BYTES'] : undefined;
+  if (env === undefined || env === '') return RAM_SEGMENT_BYTES;
+  const n = Number(env);
+  validateSegmentBytes(n);
+  return n;
+}
+
+export function validateSegmentBytes(n: number): void {
+  if (!Number.isSafeInteger(n) || n < SEGMENT_UNIT || n % SEGMENT_UNIT !== 0 || n > RAM_SEGMENT_BYTES * 2) {
+    throw new InvalidArgumentError(`RAM segment size must be a multiple of 1 MiB from 1 MiB to 2 GiB, got ${n}`);
+  }
+}
 
 /** What a RamBlock is made of, in a form that can be posted to a worker (SABs share). */
 export interface RamBlockShared {
   idstr: string;
   usedLength: number;
-  host: SharedArrayBuffer;
+  /** The memory: segments of `segmentBytes` (the last may be shorter). */
+  segments: SharedArrayBuffer[];
+  segmentBytes: number;
   dirtyLog: SharedArrayBuffer;
   loaded: SharedArrayBuffer;
   arrived: SharedArrayBuffer;
@@ -37,13 +62,17 @@ export function validateBlockSize(size: number): void {
 }
 
 /**
- * A named region of guest RAM (QEMU's RAMBlock): `host` is the memory, in a
- * SharedArrayBuffer shared with vCPU and channel threads; `dirtyLog` has one bit per page,
- * set by vCPUs after they write (see migration/dirty-sync.ts for the ordering rule).
+ * A named region of guest RAM (QEMU's RAMBlock). Its memory is a list of segments
+ * (SharedArrayBuffers of `segmentBytes`, the last one shorter if need be) shared with the vCPU
+ * and channel threads: every byte range that code touches at once lies inside one segment (a
+ * page always does; runs of pages are cut at segment edges, see `segmentEnd`). `dirtyLog` has
+ * one bit per page, set by vCPUs after they write (see migration/dirty-sync.ts for the
+ * ordering rule).
  */
 export class RamBlock {
   readonly pages: number;
-  readonly host: Uint8Array;
+  /** A view of each segment (Buffer: compare and copy without another wrapper). */
+  readonly segments: readonly Buffer[];
   readonly dirtyLog: AtomicBitmap;
   /**
    * Destination: pages a migration load wrote (QEMU's receivedmap, for precopy). Loaders
@@ -58,52 +87,128 @@ export class RamBlock {
    * the page is in place (Atomics.or); read once the last barrier is passed.
    */
   readonly arrived: AtomicBitmap;
+  /** Pages per segment. */
+  private readonly segmentPages: number;
 
   private constructor(
     readonly idstr: string,
     readonly usedLength: number,
-    readonly hostSab: SharedArrayBuffer,
+    readonly segmentBytes: number,
+    readonly segmentSabs: readonly SharedArrayBuffer[],
     dirtyLogSab: SharedArrayBuffer,
     loadedSab: SharedArrayBuffer,
     arrivedSab: SharedArrayBuffer,
   ) {
     this.pages = usedLength / TARGET_PAGE_SIZE;
-    this.host = new Uint8Array(hostSab, 0, usedLength);
+    this.segmentPages = segmentBytes / TARGET_PAGE_SIZE;
+    this.segments = segmentSabs.map((sab, i) => Buffer.from(sab, 0, Math.min(segmentBytes, usedLength - i * segmentBytes)));
     this.dirtyLog = new AtomicBitmap(dirtyLogSab, this.pages);
     this.loaded = new AtomicBitmap(loadedSab, this.pages);
     this.arrived = new AtomicBitmap(arrivedSab, this.pages);
   }
 
   /**
-   * Allocates and pre-faults a block. Fresh memory is expensive to touch on first use
-   * (page faults), so it is touched once here and never reallocated.
+   * Allocates a block and, unless `prefault` is false, touches every page of it now: fresh
+   * memory is expensive to touch on first use (page faults), so it is touched once here and
+   * never reallocated.
    */
-  static create(idstr: string, usedLength: number, opts: { prefault?: boolean } = {}): RamBlock {
+  static create(idstr: string, usedLength: number, opts: { prefault?: boolean; segmentBytes?: number } = {}): RamBlock {
     validateIdstr(idstr);
     validateBlockSize(usedLength);
-    if (usedLength > MAX_VIEW_BYTES) {
-      // A block is one typed array over one SharedArrayBuffer, and Node 20's stop at 4 GiB.
-      throw new VmigError('VMIG_ERR_RAM_LIMIT', `RAM block '${idstr}' of ${usedLength} bytes: blocks above 4 GiB are not supported yet (split the guest into blocks of at most 4G)`);
-    }
+    const segmentBytes = opts.segmentBytes ?? defaultSegmentBytes();
+    validateSegmentBytes(segmentBytes);
     const pages = usedLength / TARGET_PAGE_SIZE;
+    const sabs: SharedArrayBuffer[] = [];
+    for (let off = 0; off < usedLength; off += segmentBytes) sabs.push(new SharedArrayBuffer(Math.min(segmentBytes, usedLength - off)));
     const block = new RamBlock(
       idstr,
       usedLength,
-      new SharedArrayBuffer(usedLength),
+      segmentBytes,
+      sabs,
       new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
       new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
       new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     );
-    if (opts.prefault !== false) prefault(block.host);
+    if (opts.prefault !== false) for (const seg of block.segments) prefault(seg);
     return block;
   }
 
   static fromShared(s: RamBlockShared): RamBlock {
-    return new RamBlock(s.idstr, s.usedLength, s.host, s.dirtyLog, s.loaded, s.arrived);
+    return new RamBlock(s.idstr, s.usedLength, s.segmentBytes, s.segments, s.dirtyLog, s.loaded, s.arrived);
   }
 
   toShared(): RamBlockShared {
-    return { idstr: this.idstr, usedLength: this.usedLength, host: this.hostSab, dirtyLog: this.dirtyLog.sab, loaded: this.loaded.sab, arrived: this.arrived.sab };
+    return {
+      idstr: this.idstr,
+      usedLength: this.usedLength,
+      segments: [...this.segmentSabs],
+      segmentBytes: this.segmentBytes,
+      dirtyLog: this.dirtyLog.sab,
+      loaded: this.loaded.sab,
+      arrived: this.arrived.sab,
+    };
+  }
+
+  /**
+   * The whole block as one view, for a block of one segment (1 GiB or less by default). A
+   * larger block has no single view: use page(), bytes(), read() and write().
+   */
+  get host(): Buffer {
+    if (this.segments.length !== 1) {
+      throw new VmigError('VMIG_ERR_RAM_LIMIT', `RAM block '${this.idstr}' of ${this.usedLength} bytes is in ${this.segments.length} segments: use page(), bytes(), read() or write() instead of host`);
+    }
+    return this.segments[0]!;
+  }
+
+  /** The first offset past `offset`'s segment (a run that starts at `offset` must end there at the latest). */
+  segmentEnd(offset: number): number {
+    return Math.min(this.usedLength, (Math.floor(offset / this.segmentBytes) + 1) * this.segmentBytes);
+  }
+
+  /** `length` bytes at `offset` as one view (no copy); the range must lie inside one segment. */
+  bytes(offset: number, length: number): Buffer {
+    const seg = Math.floor(offset / this.segmentBytes);
+    const inner = offset - seg * this.segmentBytes;
+    const s = this.segments[seg];
+    if (!s || offset < 0 || inner + length > s.length) throw new RangeError(`${length} bytes at ${offset} of block '${this.idstr}' are not inside one segment`);
+    return s.subarray(inner, inner + length);
+  }
+
+  /** A view of page `page` (no copy). */
+  page(page: number): Buffer {
+    const seg = Math.floor(page / this.segmentPages);
+    const inner = (page - seg * this.segmentPages) * TARGET_PAGE_SIZE;
+    return this.segments[seg]!.subarray(inner, inner + TARGET_PAGE_SIZE);
+  }
+
+  /** Whether page `page` is all zero. */
+  isZeroPage(page: number): boolean {
+    const seg = Math.floor(page / this.segmentPages);
+    const inner = (page - seg * this.segmentPages) * TARGET_PAGE_SIZE;
+    return isZeroPage(this.segments[seg]!, inner);
+  }
+
+  /** A copy of `length` bytes at `offset`, wherever segment edges fall. */
+  read(offset: number, length: number): Buffer {
+    const out = Buffer.allocUnsafe(length);
+    for (let done = 0; done < length; ) {
+      const n = Math.min(length - done, this.segmentEnd(offset + done) - (offset + done));
+      out.set(this.bytes(offset + done, n), done);
+      done += n;
+    }
+    return out;
+  }
+
+  /** Copies `data` to `offset`, wherever segment edges fall (no dirty-log bit: see writeGuest). */
+  write(offset: number, data: Uint8Array): void {
+    if (!Number.isInteger(offset) || offset < 0 || offset + data.length > this.usedLength) {
+      throw new RangeError(`write of ${data.length} bytes at ${offset} outside block '${this.idstr}' (${this.usedLength} bytes)`);
+    }
+    for (let done = 0; done < data.length; ) {
+      const n = Math.min(data.length - done, this.segmentEnd(offset + done) - (offset + done));
+      this.bytes(offset + done, n).set(data.subarray(done, done + n));
+      done += n;
+    }
   }
 
   /**
@@ -116,7 +221,7 @@ export class RamBlock {
       throw new RangeError(`write of ${data.length} bytes at ${offset} outside block '${this.idstr}' (${this.usedLength} bytes)`);
     }
     if (data.length === 0) return;
-    this.host.set(data, offset);
+    this.write(offset, data);
     this.markDirty(offset, data.length);
   }
 
@@ -142,14 +247,9 @@ export class RamBlock {
    * (reading is cheaper than writing).
    */
   loadZeroPage(offset: number, zeroUnlessLoaded: boolean): void {
-    if (zeroUnlessLoaded && !this.loaded.test(offset / TARGET_PAGE_SIZE)) return;
-    if (!isZeroPage(this.host, offset)) this.host.fill(0, offset, offset + TARGET_PAGE_SIZE);
-  }
-
-  /** A view of page `page` (no copy). */
-  page(page: number): Uint8Array {
-    const off = page * TARGET_PAGE_SIZE;
-    return this.host.subarray(off, off + TARGET_PAGE_SIZE);
+    const p = offset / TARGET_PAGE_SIZE;
+    if (zeroUnlessLoaded && !this.loaded.test(p)) return;
+    if (!this.isZeroPage(p)) this.page(p).fill(0);
   }
 }
 
@@ -164,10 +264,9 @@ function gib(bytes: number): string {
   return `${(bytes / 2 ** 30).toFixed(bytes < 2 ** 30 ? 3 : 1)} GiB`;
 }
 
-/** Writes one word per page so the kernel maps every page now, not during migration. */
-function prefault(host: Uint8Array): void {
-  const words = new Int32Array(host.buffer, host.byteOffset, Math.floor(host.byteLength / 4));
-  for (let i = 0; i < words.length; i += TARGET_PAGE_SIZE >>> 2) words[i] = 0;
+/** Writes one byte per page so the kernel maps every page now, not during migration. */
+function prefault(segment: Uint8Array): void {
+  for (let off = 0; off < segment.length; off += TARGET_PAGE_SIZE) segment[off] = 0;
 }
 
 /** The guest's RAM: its blocks, in registration order (the order they travel in). */
@@ -185,7 +284,7 @@ export class GuestRam {
    * Allocates the blocks (zero, pre-faulted unless `prefault: false`). A block is named by
    * `idstr` (QEMU's word) or `name`; its size is a multiple of 4 KiB.
    */
-  static create(blockSpecs: readonly ({ idstr: string; size: number } | { name: string; size: number })[], opts: { prefault?: boolean } = {}): GuestRam {
+  static create(blockSpecs: readonly ({ idstr: string; size: number } | { name: string; size: number })[], opts: { prefault?: boolean; segmentBytes?: number } = {}): GuestRam {
     if (blockSpecs.length === 0) throw new InvalidArgumentError('guest RAM needs at least one block');
     const specs = blockSpecs.map((b) => ({ idstr: 'idstr' in b ? b.idstr : b.name, size: b.size }));
     const names = new Set<string>();
