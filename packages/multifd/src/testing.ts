@@ -36,10 +36,14 @@ function page(seed: number): Uint8Array {
   return p;
 }
 
-/** `fill`: what the destination's block holds before (non-zero, so zeroed and untouched pages show). */
-export async function encodeMultifdStream(method: string, fill = 0xee): Promise<MultifdStream> {
+/**
+ * `fill`: what the destination's block holds before (non-zero, so zeroed and untouched pages
+ * show). `pageBase`: every page moved up by that many (the block is then `pageBase +
+ * MULTIFD_STREAM_PAGES` pages), to put the runs across a segment edge of the block.
+ */
+export async function encodeMultifdStream(method: string, fill = 0xee, pageBase = 0): Promise<MultifdStream> {
   const P = TARGET_PAGE_SIZE;
-  const expected = new Uint8Array(MULTIFD_STREAM_PAGES * P).fill(fill);
+  const expected = new Uint8Array((pageBase + MULTIFD_STREAM_PAGES) * P).fill(fill);
   const parts: Uint8Array[] = [];
   const tx = compressionByName(method)?.createSender();
   let syncs = 0;
@@ -51,9 +55,9 @@ export async function encodeMultifdStream(method: string, fill = 0xee): Promise<
     p.normal.forEach((pg, i) => {
       const d = page(seed++);
       data.set(d, i * P);
-      expected.set(d, pg * P);
+      expected.set(d, (pageBase + pg) * P);
     });
-    for (const z of p.zero) expected.fill(0, z * P, (z + 1) * P);
+    for (const z of p.zero) expected.fill(0, (pageBase + z) * P, (pageBase + z + 1) * P);
     let flags = p.sync ? MULTIFD_FLAG_SYNC : 0;
     let payload: Uint8Array = data;
     if (tx && data.length > 0) {
@@ -71,7 +75,7 @@ export async function encodeMultifdStream(method: string, fill = 0xee): Promise<
       nextPacketSize: payload.length,
       packetNum: parts.length,
       ramblock: 'pc.ram',
-      offsets: Float64Array.from([...p.normal, ...p.zero].map((x) => x * P)),
+      offsets: Float64Array.from([...p.normal, ...p.zero].map((x) => (pageBase + x) * P)),
     });
     parts.push(h, payload);
     if (p.sync) syncs++;

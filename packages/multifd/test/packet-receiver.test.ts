@@ -23,11 +23,14 @@ interface Run {
   resumed: () => Promise<void>;
 }
 
-/** A receiver with hooks that count; `ramLater` makes guest RAM appear only when asked. */
-function receiver(opts: { ramLater?: boolean; onSync?: () => void } = {}): Run & { giveRam: () => void } {
-  const ram = GuestRam.create([{ idstr: 'pc.ram', size: PAGES * TARGET_PAGE_SIZE }], { prefault: false });
+/**
+ * A receiver with hooks that count; `ramLater` makes guest RAM appear only when asked;
+ * `pages` and `segmentBytes` make a larger block in segments.
+ */
+function receiver(opts: { ramLater?: boolean; onSync?: () => void; pages?: number; segmentBytes?: number } = {}): Run & { giveRam: () => void } {
+  const ram = GuestRam.create([{ idstr: 'pc.ram', size: (opts.pages ?? PAGES) * TARGET_PAGE_SIZE }], { prefault: false, ...(opts.segmentBytes ? { segmentBytes: opts.segmentBytes } : {}) });
   // Non-zero everywhere, so zero pages and untouched pages show.
-  ram.blocks[0]!.host.fill(0xee);
+  for (const seg of ram.blocks[0]!.segments) seg.fill(0xee);
   let haveRam = !opts.ramLater;
   let ramWaiter: (() => void) | undefined;
   let resumeWaiter: (() => void) | undefined;
@@ -93,6 +96,25 @@ describe('PacketReceiver: reads land straight in guest RAM', () => {
           expect(run.rx.atPacketBoundary).toBe(true);
         }),
         { numRuns: method === 'zlib' ? 15 : 40 },
+      );
+    });
+  }
+
+  for (const method of ['none', 'lz4'] as const) {
+    it(`${method}: runs of pages across a segment edge of the block land on both sides of it, for any split`, async () => {
+      // 1 MiB segments (256 pages); the stream's pages moved to 254.., so its first run is 254-257.
+      const base = 256 - 2;
+      const built = await encodeMultifdStream(method, 0xee, base);
+      await fc.assert(
+        fc.asyncProperty(fc.array(fc.integer({ min: 1, max: 9000 }), { minLength: 1, maxLength: 20 }), async (sizes) => {
+          const run = receiver({ pages: base + PAGES, segmentBytes: 1 << 20 });
+          expect(run.ram.blocks[0]!.segments).toHaveLength(2);
+          await drive(run, built.stream, sizes);
+          expect(run.error).toBeUndefined();
+          expect(Buffer.compare(run.ram.blocks[0]!.read(0, (base + PAGES) * TARGET_PAGE_SIZE), built.expected)).toBe(0);
+          expect(run.rx.totals).toEqual({ normal: built.normal, zero: built.zero, bytes: built.stream.length });
+        }),
+        { numRuns: 30 },
       );
     });
   }

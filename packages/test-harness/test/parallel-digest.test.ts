@@ -9,7 +9,7 @@ import { randomFillSync } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { GuestRam, TARGET_PAGE_SIZE } from '@vmig/core';
-import { DIGEST_RANGE_BYTES, digestRam, digestRamParallel, PARALLEL_DIGEST_MIN_BYTES } from '../src/index.js';
+import { DIGEST_RANGE_BYTES, digestRam, digestRamParallel, fillRam, PARALLEL_DIGEST_MIN_BYTES } from '../src/index.js';
 
 const MiB = 2 ** 20;
 
@@ -83,5 +83,22 @@ describe('digestRamParallel', () => {
     expect(r.signal).toBeNull();
     expect(r.status).toBe(0);
     expect(r.stdout.trim()).toMatch(/^[0-9a-f]{16}$/);
+  });
+});
+
+describe('RAM in segments: the same fill and the same digests whatever the segment size', () => {
+  it('random and text fills, digestRam and digestRamParallel: equal for 1 MiB segments and one segment', async () => {
+    for (const pattern of ['random', 'text'] as const) {
+      const flat = GuestRam.create([{ idstr: 'pc.ram', size: 70 * MiB }, { idstr: 'b', size: 3 * MiB + TARGET_PAGE_SIZE }], { prefault: false });
+      const split = GuestRam.create([{ idstr: 'pc.ram', size: 70 * MiB }, { idstr: 'b', size: 3 * MiB + TARGET_PAGE_SIZE }], { prefault: false, segmentBytes: MiB });
+      expect(split.blocks[0]!.segments).toHaveLength(70);
+      fillRam(flat, pattern, 7);
+      fillRam(split, pattern, 7);
+      const a = digestRam(flat);
+      const b = digestRam(split);
+      expect(b.digest).toBe(a.digest);
+      expect(firstDifference(a.pages, b.pages)).toBe(-1);
+      expect((await digestRamParallel(split)).digest).toBe(a.digest);
+    }
   });
 });
