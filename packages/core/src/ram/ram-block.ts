@@ -305,6 +305,10 @@ export class GuestRam {
    */
   static fromStream(blocks: readonly { idstr: string; usedLength: number }[], maxBytes: number): GuestRam {
     const total = blocks.reduce((n, b) => n + b.usedLength, 0);
+    const huge = blocks.find((b) => b.usedLength > MAX_BLOCK_BYTES);
+    if (huge) {
+      throw new VmigError('VMIG_ERR_RAM_LIMIT', `the stream declares RAM block '${huge.idstr}' of ${gib(huge.usedLength)}, more than a block may hold (${gib(MAX_BLOCK_BYTES)})`, { channel: 'main', phase: 'load' });
+    }
     if (total > maxBytes) {
       throw new VmigError('VMIG_ERR_RAM_LIMIT', `the stream declares ${gib(total)} of guest RAM in ${blocks.length} block(s), more than --max-ram ${gib(maxBytes)}`, {
         channel: 'main',
