@@ -9,6 +9,9 @@
  * - poll(2) on one fd, so that a thread of ours can block until a socket has data, as a
  *   QEMU thread blocks in a read, instead of napping and trying again (sync-fd.ts, the
  *   source's return-path thread; postcopy/preempt-reader.ts, a faulting vCPU).
+ * - ioctl(2) TIOCOUTQ (SIOCOUTQ) on a socket: bytes written and not yet sent by the kernel,
+ *   so that the migration thread measures what a link drained, not what its send queue took
+ *   (migration-thread.ts).
  * It lives in core because vCPU threads (which load only core's small `vcpu` entry) poll too.
  */
 import { createRequire } from 'node:module';
@@ -24,9 +27,13 @@ export interface Libc {
   syscall(nr: number, ...typedArgs: unknown[]): number;
   /** Blocks until `fd` can be read (data, EOF or an error) or `ms` passed; true if it can. */
   pollIn(fd: number, ms: number): boolean;
+  /** Bytes in socket `fd`'s send queue (written, not yet sent); 0 if it cannot say. */
+  unsentBytes(fd: number): number;
 }
 
 const POLLIN = 0x1;
+/** TIOCOUTQ, which is SIOCOUTQ for a socket (asm-generic/ioctls.h). */
+const TIOCOUTQ = 0x5411;
 
 let loaded: Libc | null | undefined;
 
@@ -38,10 +45,15 @@ export function libc(): Libc | null {
     const c = (createRequire(import.meta.url)('koffi') as Koffi).load('libc.so.6');
     const syscall = c.func('long syscall(long nr, ...)');
     const poll = c.func('int poll(void *fds, unsigned long nfds, int timeout)');
+    const ioctl = c.func('int ioctl(int fd, unsigned long request, void *arg)');
     // struct pollfd { int fd; short events; short revents; }, one per thread that polls.
     const pfd = Buffer.alloc(8);
+    const outq = Buffer.alloc(4);
     loaded = {
       syscall,
+      unsentBytes(fd: number): number {
+        return ioctl(fd, TIOCOUTQ, outq) === 0 ? Math.max(0, outq.readInt32LE(0)) : 0;
+      },
       pollIn(fd: number, ms: number): boolean {
         pfd.writeInt32LE(fd, 0);
         pfd.writeInt16LE(POLLIN, 4);

@@ -17,6 +17,7 @@ import {
   GlobalStateDevice,
   type GuestRam,
   InvalidArgumentError,
+  libc,
   type Logger,
   type MigrationInfo,
   MigrationNotifiers,
@@ -82,6 +83,8 @@ export interface PostcopyScheduling {
 /** The main connection, its stream and its return path's thread (one per connection: a recovery makes another). */
 interface Link {
   main: net.Socket;
+  /** `main`'s TCP socket (under TLS, the one beneath it): its send queue is measured. */
+  raw: net.Socket;
   /** Where the return-path thread reads: `main`, or over TLS a local pair (tls-bridge.ts). */
   rpSock: net.Socket;
   sink: BufferedWriter;
@@ -187,6 +190,8 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     if (o.integrity) devices.register(new RamIntegrityDevice(() => o.ram));
     const rp = this.returnPathThread(target, timeoutMs);
     let sock: net.Socket | undefined;
+    /** The main channel's TCP socket (under TLS, the one beneath it). */
+    let raw: net.Socket | undefined;
     let multifd: MultifdSender | undefined;
     const log = o.log ?? silentLogger;
     // A cancel while the channels connect ends the wait at once; what connects afterwards is closed.
@@ -216,6 +221,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     };
     try {
       sock = await unlessCancelled(connect(target, { channel: 'main', timeoutMs }), (s) => s.destroy());
+      raw = sock;
       log.debug({ channel: 'main', uri: formatMigrationUri(target) }, 'connected');
       if (o.tls) {
         const plain = sock;
@@ -247,7 +253,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     }
     let link: Link;
     try {
-      link = await this.attachLink(sock, rp);
+      link = await this.attachLink(sock, raw!, rp);
     } catch (e) {
       sock.destroy();
       await multifd?.destroy();
@@ -268,6 +274,7 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
       notifiers: o.notifiers ?? new MigrationNotifiers(),
       log: o.log,
       channelTimeoutMs: timeoutMs,
+      mainUnsentBytes: () => unsentBytes(link.raw),
       recovery: o.postcopyRecovery === false ? undefined : {
         pause: async () => {
           log.debug({ channel: 'main' }, 'postcopy paused: closing the channels');
@@ -303,14 +310,14 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
   }
 
   /** The main connection's stream and return path (its thread `rp`, started already). */
-  private async attachLink(main: net.Socket, rp: ReturnPathThread): Promise<Link> {
+  private async attachLink(main: net.Socket, raw: net.Socket, rp: ReturnPathThread): Promise<Link> {
     const sink = new BufferedWriter(main, { channel: 'main' });
     // Over TLS the return-path thread reads the decrypted direction through a local pair
     // (tls-bridge.ts); the migration thread writes the main stream on the TLS socket itself.
     const rpSock = this.opts.tls ? (await bridgeTls(main, 'in')).sock : main;
     rp.attach(rpSock, this.opts.ram);
     this.opts.log?.debug({ channel: 'return-path', preempt: !!this.opts.postcopyPreempt }, 'return-path thread reading');
-    return { main, rpSock, sink, rp };
+    return { main, raw, rpSock, sink, rp };
   }
 
   /** A failure of these channels fails the migration (or pauses it, after the switch), while they are the current ones. */
@@ -336,8 +343,9 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     let sock: net.Socket | undefined;
     try {
       sock = await connect(target, { channel: 'main', timeoutMs });
+      const raw = sock;
       if (o.tls) sock = await tlsConnect(sock, target.transport === 'tcp' ? target.host : 'localhost', o.tls, timeoutMs, 'main');
-      const link = await this.attachLink(sock, rp);
+      const link = await this.attachLink(sock, raw, rp);
       this.watchLink(link);
       o.log?.info({ channel: 'main', uri: formatMigrationUri(target) }, 'postcopy recovery: connected');
       return link;
@@ -372,6 +380,12 @@ export class OutgoingMigration extends EventEmitter<OutgoingMigrationEvents> {
     this.emit('status', info);
     return info;
   }
+}
+
+/** Bytes in `sock`'s kernel send queue (libc.ts); 0 where that cannot be known. */
+function unsentBytes(sock: net.Socket): number {
+  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return fd !== undefined && fd >= 0 ? (libc()?.unsentBytes(fd) ?? 0) : 0;
 }
 
 /** Starts a migration of `ram` to `uri` (QEMU's `migrate`); see OutgoingMigration. */

@@ -7,7 +7,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import type { MigrationUri, TlsOptions } from '@vmig/channel';
-import { type ByteWriter, FirstError, TARGET_PAGE_SIZE, type GuestRam, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl, workerExecArgv } from '@vmig/core';
+import { type ByteWriter, FirstError, TARGET_PAGE_SIZE, type GuestRam, libc, type MigrationStats, type MultifdLink, type RamBlock, VmigError, workerUrl, workerExecArgv } from '@vmig/core';
 import type { CompressionName } from './compress/registry.js';
 import { JOB_PACKETS, type SendChannelConfig, type SendFromChannel, type SendToChannel } from './send-protocol.js';
 import { MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
@@ -69,6 +69,8 @@ export class MultifdSender implements MultifdLink {
   private closed = false;
   /** Bytes each channel wrote (its jobs and SYNC packets). */
   readonly channelBytes: number[] = [];
+  /** Each connected channel's socket fd (send-channel.worker.ts 'ready'). */
+  private readonly fds: number[] = [];
   /** The last barrier is written (quiesce()). */
   private quiesced = false;
   private readyCount = 0;
@@ -108,6 +110,19 @@ export class MultifdSender implements MultifdLink {
     return this.pendingPages * TARGET_PAGE_SIZE;
   }
 
+  /**
+   * Bytes the channels wrote that their kernel send queues still hold (not on the link yet).
+   * Read by the migration thread on the channels' fds (an fd is the process's, whichever
+   * thread owns its socket); 0 once the channels are quiesced or where it cannot be known.
+   */
+  unsentBytes(): number {
+    const c = libc();
+    if (!c || this.quiesced) return 0;
+    let n = 0;
+    for (const fd of this.fds) n += c.unsentBytes(fd);
+    return n;
+  }
+
   get channels(): number {
     return this.workers.length;
   }
@@ -116,6 +131,7 @@ export class MultifdSender implements MultifdLink {
     switch (m.t) {
       case 'ready':
         this.readyCount++;
+        if (m.fd >= 0) this.fds.push(m.fd);
         break;
       case 'done':
         this.inflight[id]!--;

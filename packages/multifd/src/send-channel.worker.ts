@@ -59,7 +59,7 @@ raw.once('connect', () => {
     if (cfg.tls) sock = await tlsConnect(raw, cfg.uri.transport === 'tcp' ? cfg.uri.host : 'localhost', cfg.tls, cfg.tlsTimeoutMs, channel);
     watch(sock);
     sock.write(encodeMultifdInit({ uuid: cfg.uuid, id: cfg.id }));
-    port.postMessage({ t: 'ready' });
+    port.postMessage({ t: 'ready', fd: (raw as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1 });
   })().catch(fail);
 });
 

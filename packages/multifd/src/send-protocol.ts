@@ -32,7 +32,8 @@ export type SendToChannel =
 
 /** From the channel. `done`: every packet of a job was handed to the kernel. */
 export type SendFromChannel =
-  | { t: 'ready' }
+  /** Connected, MultiFDInit_t sent; `fd`: the TCP socket's (for its send queue's size), -1 if unknown. */
+  | { t: 'ready'; fd: number }
   | { t: 'done'; bytes: number; normal: number; zero: number }
   | { t: 'synced'; bytes: number }
   | { t: 'error'; error: { code: string; message: string } };

@@ -15,3 +15,5 @@ export * from './test-guest-destination.js';
 export * from './child-script.js';
 export * from './control-client.js';
 export * from './postcopy-faults.js';
+export * from './delay-proxy.js';
+export * from './netns-link.js';

@@ -80,6 +80,12 @@ export interface MigrationContext {
   /** Notifier chains; a fresh, empty set if omitted. */
   notifiers?: MigrationNotifiers | undefined;
   log?: Logger | undefined;
+  /**
+   * Bytes the main channel's kernel send queue holds (written, not yet on the link). With
+   * multifd's (MultifdLink.unsentBytes), what the bandwidth that decides the switchover does
+   * not count: a slow link drains a full queue long after the transports took it.
+   */
+  mainUnsentBytes?: (() => number) | undefined;
   /** Postcopy recovery; without it a failure after the switch fails the migration. */
   recovery?: PostcopyRecovery | undefined;
   /**
@@ -377,11 +383,18 @@ export class MigrationThread {
     return this.epoch;
   }
 
+  /** Written and still in a kernel send queue, on every channel (0 where it cannot be known). */
+  private unsentBytes(): number {
+    return (this.ctx.mainUnsentBytes?.() ?? 0) + (this.ctx.multifd?.unsentBytes() ?? 0);
+  }
+
   private async iterate(): Promise<'complete' | 'postcopy'> {
     const { stats, saver, params, sections } = this;
     let periodStart = performance.now();
-    // Bandwidth counts what the transports took, not what is queued in front of them.
-    let periodBytes = sections.flushedBytes();
+    // Bandwidth counts what the links carried: not what is queued in front of the transports,
+    // nor what the kernel's send queues took and have not sent (a slow link drains them late).
+    const drained = (): number => sections.flushedBytes() - this.unsentBytes();
+    let periodBytes = drained();
     let periodPages = stats.normalPages + stats.zeroPages;
     let lastProgress = periodStart;
     const limiter = new RateLimiter(params.maxBandwidth, BANDWIDTH_PERIOD_MS, periodStart);
@@ -398,10 +411,11 @@ export class MigrationThread {
       const now = performance.now();
       if (now - periodStart >= BANDWIDTH_PERIOD_MS) {
         const secs = (now - periodStart) / 1000;
-        stats.bandwidth = (sections.flushedBytes() - periodBytes) / secs;
+        const d = drained();
+        stats.bandwidth = Math.max(0, d - periodBytes) / secs;
         stats.pagesPerSecond = (stats.normalPages + stats.zeroPages - periodPages) / secs;
         periodStart = now;
-        periodBytes = sections.flushedBytes();
+        periodBytes = Math.max(periodBytes, d);
         periodPages = stats.normalPages + stats.zeroPages;
         if (now - lastProgress >= 1000) {
           lastProgress = now;
@@ -409,12 +423,13 @@ export class MigrationThread {
         }
       }
 
+      // What the stop must still carry: the dirty pages, and what the send queues hold.
       let pending = saver.dirtyPages * TARGET_PAGE_SIZE;
       if (pending <= SwitchoverPolicy.threshold(stats.bandwidth, params.downtimeLimitMs) || saver.dirtyPages === 0) {
         await sections.endRound();
         // The scan wrapped or little is left: look at what the vCPUs dirtied since.
         const dirtied = this.bitmapSyncPrecopy();
-        pending = saver.dirtyPages * TARGET_PAGE_SIZE;
+        pending = saver.dirtyPages * TARGET_PAGE_SIZE + this.unsentBytes();
         stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : 0;
         const roundEnd = performance.now();
         stats.timeline.round({
