@@ -3,6 +3,7 @@
  * with the ratio of the medians (live QEMU: Debian's qemu-system-x86, which .ci/run installs).
  * `vmig bench --sizes`: the cost as the guest grows.
  */
+import { spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN, haveQemu } from './cli.js';
@@ -50,5 +51,32 @@ describe('bench --sizes', () => {
       expect(l['peakRssBytes'].source).toBeGreaterThan(l['ramBytes']);
       expect(typeof l['rssWithinLimit'].destination).toBe('boolean');
     }
+  });
+});
+
+describe('bench --link: two hosts simulated by network namespaces', () => {
+  const netnsOk = (): boolean => process.getuid?.() === 0 && spawnSync('ip', ['netns', 'list']).status === 0;
+  it.runIf(netnsOk() || process.env['CI'] === 'true')('runs source and destination in two namespaces over a shaped veth link, with a delay proxy where there is no netem, and removes the namespaces', async () => {
+    const before = spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout;
+    const r = await spawnCli(CLI_MAIN, ['bench', '--link', '1g-wan', '--ram', '32M', '--scenario', 'link-random-2ch', '--scenario', 'link-writers-25pct']).done;
+    expect(r.code, r.stderr).toBe(0);
+    const lines = r.lines as Json[];
+    expect(lines.map((l) => l['case'])).toEqual(['link-random-2ch', 'link-writers-25pct']);
+    for (const l of lines) {
+      expect(l['verified'], JSON.stringify(l['error'])).toBe(true);
+      expect(l).toMatchObject({ series: 'link', profile: '1g-wan', rateMbit: 1000, delayMs: 10 });
+      expect(['netem', 'proxy']).toContain(l['delayBy']);
+      // The link's rate holds it back: 1 Gbit/s is at most 125 MB/s.
+      expect(l['throughputMBps']).toBeLessThanOrEqual(130);
+      expect(typeof l['downtimeWithinLimit']).toBe('boolean');
+    }
+    // Nothing left behind.
+    expect(spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout).toBe(before);
+  });
+
+  it('an unknown profile or case is refused (exit 2)', async () => {
+    const a = await spawnCli(CLI_MAIN, ['bench', '--link', 'moon']).done;
+    expect(a.code).toBe(2);
+    expect(a.stderr).toMatch(/unknown profile 'moon'|needs root/);
   });
 });

@@ -30,8 +30,10 @@ process.once('exit', () => {
   for (const c of running) c.kill('SIGKILL');
 });
 
-export function spawnCli(cliMain: string, args: string[], opts: { stderr?: 'pipe' | 'inherit'; env?: NodeJS.ProcessEnv } = {}): CliProcess {
-  const child = spawn(process.execPath, [cliMain, ...args], { stdio: ['ignore', 'pipe', opts.stderr ?? 'pipe'], env: opts.env ?? process.env });
+/** `prefix`: a command that runs the CLI (`ip netns exec NS`, which execs into it: same pid). */
+export function spawnCli(cliMain: string, args: string[], opts: { stderr?: 'pipe' | 'inherit'; env?: NodeJS.ProcessEnv; prefix?: string[] } = {}): CliProcess {
+  const argv = [...(opts.prefix ?? []), process.execPath, cliMain, ...args];
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', opts.stderr ?? 'pipe'], env: opts.env ?? process.env });
   running.add(child);
   child.once('exit', () => running.delete(child));
   const lines: Record<string, unknown>[] = [];

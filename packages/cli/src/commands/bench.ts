@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { InvalidArgumentError, toVmigError } from '@vmig/core';
 import { makeTlsCreds, runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { parseCommandArgs, parseSize } from '../args.js';
+import { linkSeries } from './bench-link.js';
 import { haveQemu, makeRandomMemFile, QEMU, runQemuPair } from './qemu-pair.js';
 import { benchPage } from '../report/bench-page.js';
 import { renderPage } from '../report/html-page.js';
@@ -99,6 +100,7 @@ export const BENCH_OPTIONS = {
   html: { type: 'string' },
   'vs-qemu': { type: 'boolean' },
   sizes: { type: 'string' },
+  link: { type: 'string' },
   ram: { type: 'string' },
   repeat: { type: 'string' },
   list: { type: 'boolean' },
@@ -114,7 +116,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     return 0;
   }
   const wanted = (values['scenario'] as string[] | undefined) ?? all.map((s) => s.name);
-  for (const w of wanted) if (!all.some((s) => s.name === w)) throw new InvalidArgumentError(`bench: unknown scenario '${w}' (see vmig bench --list)`);
+  if (values['link'] === undefined) for (const w of wanted) if (!all.some((s) => s.name === w)) throw new InvalidArgumentError(`bench: unknown scenario '${w}' (see vmig bench --list)`);
   const repeat = values['repeat'] === undefined ? 1 : Number(values['repeat']);
   if (!Number.isInteger(repeat) || repeat < 1 || repeat > 20) throw new InvalidArgumentError('bench: --repeat must be 1..20');
   const cliMain = fileURLToPath(new URL('../main.js', import.meta.url));
@@ -125,6 +127,13 @@ export async function benchCommand(argv: string[]): Promise<number> {
     return ['--tls-creds', makeTlsCreds(tlsDir)];
   };
   if (values['sizes'] !== undefined) return growthSeries(cliMain, String(values['sizes']), repeat);
+  if (values['link'] !== undefined) {
+    const profiles = String(values['link']).split(',');
+    const failures = await linkSeries(cliMain, profiles, (values['ram'] as string | undefined) ?? '256M', values['scenario'] as string[] | undefined, repeat, emit);
+    const html = values['html'] as string | undefined;
+    if (html) writeFileSync(html, renderPage(benchPage(results)));
+    return failures === 0 ? 0 : 1;
+  }
   const vsQemu = values['vs-qemu'] === true;
   if (vsQemu && !haveQemu()) throw new InvalidArgumentError(`bench --vs-qemu needs ${QEMU} (Debian: apt-get install qemu-system-x86)`);
   // With --vs-qemu: the scenarios QEMU can run too (no writers), each run alternating with QEMU's.
