@@ -27,7 +27,7 @@ export * from './migration/auto-converge.js';
 export * from './migration/device-sections.js';
 export * from './snapshot/write-protect.js';
 export * from './snapshot/background-snapshot.js';
-export * from './stats/latency-samples.js';
+export * from './stats/latency-histogram.js';
 export * from './wire/postcopy.js';
 export * from './postcopy/missing-pages.js';
 export * from './postcopy/postcopy-incoming.js';

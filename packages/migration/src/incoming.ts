@@ -17,6 +17,7 @@ import {
   encodeRpShut,
   GlobalStateDevice,
   GuestRam,
+  type LatencyBuckets,
   type Logger,
   MigrationNotifiers,
   type MigrationStatus,
@@ -157,9 +158,9 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     return this.postcopy?.incoming.stats();
   }
 
-  /** Fault latencies (ms) of this side's vCPUs so far (postcopy with blocktime). */
-  faultLatencies(): number[] {
-    return this.postcopy?.incoming.faultLatencies() ?? [];
+  /** Fault latencies of this side's vCPUs so far (postcopy with blocktime), counted in the buckets of `boundsMs`. */
+  faultLatencyBuckets(boundsMs: readonly number[]): LatencyBuckets | undefined {
+    return this.postcopy?.incoming.faultLatencyBuckets(boundsMs);
   }
 
   /** Ends the incoming migration with VMIG_ERR_CANCELLED (cleans up, as a failure does). */

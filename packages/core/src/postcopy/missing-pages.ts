@@ -14,7 +14,7 @@
  *   writes its slot; wakeWaiting() reads them all.
  * - with preempt, the preempt channel's reader role (preempt-reader.ts).
  * - control words: ABORT, the "all vCPUs blocked" bookkeeping, counters.
- * - per-writer fault latency samples (stats/latency-samples.ts).
+ * - the fault latency histogram (stats/latency-histogram.ts, its own pairings).
  *
  * Ordering rules:
  * 1. Placement: a placer claims the page first (Atomics.or on `claimed`; if the bit was set,
@@ -37,7 +37,7 @@
  */
 import { AtomicBitmap } from '../ram/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
-import { LatencySamples, latencySamplesBytes, type LatencySummary } from '../stats/latency-samples.js';
+import { type LatencyBuckets, LatencyHistogram, latencyHistogramBytes, type LatencySummary } from '../stats/latency-histogram.js';
 import type { PreemptReader } from './preempt-reader.js';
 import { ReturnPathWriter, type ReturnPathShared } from './return-path-writer.js';
 
@@ -93,7 +93,7 @@ export function createMissingPages(
     claimed: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     requested: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     returnPath,
-    latency: new SharedArrayBuffer(blocktime ? latencySamplesBytes(writers) : 8),
+    latency: new SharedArrayBuffer(blocktime ? latencyHistogramBytes(writers) : latencyHistogramBytes(0)),
     waiting: new SharedArrayBuffer(Math.max(1, writers) * 4),
   };
 }
@@ -104,7 +104,7 @@ class Views {
   readonly received: AtomicBitmap;
   readonly claimed: AtomicBitmap;
   readonly requested: AtomicBitmap;
-  readonly latency: LatencySamples;
+  readonly latency: LatencyHistogram;
   readonly waiting: Int32Array;
   constructor(readonly s: MissingPagesShared) {
     this.ctl = new Int32Array(s.ctl);
@@ -112,7 +112,7 @@ class Views {
     this.received = new AtomicBitmap(s.received, s.pages);
     this.claimed = new AtomicBitmap(s.claimed, s.pages);
     this.requested = new AtomicBitmap(s.requested, s.pages);
-    this.latency = new LatencySamples(s.latency, s.blocktime ? s.writers : 0);
+    this.latency = new LatencyHistogram(s.latency, s.blocktime ? s.writers : 0);
     this.waiting = new Int32Array(s.waiting);
   }
 
@@ -312,9 +312,9 @@ export class MissingPagesPlacer {
     return Atomics.load(this.v.ctl, ABORT) !== 0;
   }
 
-  /** Fault latencies (ms) sampled so far (with blocktime on). */
-  faultLatencies(): number[] {
-    return this.v.latency.samples();
+  /** Fault latencies so far (with blocktime on), counted in the buckets of `boundsMs`. */
+  faultLatencyBuckets(boundsMs: readonly number[]): LatencyBuckets {
+    return this.v.latency.buckets(boundsMs);
   }
 
   blocktime(): PostcopyBlocktime {

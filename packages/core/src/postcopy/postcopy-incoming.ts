@@ -11,6 +11,7 @@ import { checkPostcopyAdvise, decodePostcopyRamDiscard } from '../wire/postcopy.
 import { createMissingPages, MissingPagesPlacer, type MissingPagesShared, type PostcopyBlocktime } from './missing-pages.js';
 import { RamPagePlacer, type PostcopyPlacing } from './page-placer.js';
 import type { ReturnPathShared } from './return-path-writer.js';
+import type { LatencyBuckets } from '../stats/latency-histogram.js';
 
 export type PostcopyIncomingState = 'none' | 'advise' | 'discard' | 'listening' | 'running' | 'end';
 
@@ -196,9 +197,9 @@ export class PostcopyIncoming implements PostcopyPlacing {
     this.placerImpl?.abort();
   }
 
-  /** Fault latencies (ms) sampled so far (with blocktime on). */
-  faultLatencies(): number[] {
-    return this.placerImpl?.faultLatencies() ?? [];
+  /** Fault latencies so far (with blocktime on), counted in the buckets of `boundsMs`. */
+  faultLatencyBuckets(boundsMs: readonly number[]): LatencyBuckets | undefined {
+    return this.placerImpl?.faultLatencyBuckets(boundsMs);
   }
 
   blocktime(): PostcopyBlocktime | undefined {
