@@ -14,6 +14,9 @@
  *   writes its slot; wakeWaiting() reads them all.
  * - with preempt, the preempt channel's reader role (preempt-reader.ts).
  * - control words: ABORT, the "all vCPUs blocked" bookkeeping, counters.
+ * - with blocktime, the guest's progress while pages are missing: per vCPU, the writes it
+ *   made while any page was missing (`progress`, one Int32 each); when RUN came and when the
+ *   last page was placed (`times`).
  * - the fault latency histogram (stats/latency-histogram.ts, its own pairings).
  *
  * Ordering rules:
@@ -34,6 +37,12 @@
  *    for the role, so a release after that finds it).
  * 3. Teardown (a failure during postcopy): ABORT is set and every word notified; a blocked
  *    writer gives up without writing (the guest is split, nothing may land).
+ * 4. Progress: the placer whose Atomics.sub takes MISSING from 1 to 0 placed the last page;
+ *    it stores the time (plain Float64 store) and THEN sets ALL_IN with Atomics.store; a
+ *    reader that sees ALL_IN with Atomics.load sees the time. A vCPU counts a write in its
+ *    own `progress` slot (Atomics.add, read with Atomics.load by the report) if it saw
+ *    MISSING above 0 with Atomics.load before the write: a write that raced the last
+ *    placement may be counted, none made after it was seen.
  */
 import { AtomicBitmap } from '../ram/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
@@ -52,10 +61,16 @@ const MISSING = 4;
 /** Pages placed after LISTEN, and copies dropped because the page was placed already. */
 const PLACED = 5;
 const DROPPED = 6;
-const CTL_WORDS = 7;
+/** 1 once the last missing page was placed and its time stored (rule 4). */
+const ALL_IN = 7;
+const CTL_WORDS = 8;
 // Time words (Float64): when every vCPU became blocked, and the total of such spans.
 const ALL_START = 0;
 const ALL_TOTAL = 1;
+/** When RUN came, and when the last missing page was placed (rule 4). */
+const RUN_AT = 2;
+const ALL_IN_AT = 3;
+const TIME_WORDS = 4;
 
 export interface MissingPagesShared {
   pages: number;
@@ -73,6 +88,8 @@ export interface MissingPagesShared {
   returnPath: ReturnPathShared;
   latency: SharedArrayBuffer;
   waiting: SharedArrayBuffer;
+  /** Per vCPU, writes made while pages were missing (rule 4; with blocktime). */
+  progress: SharedArrayBuffer;
 }
 
 export function createMissingPages(
@@ -88,13 +105,14 @@ export function createMissingPages(
     writers,
     blocktime,
     ctl: new SharedArrayBuffer(CTL_WORDS * 4),
-    times: new SharedArrayBuffer(2 * 8),
+    times: new SharedArrayBuffer(TIME_WORDS * 8),
     received: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     claimed: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     requested: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     returnPath,
     latency: new SharedArrayBuffer(blocktime ? latencyHistogramBytes(writers) : latencyHistogramBytes(0)),
     waiting: new SharedArrayBuffer(Math.max(1, writers) * 4),
+    progress: new SharedArrayBuffer(Math.max(1, writers) * 4),
   };
 }
 
@@ -106,6 +124,7 @@ class Views {
   readonly requested: AtomicBitmap;
   readonly latency: LatencyHistogram;
   readonly waiting: Int32Array;
+  readonly progress: Int32Array;
   constructor(readonly s: MissingPagesShared) {
     this.ctl = new Int32Array(s.ctl);
     this.times = new Float64Array(s.times);
@@ -114,6 +133,7 @@ class Views {
     this.requested = new AtomicBitmap(s.requested, s.pages);
     this.latency = new LatencyHistogram(s.latency, s.blocktime ? s.writers : 0);
     this.waiting = new Int32Array(s.waiting);
+    this.progress = new Int32Array(s.progress);
   }
 
   /**
@@ -171,8 +191,10 @@ export class MissingPagesVcpu {
    */
   beforeWrite(page: number): boolean {
     const v = this.v;
-    if (v.received.test(page)) return true;
     const timed = v.s.blocktime;
+    // Rule 4: the guest's progress while pages are missing.
+    if (timed && Atomics.load(v.ctl, MISSING) > 0) Atomics.add(v.progress, this.writer, 1);
+    if (v.received.test(page)) return true;
     const t0 = timed ? clock() : 0;
     if (timed) v.blockedDelta(1, t0);
     this.request(page);
@@ -211,6 +233,11 @@ export interface PostcopyBlocktime {
   /** Per vCPU, the time it was blocked (postcopy-vcpu-blocktime). */
   postcopyVcpuBlocktimeMs: number[];
   faults: number;
+  /** From RUN until the last missing page was placed (ms); 0 if that never happened. */
+  pagesMissingMs: number;
+  /** Writes (beforeWrite calls) the vCPUs made meanwhile, and per second. */
+  writesWhileMissing: number;
+  writesPerSecondWhileMissing: number;
   faultLatencyP50Ms: number;
   faultLatencyP99Ms: number;
   faultLatencyMaxMs: number;
@@ -247,9 +274,11 @@ export class MissingPagesPlacer {
     }
   }
 
-  /** How many vCPUs run (before they start). */
+  /** How many vCPUs run (before they start), at RUN. */
   setRunningVcpus(n: number): void {
     if (n > this.shared.writers) throw new RangeError(`${n} vCPUs, the received map serves ${this.shared.writers}`);
+    // Before the vCPUs start: they and every placer see it (worker start / notify order it).
+    this.v.times[RUN_AT] = clock();
     Atomics.store(this.v.ctl, WRITERS, n);
   }
 
@@ -266,6 +295,11 @@ export class MissingPagesPlacer {
   /** Pages that arrived although already placed (sent in the background and on request). */
   get dropped(): number {
     return Atomics.load(this.v.ctl, DROPPED);
+  }
+
+  /** vCPUs blocked on a missing page right now (with blocktime on). */
+  get blockedVcpus(): number {
+    return Atomics.load(this.v.ctl, BLOCKED);
   }
 
   /** Page requests the vCPUs wrote on the return path. */
@@ -287,7 +321,11 @@ export class MissingPagesPlacer {
     v.received.set(page);
     Atomics.notify(v.received.words, page >>> 5);
     Atomics.add(v.ctl, PLACED, 1);
-    Atomics.sub(v.ctl, MISSING, 1);
+    if (Atomics.sub(v.ctl, MISSING, 1) === 1) {
+      // Rule 4: the last missing page; its time, then the flag.
+      v.times[ALL_IN_AT] = clock();
+      Atomics.store(v.ctl, ALL_IN, 1);
+    }
     return true;
   }
 
@@ -318,11 +356,20 @@ export class MissingPagesPlacer {
   }
 
   blocktime(): PostcopyBlocktime {
-    const s: LatencySummary = this.v.latency.summary();
+    const v = this.v;
+    const s: LatencySummary = v.latency.summary();
+    const writers = Atomics.load(v.ctl, WRITERS);
+    // Rule 4's reader.
+    const missingMs = Atomics.load(v.ctl, ALL_IN) === 1 ? v.times[ALL_IN_AT]! - v.times[RUN_AT]! : 0;
+    let writes = 0;
+    for (let w = 0; w < writers; w++) writes += Atomics.load(v.progress, w);
     return {
-      postcopyBlocktimeMs: Math.round(this.v.times[ALL_TOTAL]! * 1000) / 1000,
-      postcopyVcpuBlocktimeMs: s.perWriterTotalMs.slice(0, Atomics.load(this.v.ctl, WRITERS)),
+      postcopyBlocktimeMs: Math.round(v.times[ALL_TOTAL]! * 1000) / 1000,
+      postcopyVcpuBlocktimeMs: s.perWriterTotalMs.slice(0, writers),
       faults: s.count,
+      pagesMissingMs: Math.round(missingMs * 1000) / 1000,
+      writesWhileMissing: writes,
+      writesPerSecondWhileMissing: missingMs > 0 ? Math.round((writes / missingMs) * 1000) : 0,
       faultLatencyP50Ms: s.p50Ms,
       faultLatencyP99Ms: s.p99Ms,
       faultLatencyMaxMs: s.maxMs,
