@@ -28,6 +28,7 @@ export * from './migration/device-sections.js';
 export * from './snapshot/write-protect.js';
 export * from './snapshot/background-snapshot.js';
 export * from './stats/latency-histogram.js';
+export * from './thread-slice.js';
 export * from './wire/postcopy.js';
 export * from './postcopy/missing-pages.js';
 export * from './postcopy/postcopy-incoming.js';

@@ -80,6 +80,8 @@ export class PostcopyDestination {
       notifiers: opts.notifiers,
       sealMultifd: opts.sealMultifd,
       blocktime: opts.blocktime,
+      // A faulting vCPU is on the fault path too (it reads the preempt channel itself).
+      vcpuFaultSliceUs: opts.preempt ? opts.faultSliceUs : 0,
       finishTimeoutMs: opts.timeoutMs,
       onRun: (shared, placer) => {
         // vm_start: the guest runs here from now on.
@@ -176,7 +178,7 @@ export class PostcopyDestination {
       ...guest,
       ...(this.opts.blocktime ? { ...this.incoming.blocktime(), faultLatencyHistogram: latencyHistogram(this.incoming) } : {}),
       ...(this.preemptReader ? { preemptReader: preemptReaderMode(this.preemptReader), ...preemptReads(this.preemptReader) } : {}),
-      ...(this.opts.preempt ? { scheduling: { backgroundNice: this.lowered?.nice ?? null, faultSliceUs: this.faultSliceUs } } : {}),
+      ...(this.opts.preempt ? { scheduling: { backgroundNice: this.lowered?.nice ?? null, faultSliceUs: this.faultSliceUs, vcpusWithFaultSlice: this.incoming.placer?.vcpusSliced ?? 0 } } : {}),
     };
   }
 

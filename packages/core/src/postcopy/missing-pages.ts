@@ -43,11 +43,18 @@
  *    own `progress` slot (Atomics.add, read with Atomics.load by the report) if it saw
  *    MISSING above 0 with Atomics.load before the write: a write that raced the last
  *    placement may be counted, none made after it was seen.
+ * 5. Fault slice (with `faultSliceUs`, postcopy-preempt): a vCPU thread that faults asks the
+ *    kernel for that scheduler slice for itself (thread-slice.ts), as the other threads on
+ *    the fault path do, so that it runs as soon as its page is in instead of waiting out the
+ *    slice of a thread moving background pages; it counts itself in SLICED (Atomics.add).
+ *    Once it sees MISSING at 0 (Atomics.load) it takes its old slice back: the guest keeps
+ *    nothing of postcopy. Not a priority: the thread still gets only its fair share.
  */
 import { AtomicBitmap } from '../ram/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { type LatencyBuckets, LatencyHistogram, latencyHistogramBytes, type LatencySummary } from '../stats/latency-histogram.js';
 import type { PreemptReader } from './preempt-reader.js';
+import { setThreadSliceUs, threadSliceUs } from '../thread-slice.js';
 import { ReturnPathWriter, type ReturnPathShared } from './return-path-writer.js';
 
 // Control words (Int32).
@@ -63,7 +70,9 @@ const PLACED = 5;
 const DROPPED = 6;
 /** 1 once the last missing page was placed and its time stored (rule 4). */
 const ALL_IN = 7;
-const CTL_WORDS = 8;
+/** vCPUs that took the fault slice (rule 5). */
+const SLICED = 8;
+const CTL_WORDS = 9;
 // Time words (Float64): when every vCPU became blocked, and the total of such spans.
 const ALL_START = 0;
 const ALL_TOTAL = 1;
@@ -80,6 +89,8 @@ export interface MissingPagesShared {
   writers: number;
   /** vCPUs time their faults (--postcopy-blocktime). */
   blocktime: boolean;
+  /** The slice (us) a faulting vCPU takes until every page is in (rule 5); 0: none. */
+  faultSliceUs: number;
   ctl: SharedArrayBuffer;
   times: SharedArrayBuffer;
   received: SharedArrayBuffer;
@@ -97,6 +108,7 @@ export function createMissingPages(
   writers: number,
   blocktime: boolean,
   returnPath: ReturnPathShared,
+  faultSliceUs = 0,
 ): MissingPagesShared {
   const pages = blocks.reduce((n, b) => n + b.pages, 0);
   return {
@@ -104,6 +116,7 @@ export function createMissingPages(
     blocks: blocks.map((b) => ({ idstr: b.idstr, pages: b.pages })),
     writers,
     blocktime,
+    faultSliceUs,
     ctl: new SharedArrayBuffer(CTL_WORDS * 4),
     times: new SharedArrayBuffer(TIME_WORDS * 8),
     received: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
@@ -160,6 +173,10 @@ export class MissingPagesVcpu {
   private readonly rp: ReturnPathWriter;
   /** First global page of each block. */
   private readonly bases: number[] = [];
+  /** Rule 5: the slice to take at the first fault (0: none, or taken and given back). */
+  private sliceUs: number;
+  /** This thread's slice before it took the short one; undefined while it has not. */
+  private sliceBefore: number | undefined;
 
   /** `preempt`: this writer may read the preempt channel itself (rule 2). */
   constructor(
@@ -169,6 +186,7 @@ export class MissingPagesVcpu {
   ) {
     this.v = new Views(shared);
     this.rp = new ReturnPathWriter(shared.returnPath);
+    this.sliceUs = shared.faultSliceUs;
     let base = 0;
     for (const b of shared.blocks) {
       this.bases.push(base);
@@ -185,6 +203,21 @@ export class MissingPagesVcpu {
     this.rp.requestPage(b, this.v.s.blocks[b]!.idstr, (page - this.bases[b]!) * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
   }
 
+  /** Rule 5, at the first fault. */
+  private takeSlice(): void {
+    const before = threadSliceUs();
+    this.sliceUs = 0;
+    if (before === undefined || setThreadSliceUs(this.v.s.faultSliceUs) === undefined) return;
+    this.sliceBefore = before;
+    Atomics.add(this.v.ctl, SLICED, 1);
+  }
+
+  /** Rule 5, once every page is in. */
+  private giveSliceBack(): void {
+    setThreadSliceUs(this.sliceBefore!);
+    this.sliceBefore = undefined;
+  }
+
   /**
    * Call before touching `page`. Returns true once the page is in place (at once if it
    * already was), false if postcopy failed meanwhile (the write must not happen).
@@ -194,7 +227,9 @@ export class MissingPagesVcpu {
     const timed = v.s.blocktime;
     // Rule 4: the guest's progress while pages are missing.
     if (timed && Atomics.load(v.ctl, MISSING) > 0) Atomics.add(v.progress, this.writer, 1);
+    if (this.sliceBefore !== undefined && Atomics.load(v.ctl, MISSING) === 0) this.giveSliceBack();
     if (v.received.test(page)) return true;
+    if (this.sliceUs > 0) this.takeSlice();
     const t0 = timed ? clock() : 0;
     if (timed) v.blockedDelta(1, t0);
     this.request(page);
@@ -300,6 +335,11 @@ export class MissingPagesPlacer {
   /** vCPUs blocked on a missing page right now (with blocktime on). */
   get blockedVcpus(): number {
     return Atomics.load(this.v.ctl, BLOCKED);
+  }
+
+  /** vCPUs that took the fault slice (rule 5). */
+  get vcpusSliced(): number {
+    return Atomics.load(this.v.ctl, SLICED);
   }
 
   /** Page requests the vCPUs wrote on the return path. */
