@@ -71,7 +71,7 @@ export class PostcopySeries {
   medians(scenario: string): Medians | undefined {
     const rs = this.runs.get(scenario);
     if (!rs?.length) return undefined;
-    const m = (pick: (f: PostcopyFigures) => number | undefined): number => median(rs.map(pick).filter((x): x is number => typeof x === 'number'));
+    const m = (pick: (f: PostcopyFigures) => number | undefined): number => round(median(rs.map(pick).filter((x): x is number => typeof x === 'number')), 3);
     return {
       faults: m((f) => f.faults),
       vcpuBlockedMs: m((f) => (f.vcpuBlocktimeMs?.length ? f.vcpuBlocktimeMs.reduce((a, b) => a + b, 0) / f.vcpuBlocktimeMs.length : undefined)),
