@@ -8,8 +8,8 @@
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { formatMigrationUri, parseMigrationUri } from '@vmig/channel';
-import { InvalidArgumentError, type MigrationInfo, type MigrationStatus, VmigError } from '@vmig/core';
-import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { InvalidArgumentError, type LatencyBuckets, type MigrationInfo, type MigrationStatus, VmigError } from '@vmig/core';
+import { collectDefaultMetrics, Counter, Gauge, type Metric, Registry } from 'prom-client';
 
 /** Everything a side may know; a missing one serves nothing. */
 export interface MetricsSource {
@@ -20,10 +20,10 @@ export interface MetricsSource {
   channelBytes?(): number[];
   /** The destination after a postcopy switch. */
   postcopy?(): { postcopyRequests: number; postcopyPages: number } | undefined;
-  /** Fault latencies of the destination's vCPUs (ms). */
-  faultLatenciesMs?(): number[];
-  /** Writer stalls of a background snapshot (ms). */
-  snapshotStallsMs?(): number[];
+  /** Fault latencies of the destination's vCPUs, counted in the buckets of `boundsMs`. */
+  faultLatencies?(boundsMs: readonly number[]): LatencyBuckets | undefined;
+  /** Writer stalls of a background snapshot, counted in the buckets of `boundsMs`. */
+  snapshotStalls?(boundsMs: readonly number[]): LatencyBuckets | undefined;
 }
 
 const STATUSES: readonly MigrationStatus[] = ['none', 'setup', 'active', 'postcopy-active', 'postcopy-paused', 'postcopy-recover', 'cancelling', 'cancelled', 'completed', 'failed'];
@@ -108,22 +108,44 @@ export function migrationRegistry(src: MetricsSource, role: string): Registry {
     counter('vmig_migration_ram_postcopy_requests', 'postcopy-requests: pages this side asked for', () => read()?.postcopyRequests);
     counter('vmig_migration_ram_postcopy_pages', 'pages placed after the postcopy switch', () => read()?.postcopyPages);
   }
-  const histogram = (name: string, help: string, readMs: () => number[]): void => {
-    new Histogram({
-      name,
-      help,
-      buckets: LATENCY_BUCKETS,
-      registers,
-      collect() {
-        // The samples are kept by the threads that take them (stats/latency-samples.ts): rebuilt at each scrape.
-        this.reset();
-        for (const ms of readMs()) this.observe(ms / 1000);
-      },
-    });
+  const histogram = (name: string, help: string, read: (boundsMs: readonly number[]) => LatencyBuckets | undefined): void => {
+    registry.registerMetric(latencyMetric(name, help, read));
   };
-  if (src.faultLatenciesMs) histogram('vmig_postcopy_fault_latency_seconds', 'Postcopy page-fault latency of the vCPUs (with --postcopy-blocktime)', src.faultLatenciesMs.bind(src));
-  if (src.snapshotStallsMs) histogram('vmig_snapshot_stall_seconds', 'How long writers stalled on a write-protected page', src.snapshotStallsMs.bind(src));
+  if (src.faultLatencies) histogram('vmig_postcopy_fault_latency_seconds', 'Postcopy page-fault latency of the vCPUs (with --postcopy-blocktime)', src.faultLatencies.bind(src));
+  if (src.snapshotStalls) histogram('vmig_snapshot_stall_seconds', 'How long writers stalled on a write-protected page', src.snapshotStalls.bind(src));
   return registry;
+}
+
+/**
+ * A Prometheus histogram read at each scrape from the histogram the threads keep themselves
+ * (core's stats/latency-histogram.ts): every latency of the run, in LATENCY_BUCKETS. prom-client's
+ * own Histogram takes one observation at a time, so this one gives the registry what its get()
+ * gives: cumulative `_bucket` series, `_sum` and `_count`.
+ */
+function latencyMetric(name: string, help: string, read: (boundsMs: readonly number[]) => LatencyBuckets | undefined): Metric {
+  const boundsMs = LATENCY_BUCKETS.map((s) => s * 1000);
+  const metric = {
+    name,
+    help,
+    type: 'histogram',
+    aggregator: 'sum',
+    get: async () => {
+      const b = read(boundsMs);
+      const counts = b?.counts ?? new Array<number>(boundsMs.length + 1).fill(0);
+      let acc = 0;
+      const values = LATENCY_BUCKETS.map((le, i) => ({ metricName: `${name}_bucket`, labels: { le }, value: (acc += counts[i]!) }));
+      acc += counts[boundsMs.length]!;
+      values.push({ metricName: `${name}_bucket`, labels: { le: '+Inf' as unknown as number }, value: acc });
+      return {
+        name,
+        help,
+        type: 'histogram',
+        aggregator: 'sum',
+        values: [...values, { metricName: `${name}_sum`, labels: {}, value: (b?.sumMs ?? 0) / 1000 }, { metricName: `${name}_count`, labels: {}, value: acc }],
+      };
+    },
+  };
+  return metric as unknown as Metric;
 }
 
 /** The HTTP endpoint. Scrapes are answered until close(). */

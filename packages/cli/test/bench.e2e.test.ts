@@ -78,5 +78,36 @@ describe('bench --link: two hosts simulated by network namespaces', () => {
     const a = await spawnCli(CLI_MAIN, ['bench', '--link', 'moon']).done;
     expect(a.code).toBe(2);
     expect(a.stderr).toMatch(/unknown profile 'moon'|needs root/);
+
+describe('bench postcopy, preempt on against off', () => {
+  it("alternates the scenarios run by run, reports the guest's progress against the same writers with no migration, then the medians and issue 20's goals", async () => {
+    const off = 'postcopy-hot-2ch';
+    const on = 'postcopy-hot-2ch-preempt';
+    const r = await spawnCli(CLI_MAIN, ['bench', '--scenario', off, '--scenario', on, '--ram', '256M', '--repeat', '2']).done;
+    expect(r.code, r.stderr).toBe(0);
+    const lines = r.lines as Json[];
+    const runs = lines.filter((l) => typeof l['scenario'] === 'string');
+    expect(runs.map((l) => l['scenario'])).toEqual([off, on, off, on]);
+    for (const l of runs) {
+      expect(l['verified'], JSON.stringify(l['error'])).toBe(true);
+      const pc = l['postcopy'] as Json;
+      expect(pc['noMigrationWritesPerSecond']).toBeGreaterThan(0);
+      expect(pc['pagesMissingMs']).toBeGreaterThan(0);
+      expect(pc['writesWhileMissing']).toBeLessThanOrEqual(pc['destinationWrites']);
+      expect(pc['guestWritesPerSecond']).toBeCloseTo((pc['writesWhileMissing'] / pc['pagesMissingMs']) * 1000, -1);
+      expect(pc['guestProgress']).toBeCloseTo(pc['guestWritesPerSecond'] / pc['noMigrationWritesPerSecond'], 2);
+      expect(pc['vcpuBlocktimeMs']).toHaveLength(2);
+    }
+    for (const name of [off, on]) {
+      const s = lines.find((l) => l['postcopySummary'] === name)!;
+      expect(s['runs']).toBe(2);
+      const m = s['medians'] as Json;
+      const mine = runs.filter((l) => l['scenario'] === name).map((l) => l['postcopy']['faults'] as number);
+      expect(m['faults']).toBe((mine[0]! + mine[1]!) / 2);
+    }
+    const cmp = lines.find((l) => l['preemptVsOff'])!;
+    expect(Object.keys(cmp['goals'] as Json).sort()).toEqual(['blockedAtMost07x', 'p99AtMost5ms', 'progressAtLeastOff']);
+    const mOn = lines.find((l) => l['postcopySummary'] === on)!['medians'] as Json;
+    expect((cmp['goals'] as Json)['p99AtMost5ms']).toBe(mOn['faultLatencyP99Ms'] <= 5);
   });
 });

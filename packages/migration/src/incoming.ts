@@ -20,6 +20,7 @@ import {
   InvalidArgumentError,
   GlobalStateDevice,
   GuestRam,
+  type LatencyBuckets,
   type Logger,
   MigrationNotifiers,
   type MigrationStatus,
@@ -175,9 +176,9 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     return this.postcopy?.incoming.stats();
   }
 
-  /** Fault latencies (ms) of this side's vCPUs so far (postcopy with blocktime). */
-  faultLatencies(): number[] {
-    return this.postcopy?.incoming.faultLatencies() ?? [];
+  /** Fault latencies of this side's vCPUs so far (postcopy with blocktime), counted in the buckets of `boundsMs`. */
+  faultLatencyBuckets(boundsMs: readonly number[]): LatencyBuckets | undefined {
+    return this.postcopy?.incoming.faultLatencyBuckets(boundsMs);
   }
 
   /** Why postcopy is paused (status postcopy-paused or postcopy-recover), if it is. */

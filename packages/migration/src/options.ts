@@ -7,8 +7,15 @@ import { InvalidArgumentError } from '@vmig/core';
 import { MIN_SLICE_US } from './thread-slice.js';
 import { COMPRESSION_NAMES, type CompressionName } from '@vmig/multifd';
 
-/** Nice value of the threads that move background pages after the postcopy switch (thread-priority.ts). */
-export const DEFAULT_POSTCOPY_BACKGROUND_NICE = 19;
+/**
+ * Nice value of the threads that move background pages after the postcopy switch
+ * (thread-priority.ts): 0, unchanged. Lowered, they run only when the guest's vCPUs do not,
+ * and vCPUs whose faults are short hardly ever stop: postcopy then lasted 3x longer and the
+ * vCPUs faulted 30x more often (nice 19 against 0: 5,400 faults against 750, every vCPU
+ * blocked at once 440 against 200 ms; docs/benchmarks.md). The fault path's short slices
+ * (thread-slice.ts) keep faults short without it.
+ */
+export const DEFAULT_POSTCOPY_BACKGROUND_NICE = 0;
 /** Scheduler slice (us) of the page-fault path's threads after the postcopy switch (thread-slice.ts). */
 export const DEFAULT_POSTCOPY_FAULT_SLICE_US = MIN_SLICE_US;
 

@@ -85,6 +85,8 @@ export class PostcopyDestination {
       notifiers: opts.notifiers,
       sealMultifd: opts.sealMultifd,
       blocktime: opts.blocktime,
+      // A faulting vCPU is on the fault path too (it reads the preempt channel itself).
+      vcpuFaultSliceUs: opts.preempt ? opts.faultSliceUs : 0,
       finishTimeoutMs: opts.timeoutMs,
       onRun: (shared, placer) => {
         // vm_start: the guest runs here from now on.
@@ -210,9 +212,9 @@ export class PostcopyDestination {
       ...pc,
       postcopyBytes: pc.postcopyPages * TARGET_PAGE_SIZE,
       ...guest,
-      ...(this.opts.blocktime ? { ...this.incoming.blocktime(), faultLatencyHistogram: latencyHistogram(this.incoming.faultLatencies()) } : {}),
+      ...(this.opts.blocktime ? { ...this.incoming.blocktime(), faultLatencyHistogram: latencyHistogram(this.incoming) } : {}),
       ...(this.preemptReader ? { preemptReader: preemptReaderMode(this.preemptReader), ...preemptReads(this.preemptReader) } : {}),
-      ...(this.opts.preempt ? { scheduling: { backgroundNice: this.lowered?.nice ?? null, faultSliceUs: this.faultSliceUs } } : {}),
+      ...(this.opts.preempt ? { scheduling: { backgroundNice: this.lowered?.nice ?? null, faultSliceUs: this.faultSliceUs, vcpusWithFaultSlice: this.incoming.placer?.vcpusSliced ?? 0 } } : {}),
     };
   }
 
@@ -229,13 +231,8 @@ export class PostcopyDestination {
 /** Upper bounds (ms) of the fault latency histogram's buckets; the last bucket is everything above. */
 const LATENCY_BUCKETS_MS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000];
 
-/** Fault latencies as counts per bucket (for the report's picture). */
-export function latencyHistogram(samplesMs: readonly number[]): { bucketsMs: number[]; counts: number[] } {
-  const counts = new Array<number>(LATENCY_BUCKETS_MS.length + 1).fill(0);
-  for (const ms of samplesMs) {
-    let i = LATENCY_BUCKETS_MS.findIndex((b) => ms <= b);
-    if (i < 0) i = LATENCY_BUCKETS_MS.length;
-    counts[i]!++;
-  }
-  return { bucketsMs: [...LATENCY_BUCKETS_MS], counts };
+/** Every fault latency of the run as counts per bucket (for the report's picture). */
+function latencyHistogram(incoming: PostcopyIncoming): { bucketsMs: number[]; counts: number[] } {
+  const b = incoming.faultLatencyBuckets(LATENCY_BUCKETS_MS);
+  return { bucketsMs: [...LATENCY_BUCKETS_MS], counts: b?.counts ?? new Array<number>(LATENCY_BUCKETS_MS.length + 1).fill(0) };
 }

@@ -18,6 +18,7 @@ import {
   EndOfStream,
   GlobalStateDevice,
   GuestRam,
+  type LatencyBuckets,
   type Logger,
   type MigrationStatus,
   qemuLoadVmState,
@@ -92,9 +93,9 @@ export class SnapshotJob extends EventEmitter<SnapshotEvents> {
     return info;
   }
 
-  /** How long writers stalled on write-protected pages (ms), sampled so far. */
-  stallSamples(): number[] {
-    return this.wp.stallSamples();
+  /** How long writers stalled on write-protected pages so far, counted in the buckets of `boundsMs`. */
+  stallBuckets(boundsMs: readonly number[]): LatencyBuckets {
+    return this.wp.stallBuckets(boundsMs);
   }
 
   private async run(): Promise<SnapshotInfo> {

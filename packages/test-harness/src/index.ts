@@ -4,6 +4,8 @@ export * from './digest.js';
 export * from './parallel-digest.js';
 export * from './vcpu-control.js';
 export * from './vcpu-pool.js';
+export * from './write-pattern.js';
+export * from './write-rate.js';
 
 export * from './process-pair.js';
 export * from './fault-proxy.js';

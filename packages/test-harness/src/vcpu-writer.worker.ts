@@ -15,6 +15,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { GuestRam, MissingPagesPlacer, MissingPagesVcpu, PreemptReader, setThreadName, TARGET_PAGE_SIZE, WriteProtectVcpu } from '@vmig/core/vcpu';
 import { xorshift } from './rng.js';
+import { hotSet } from './write-pattern.js';
 import { SLOT_BYTES, SLOT_WORDS, stampSlot, writeStamp } from './stamp.js';
 import { PARKED, RUN_STATE, STARTED, STATE_EXIT, STATE_RUN, STATE_STOP, THROTTLE_PCT, WRITES_BASE } from './vcpu-control.js';
 import type { WriterConfig, WriterTrack } from './vcpu-pool.js';
@@ -29,10 +30,8 @@ const blocks = ram.blocks;
 /** Per block, per segment: the segment as Int32 words (a page never crosses a segment). */
 const words = blocks.map((b) => b.segmentSabs.map((sab, i) => new Int32Array(sab, 0, b.segments[i]!.length / 4)));
 const segmentPages = blocks.map((b) => b.segmentBytes / TARGET_PAGE_SIZE);
-// The last page of guest RAM belongs to a device (the test guest's ITS table): vCPUs leave it alone.
-const writablePages = Math.max(1, ram.totalPages - 1);
-const hotPages = Math.max(1, Math.min(cfg.hotPages, writablePages));
-const hotStride = Math.max(1, Math.floor(writablePages / hotPages));
+// The pages it writes (write-pattern.ts).
+const { writable: writablePages, pages: hotPages, stride: hotStride } = hotSet(ram.totalPages, cfg.hotPages);
 // Background snapshot: every write first asks the write-protect map (core/snapshot/write-protect.ts).
 const writeProtect = cfg.writeProtect ? new WriteProtectVcpu(cfg.writeProtect, cfg.index) : undefined;
 // Postcopy destination: every write first asks the received map.

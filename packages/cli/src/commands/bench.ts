@@ -1,17 +1,19 @@
 /**
  * `vmig bench`: benchmark scenarios, each a real source and destination process over
- * loopback. Prints one JSON object per run. Timings are measured
- * here, never asserted in tests.
+ * loopback. Prints one JSON object per run. With --repeat, run i of every scenario comes
+ * before run i+1 of any, so that a drift of the machine hits them all alike. Timings are
+ * measured here, never asserted in tests.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { InvalidArgumentError, toVmigError } from '@vmig/core';
-import { makeTlsCreds, runMigrationPair, spawnCli } from '@vmig/test-harness';
+import { makeTlsCreds, measureWriteRate, runMigrationPair, spawnCli } from '@vmig/test-harness';
 import { parseCommandArgs, parseSize } from '../args.js';
 import { linkSeries } from './bench-link.js';
 import { haveQemu, makeRandomMemFile, QEMU, runQemuPair } from './qemu-pair.js';
+import { type PostcopyGuest, postcopyFigures, PostcopySeries } from './bench-postcopy.js';
 import { benchPage } from '../report/bench-page.js';
 import { renderPage } from '../report/html-page.js';
 
@@ -28,7 +30,14 @@ interface Scenario {
   tls?: boolean;
   /** The same migration QEMU 7.2 can run (`--vs-qemu`): its RAM and its channels. */
   qemu?: { fill: 'random' | 'zero'; channels: number };
+  /** Postcopy: the writers that run on at the destination (hot pattern), measured with no migration too. */
+  guest?: PostcopyGuest;
 }
+
+/** The postcopy scenarios' guest: 2 writers dirtying a 128 MiB hot set at 400 MB/s. */
+const POSTCOPY_GUEST = { writers: 2, dirtyRate: '400M', hotPages: 32768 };
+/** How long the same writers are counted with no migration (ms), before each postcopy run. */
+const NO_MIGRATION_MS = 1000;
 
 function scenarios(ram: string): Scenario[] {
   const mf = (n: number): string[] => ['--ram', ram, '--multifd-channels', String(n)];
@@ -72,8 +81,9 @@ function scenarios(ram: string): Scenario[] {
       tls,
       description: `${ram} random RAM, 2 channels, 2 writers dirtying a 128 MiB hot set at 400 MB/s against --max-bandwidth 300M (no convergence), postcopy after 2 rounds, preempt ${preempt ? `on (read by ${threadReads ? 'the preempt thread alone' : 'the faulting vCPUs'})` : 'off'}, background pages after the switch ${cap ? `capped at ${cap}` : 'unlimited'}${tls ? ', TLS on every channel' : ''}`,
       shared: [...mf(2), '--postcopy', '--postcopy-blocktime', ...(preempt ? ['--postcopy-preempt'] : []), ...(threadReads ? ['--postcopy-preempt-reader', 'thread'] : [])],
+      guest: { writers: POSTCOPY_GUEST.writers, dirtyRate: parseSize('dirty-rate', POSTCOPY_GUEST.dirtyRate), hotPages: POSTCOPY_GUEST.hotPages },
       source: [
-        ...['--fill', 'random', '--writers', '2', '--dirty-rate', '400M', '--pattern', 'hot', '--hot-pages', '32768'],
+        ...['--fill', 'random', '--writers', String(POSTCOPY_GUEST.writers), '--dirty-rate', POSTCOPY_GUEST.dirtyRate, '--pattern', 'hot', '--hot-pages', String(POSTCOPY_GUEST.hotPages)],
         ...['--max-bandwidth', '300M', '--downtime-limit', '50', '--postcopy-after-rounds', '2'],
         ...(cap ? ['--max-postcopy-bandwidth', cap] : []),
       ],
@@ -141,7 +151,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   if (chosen.length === 0) throw new InvalidArgumentError('bench --vs-qemu: none of these scenarios is one QEMU can run (see --list: precopy-* and multifd-random/zero without writers)');
   const qemuDir = vsQemu ? mkdtempSync(join(tmpdir(), 'vmig-bench-qemu-')) : undefined;
   try {
-    failures = await runScenarios(cliMain, chosen, repeat, tlsFlags, qemuDir === undefined ? undefined : { dir: qemuDir, ramBytes: parseSize('ram', ram) });
+    failures = await runScenarios(cliMain, chosen, repeat, tlsFlags, parseSize('ram', ram), qemuDir === undefined ? undefined : { dir: qemuDir, ramBytes: parseSize('ram', ram) });
   } finally {
     if (tlsDir) rmSync(tlsDir, { recursive: true, force: true });
     if (qemuDir) rmSync(qemuDir, { recursive: true, force: true });
@@ -160,14 +170,17 @@ function emit(r: Record<string, unknown>): void {
   process.stdout.write(JSON.stringify(r) + '\n');
 }
 
-async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: number, tlsFlags: () => string[], vsQemu: { dir: string; ramBytes: number } | undefined): Promise<number> {
+async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: number, tlsFlags: () => string[], ramBytes: number, vsQemu: { dir: string; ramBytes: number } | undefined): Promise<number> {
   let failures = 0;
   const creds = scenarios.some((s) => s.tls) ? tlsFlags() : [];
   let randomMem: string | undefined;
-  for (const x of scenarios) {
-    const s = x.tls ? { ...x, shared: [...x.shared, ...creds] } : x;
-    const times = { vmig: [] as number[], qemu: [] as number[] };
-    for (let i = 0; i < repeat; i++) {
+  const timesOf = new Map(scenarios.map((s) => [s.name, { vmig: [] as number[], qemu: [] as number[] }]));
+  const postcopy = new PostcopySeries();
+  // Round-robin: run i of every scenario before run i+1 of any.
+  for (let i = 0; i < repeat; i++) {
+    for (const x of scenarios) {
+      const s = x.tls ? { ...x, shared: [...x.shared, ...creds] } : x;
+      const times = timesOf.get(s.name)!;
       if (vsQemu && s.qemu) {
         // QEMU's run first in each pair, then vmig's: alternating, so a drift of the machine hits both.
         if (s.qemu.fill === 'random' && !randomMem) makeRandomMemFile((randomMem = join(vsQemu.dir, 'random.mem')), vsQemu.ramBytes);
@@ -184,6 +197,8 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
         if (!(await benchSnapshot(cliMain, s, i + 1))) failures++;
         continue;
       }
+      // The same writers with no migration, just before the run (nothing else of ours runs then).
+      const noMigration = s.guest ? await measureWriteRate({ ramBytes, ...s.guest, pattern: 'hot', ms: NO_MIGRATION_MS }) : undefined;
       const { source, destination } = await runMigrationPair(cliMain, s.shared, [...s.shared, ...s.source]);
       const src = source.report as Record<string, any> | undefined;
       const dst = destination.report as Record<string, any> | undefined;
@@ -192,6 +207,8 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
       const ok = src?.status === 'completed' && dst?.status === 'completed' && src?.ramDigest === (pc ? pc.restoredDigest : dst?.ramDigest) && (!pc || pc.badStamps === 0);
       if (!ok) failures++;
       if (ok && typeof src?.totalTimeMs === 'number') times.vmig.push(src.totalTimeMs);
+      const figures = pc ? postcopyFigures(pc, src, noMigration) : undefined;
+      if (figures && ok) postcopy.add(s.name, figures);
       const total = src?.ram?.total ?? 0;
       emit({
           scenario: s.name,
@@ -205,35 +222,22 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
           transferredBytes: src?.ram?.transferred,
           multifdBytes: src?.ram?.multifdBytes,
           dirtySyncCount: src?.ram?.dirtySyncCount,
-          ...(pc
-            ? {
-                postcopy: {
-                  postcopyBytes: src?.ram?.postcopyBytes,
-                  pagesAfterSwitch: pc.postcopyPages,
-                  requests: pc.postcopyRequests,
-                  faults: pc.faults,
-                  faultLatencyP50Ms: pc.faultLatencyP50Ms,
-                  faultLatencyP99Ms: pc.faultLatencyP99Ms,
-                  faultLatencyMaxMs: pc.faultLatencyMaxMs,
-                  blocktimeMs: pc.postcopyBlocktimeMs,
-                  vcpuBlocktimeMs: pc.postcopyVcpuBlocktimeMs,
-                  destinationWrites: pc.writes,
-                  ...(pc.preemptReader ? { preemptReader: pc.preemptReader, preemptPagesByVcpus: pc.preemptPagesByVcpus, preemptPagesByThread: pc.preemptPagesByThread } : {}),
-                  ...(pc.scheduling ? { scheduling: { source: src?.postcopyScheduling, destination: pc.scheduling } } : {}),
-                },
-              }
-            : {}),
+          ...(figures ? { postcopy: figures } : {}),
           source: src?.resources,
           destination: dst?.resources,
           error: src?.error ?? dst?.error,
         });
     }
+  }
+  for (const s of scenarios) {
+    const times = timesOf.get(s.name)!;
     if (vsQemu && s.qemu && times.vmig.length > 0 && times.qemu.length > 0) {
       const vm = median(times.vmig);
       const qm = median(times.qemu);
       emit({ vsQemu: s.name, runs: Math.min(times.vmig.length, times.qemu.length), vmigMedianMs: vm, qemuMedianMs: qm, ratio: Math.round((vm / qm) * 100) / 100 });
     }
   }
+  for (const line of postcopy.summaries()) emit(line);
   return failures;
 }
 

@@ -96,7 +96,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
             status: () => status,
             channelBytes: () => dst?.multifdChannelBytes() ?? [],
             postcopy: () => dst?.postcopyStats(),
-            faultLatenciesMs: () => dst?.faultLatencies() ?? [],
+            faultLatencies: (bounds) => dst?.faultLatencyBuckets(bounds),
           },
           'destination',
         ),

@@ -25,7 +25,7 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
   let snapStatus: MigrationStatus = 'setup';
   let running: SnapshotJob | undefined;
   const metrics = s.metrics
-    ? await MetricsServer.listen(s.metrics, migrationRegistry({ status: () => snapStatus, snapshotStallsMs: () => running?.stallSamples() ?? [] }, 'snapshot'))
+    ? await MetricsServer.listen(s.metrics, migrationRegistry({ status: () => snapStatus, snapshotStalls: (bounds) => running?.stallBuckets(bounds) }, 'snapshot'))
     : undefined;
   if (metrics) out.event({ event: 'metrics', address: metrics.address }, `vmig: metrics on http ${metrics.address}/metrics`);
 

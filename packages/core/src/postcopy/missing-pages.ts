@@ -14,7 +14,10 @@
  *   writes its slot; wakeWaiting() and anyWaiting() read them all.
  * - with preempt, the preempt channel's reader role (preempt-reader.ts).
  * - control words: ABORT, the "all vCPUs blocked" bookkeeping, counters.
- * - per-writer fault latency samples (stats/latency-samples.ts).
+ * - with blocktime, the guest's progress while pages are missing: per vCPU, the writes it
+ *   made while any page was missing (`progress`, one Int32 each); when RUN came and when the
+ *   last page was placed (`times`).
+ * - the fault latency histogram (stats/latency-histogram.ts, its own pairings).
  *
  * Ordering rules:
  * 1. Placement: a placer claims the page first (Atomics.or on `claimed`; if the bit was set,
@@ -34,7 +37,19 @@
  *    for the role, so a release after that finds it).
  * 3. Teardown (a failure during postcopy): ABORT is set and every word notified; a blocked
  *    writer gives up without writing (the guest is split, nothing may land).
- * 4. Recovery (postcopy paused, then resumed on new channels): nothing here changes while
+ * 4. Progress: the placer whose Atomics.sub takes MISSING from 1 to 0 placed the last page;
+ *    it stores the time (plain Float64 store) and THEN sets ALL_IN with Atomics.store; a
+ *    reader that sees ALL_IN with Atomics.load sees the time. A vCPU counts a write in its
+ *    own `progress` slot (Atomics.add, read with Atomics.load by the report) if it saw
+ *    MISSING above 0 with Atomics.load before the write: a write that raced the last
+ *    placement may be counted, none made after it was seen.
+ * 5. Fault slice (with `faultSliceUs`, postcopy-preempt): a vCPU thread that faults asks the
+ *    kernel for that scheduler slice for itself (thread-slice.ts), as the other threads on
+ *    the fault path do, so that it runs as soon as its page is in instead of waiting out the
+ *    slice of a thread moving background pages; it counts itself in SLICED (Atomics.add).
+ *    Once it sees MISSING at 0 (Atomics.load) it takes its old slice back: the guest keeps
+ *    nothing of postcopy. Not a priority: the thread still gets only its fair share.
+ * 6. Recovery (postcopy paused, then resumed on new channels): nothing here changes while
  *    paused; writers that fault keep waiting on `received`, and their requests are held by
  *    the return path (return-path-writer.ts, HOLD) with their `requested` bit set. Once the
  *    return path flows again (ReturnPathWriter.resume, which takes the fd's lock and clears
@@ -45,8 +60,9 @@
  */
 import { AtomicBitmap } from '../ram/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
-import { LatencySamples, latencySamplesBytes, type LatencySummary } from '../stats/latency-samples.js';
+import { type LatencyBuckets, LatencyHistogram, latencyHistogramBytes, type LatencySummary } from '../stats/latency-histogram.js';
 import type { PreemptReader } from './preempt-reader.js';
+import { setThreadSliceUs, threadSliceUs } from '../thread-slice.js';
 import { ReturnPathWriter, type ReturnPathShared } from './return-path-writer.js';
 
 // Control words (Int32).
@@ -60,10 +76,18 @@ const MISSING = 4;
 /** Pages placed after LISTEN, and copies dropped because the page was placed already. */
 const PLACED = 5;
 const DROPPED = 6;
-const CTL_WORDS = 7;
+/** 1 once the last missing page was placed and its time stored (rule 4). */
+const ALL_IN = 7;
+/** vCPUs that took the fault slice (rule 5). */
+const SLICED = 8;
+const CTL_WORDS = 9;
 // Time words (Float64): when every vCPU became blocked, and the total of such spans.
 const ALL_START = 0;
 const ALL_TOTAL = 1;
+/** When RUN came, and when the last missing page was placed (rule 4). */
+const RUN_AT = 2;
+const ALL_IN_AT = 3;
+const TIME_WORDS = 4;
 
 export interface MissingPagesShared {
   pages: number;
@@ -73,6 +97,8 @@ export interface MissingPagesShared {
   writers: number;
   /** vCPUs time their faults (--postcopy-blocktime). */
   blocktime: boolean;
+  /** The slice (us) a faulting vCPU takes until every page is in (rule 5); 0: none. */
+  faultSliceUs: number;
   ctl: SharedArrayBuffer;
   times: SharedArrayBuffer;
   received: SharedArrayBuffer;
@@ -81,6 +107,8 @@ export interface MissingPagesShared {
   returnPath: ReturnPathShared;
   latency: SharedArrayBuffer;
   waiting: SharedArrayBuffer;
+  /** Per vCPU, writes made while pages were missing (rule 4; with blocktime). */
+  progress: SharedArrayBuffer;
 }
 
 export function createMissingPages(
@@ -88,6 +116,7 @@ export function createMissingPages(
   writers: number,
   blocktime: boolean,
   returnPath: ReturnPathShared,
+  faultSliceUs = 0,
 ): MissingPagesShared {
   const pages = blocks.reduce((n, b) => n + b.pages, 0);
   return {
@@ -95,14 +124,16 @@ export function createMissingPages(
     blocks: blocks.map((b) => ({ idstr: b.idstr, pages: b.pages })),
     writers,
     blocktime,
+    faultSliceUs,
     ctl: new SharedArrayBuffer(CTL_WORDS * 4),
-    times: new SharedArrayBuffer(2 * 8),
+    times: new SharedArrayBuffer(TIME_WORDS * 8),
     received: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     claimed: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     requested: new SharedArrayBuffer(AtomicBitmap.bytesFor(pages)),
     returnPath,
-    latency: new SharedArrayBuffer(blocktime ? latencySamplesBytes(writers) : 8),
+    latency: new SharedArrayBuffer(blocktime ? latencyHistogramBytes(writers) : latencyHistogramBytes(0)),
     waiting: new SharedArrayBuffer(Math.max(1, writers) * 4),
+    progress: new SharedArrayBuffer(Math.max(1, writers) * 4),
   };
 }
 
@@ -112,16 +143,18 @@ class Views {
   readonly received: AtomicBitmap;
   readonly claimed: AtomicBitmap;
   readonly requested: AtomicBitmap;
-  readonly latency: LatencySamples;
+  readonly latency: LatencyHistogram;
   readonly waiting: Int32Array;
+  readonly progress: Int32Array;
   constructor(readonly s: MissingPagesShared) {
     this.ctl = new Int32Array(s.ctl);
     this.times = new Float64Array(s.times);
     this.received = new AtomicBitmap(s.received, s.pages);
     this.claimed = new AtomicBitmap(s.claimed, s.pages);
     this.requested = new AtomicBitmap(s.requested, s.pages);
-    this.latency = new LatencySamples(s.latency, s.blocktime ? s.writers : 0);
+    this.latency = new LatencyHistogram(s.latency, s.blocktime ? s.writers : 0);
     this.waiting = new Int32Array(s.waiting);
+    this.progress = new Int32Array(s.progress);
   }
 
   /**
@@ -148,6 +181,10 @@ export class MissingPagesVcpu {
   private readonly rp: ReturnPathWriter;
   /** First global page of each block. */
   private readonly bases: number[] = [];
+  /** Rule 5: the slice to take at the first fault (0: none, or taken and given back). */
+  private sliceUs: number;
+  /** This thread's slice before it took the short one; undefined while it has not. */
+  private sliceBefore: number | undefined;
 
   /** `preempt`: this writer may read the preempt channel itself (rule 2). */
   constructor(
@@ -157,6 +194,7 @@ export class MissingPagesVcpu {
   ) {
     this.v = new Views(shared);
     this.rp = new ReturnPathWriter(shared.returnPath);
+    this.sliceUs = shared.faultSliceUs;
     let base = 0;
     for (const b of shared.blocks) {
       this.bases.push(base);
@@ -173,14 +211,33 @@ export class MissingPagesVcpu {
     this.rp.requestPage(b, this.v.s.blocks[b]!.idstr, (page - this.bases[b]!) * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
   }
 
+  /** Rule 5, at the first fault. */
+  private takeSlice(): void {
+    const before = threadSliceUs();
+    this.sliceUs = 0;
+    if (before === undefined || setThreadSliceUs(this.v.s.faultSliceUs) === undefined) return;
+    this.sliceBefore = before;
+    Atomics.add(this.v.ctl, SLICED, 1);
+  }
+
+  /** Rule 5, once every page is in. */
+  private giveSliceBack(): void {
+    setThreadSliceUs(this.sliceBefore!);
+    this.sliceBefore = undefined;
+  }
+
   /**
    * Call before touching `page`. Returns true once the page is in place (at once if it
    * already was), false if postcopy failed meanwhile (the write must not happen).
    */
   beforeWrite(page: number): boolean {
     const v = this.v;
-    if (v.received.test(page)) return true;
     const timed = v.s.blocktime;
+    // Rule 4: the guest's progress while pages are missing.
+    if (timed && Atomics.load(v.ctl, MISSING) > 0) Atomics.add(v.progress, this.writer, 1);
+    if (this.sliceBefore !== undefined && Atomics.load(v.ctl, MISSING) === 0) this.giveSliceBack();
+    if (v.received.test(page)) return true;
+    if (this.sliceUs > 0) this.takeSlice();
     const t0 = timed ? clock() : 0;
     if (timed) v.blockedDelta(1, t0);
     this.request(page);
@@ -220,6 +277,11 @@ export interface PostcopyBlocktime {
   /** Per vCPU, the time it was blocked (postcopy-vcpu-blocktime). */
   postcopyVcpuBlocktimeMs: number[];
   faults: number;
+  /** From RUN until the last missing page was placed (ms); 0 if that never happened. */
+  pagesMissingMs: number;
+  /** Writes (beforeWrite calls) the vCPUs made meanwhile, and per second. */
+  writesWhileMissing: number;
+  writesPerSecondWhileMissing: number;
   faultLatencyP50Ms: number;
   faultLatencyP99Ms: number;
   faultLatencyMaxMs: number;
@@ -256,9 +318,11 @@ export class MissingPagesPlacer {
     }
   }
 
-  /** How many vCPUs run (before they start). */
+  /** How many vCPUs run (before they start), at RUN. */
   setRunningVcpus(n: number): void {
     if (n > this.shared.writers) throw new RangeError(`${n} vCPUs, the received map serves ${this.shared.writers}`);
+    // Before the vCPUs start: they and every placer see it (worker start / notify order it).
+    this.v.times[RUN_AT] = clock();
     Atomics.store(this.v.ctl, WRITERS, n);
   }
 
@@ -275,6 +339,16 @@ export class MissingPagesPlacer {
   /** Pages that arrived although already placed (sent in the background and on request). */
   get dropped(): number {
     return Atomics.load(this.v.ctl, DROPPED);
+  }
+
+  /** vCPUs blocked on a missing page right now (with blocktime on). */
+  get blockedVcpus(): number {
+    return Atomics.load(this.v.ctl, BLOCKED);
+  }
+
+  /** vCPUs that took the fault slice (rule 5). */
+  get vcpusSliced(): number {
+    return Atomics.load(this.v.ctl, SLICED);
   }
 
   /** Page requests the vCPUs wrote on the return path. */
@@ -296,7 +370,11 @@ export class MissingPagesPlacer {
     v.received.set(page);
     Atomics.notify(v.received.words, page >>> 5);
     Atomics.add(v.ctl, PLACED, 1);
-    Atomics.sub(v.ctl, MISSING, 1);
+    if (Atomics.sub(v.ctl, MISSING, 1) === 1) {
+      // Rule 4: the last missing page; its time, then the flag.
+      v.times[ALL_IN_AT] = clock();
+      Atomics.store(v.ctl, ALL_IN, 1);
+    }
     return true;
   }
 
@@ -310,7 +388,7 @@ export class MissingPagesPlacer {
     }
   }
 
-  /** Rule 4: whether page `page` of block `blockIdx` is in place (for the received bitmap). */
+  /** Rule 6: whether page `page` of block `blockIdx` is in place (for the received bitmap). */
   receivedIn(blockIdx: number): (page: number) => boolean {
     let base = 0;
     for (let b = 0; b < blockIdx; b++) base += this.shared.blocks[b]!.pages;
@@ -318,7 +396,7 @@ export class MissingPagesPlacer {
     return (page) => received.test(base + page);
   }
 
-  /** Rule 4, after ReturnPathWriter.resume(): the requests still unanswered, again. Returns how many. */
+  /** Rule 6, after ReturnPathWriter.resume(): the requests still unanswered, again. Returns how many. */
   requestAgain(): number {
     const v = this.v;
     const rp = new ReturnPathWriter(this.shared.returnPath);
@@ -353,17 +431,26 @@ export class MissingPagesPlacer {
     return Atomics.load(this.v.ctl, ABORT) !== 0;
   }
 
-  /** Fault latencies (ms) sampled so far (with blocktime on). */
-  faultLatencies(): number[] {
-    return this.v.latency.samples();
+  /** Fault latencies so far (with blocktime on), counted in the buckets of `boundsMs`. */
+  faultLatencyBuckets(boundsMs: readonly number[]): LatencyBuckets {
+    return this.v.latency.buckets(boundsMs);
   }
 
   blocktime(): PostcopyBlocktime {
-    const s: LatencySummary = this.v.latency.summary();
+    const v = this.v;
+    const s: LatencySummary = v.latency.summary();
+    const writers = Atomics.load(v.ctl, WRITERS);
+    // Rule 4's reader.
+    const missingMs = Atomics.load(v.ctl, ALL_IN) === 1 ? v.times[ALL_IN_AT]! - v.times[RUN_AT]! : 0;
+    let writes = 0;
+    for (let w = 0; w < writers; w++) writes += Atomics.load(v.progress, w);
     return {
-      postcopyBlocktimeMs: Math.round(this.v.times[ALL_TOTAL]! * 1000) / 1000,
-      postcopyVcpuBlocktimeMs: s.perWriterTotalMs.slice(0, Atomics.load(this.v.ctl, WRITERS)),
+      postcopyBlocktimeMs: Math.round(v.times[ALL_TOTAL]! * 1000) / 1000,
+      postcopyVcpuBlocktimeMs: s.perWriterTotalMs.slice(0, writers),
       faults: s.count,
+      pagesMissingMs: Math.round(missingMs * 1000) / 1000,
+      writesWhileMissing: writes,
+      writesPerSecondWhileMissing: missingMs > 0 ? Math.round((writes / missingMs) * 1000) : 0,
       faultLatencyP50Ms: s.p50Ms,
       faultLatencyP99Ms: s.p99Ms,
       faultLatencyMaxMs: s.maxMs,

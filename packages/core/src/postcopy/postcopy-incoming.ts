@@ -11,6 +11,7 @@ import { checkPostcopyAdvise, decodePostcopyRamDiscard } from '../wire/postcopy.
 import { createMissingPages, MissingPagesPlacer, type MissingPagesShared, type PostcopyBlocktime } from './missing-pages.js';
 import { RamPagePlacer, type PostcopyPlacing } from './page-placer.js';
 import type { ReturnPathShared } from './return-path-writer.js';
+import type { LatencyBuckets } from '../stats/latency-histogram.js';
 
 export type PostcopyIncomingState = 'none' | 'advise' | 'discard' | 'listening' | 'running' | 'end';
 
@@ -29,6 +30,8 @@ export interface PostcopyIncomingOptions {
   sealMultifd?: (() => Promise<void>) | undefined;
   /** --postcopy-blocktime: vCPUs time their faults. */
   blocktime?: boolean | undefined;
+  /** The slice (us) a faulting vCPU takes until every page is in (missing-pages.ts rule 5); 0: none. */
+  vcpuFaultSliceUs?: number | undefined;
   /**
    * After EOF, the longest the missing pages may go without one arriving (ms,
    * --channel-timeout): a source that discarded a page and never sends it must not hold the
@@ -109,7 +112,7 @@ export class PostcopyIncoming implements PostcopyPlacing {
     const rp = this.opts.returnPath();
     if (!rp) this.fail('postcopy needs the return path');
     const blocks = this.ram.blocks.map((b) => ({ idstr: b.idstr, pages: b.pages }));
-    this.placerImpl ??= new MissingPagesPlacer(createMissingPages(blocks, MAX_VCPUS, this.opts.blocktime ?? false, rp));
+    this.placerImpl ??= new MissingPagesPlacer(createMissingPages(blocks, MAX_VCPUS, this.opts.blocktime ?? false, rp, this.opts.vcpuFaultSliceUs ?? 0));
     return this.placerImpl.shared;
   }
 
@@ -197,9 +200,9 @@ export class PostcopyIncoming implements PostcopyPlacing {
     this.placerImpl?.abort();
   }
 
-  /** Fault latencies (ms) sampled so far (with blocktime on). */
-  faultLatencies(): number[] {
-    return this.placerImpl?.faultLatencies() ?? [];
+  /** Fault latencies so far (with blocktime on), counted in the buckets of `boundsMs`. */
+  faultLatencyBuckets(boundsMs: readonly number[]): LatencyBuckets | undefined {
+    return this.placerImpl?.faultLatencyBuckets(boundsMs);
   }
 
   blocktime(): PostcopyBlocktime | undefined {

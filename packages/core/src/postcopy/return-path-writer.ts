@@ -14,7 +14,7 @@
  * - HOLD: postcopy recovery (paused, or the new connection not resumed yet): page requests
  *   are not written (requestPage returns false), so that none reaches a source before its
  *   RESUME_ACK; the vCPU's `requested` bit stays set and resume() writes them all again
- *   (missing-pages.ts, rule 4). Read with the fd's lock held; set and cleared by the owner.
+ *   (missing-pages.ts, rule 6). Read with the fd's lock held; set and cleared by the owner.
  *
  * Ownership: the main thread owns the socket (its handle); it calls close() before it ends
  * or destroys it, and close() returns only after any write in progress has finished.

@@ -36,7 +36,7 @@
  */
 import { TARGET_PAGE_SIZE } from '../ram/ram-block.js';
 import { FaultSlots, type FaultSlotsShared, createFaultSlots } from '../ram/fault-slots.js';
-import { LatencySamples, latencySamplesBytes } from '../stats/latency-samples.js';
+import { type LatencyBuckets, LatencyHistogram, latencyHistogramBytes } from '../stats/latency-histogram.js';
 
 // Control word indices.
 const COW_HEAD = 0;
@@ -57,7 +57,7 @@ export interface WriteProtectShared {
   faults: FaultSlotsShared;
   cowPages: SharedArrayBuffer;
   cowData: SharedArrayBuffer;
-  /** Per-writer stall samples (stats/latency-samples.ts). */
+  /** Writer stalls (stats/latency-histogram.ts). */
   stalls: SharedArrayBuffer;
 }
 
@@ -74,7 +74,7 @@ export function createWriteProtect(pages: number, writers: number, cowCapacityPa
     faults: createFaultSlots(writers),
     cowPages: new SharedArrayBuffer(Math.max(1, cowCapacityPages) * 4),
     cowData: new SharedArrayBuffer(cowCapacityPages * TARGET_PAGE_SIZE),
-    stalls: new SharedArrayBuffer(latencySamplesBytes(writers)),
+    stalls: new SharedArrayBuffer(latencyHistogramBytes(writers)),
   };
 }
 
@@ -85,7 +85,7 @@ class Views {
   readonly faults: FaultSlots;
   readonly cowPages: Int32Array;
   readonly cowData: Uint8Array;
-  readonly stalls: LatencySamples;
+  readonly stalls: LatencyHistogram;
   constructor(readonly s: WriteProtectShared) {
     this.ctl = new Int32Array(s.ctl);
     this.wp = new Int32Array(s.wp);
@@ -93,7 +93,7 @@ class Views {
     this.faults = new FaultSlots(s.faults);
     this.cowPages = new Int32Array(s.cowPages);
     this.cowData = new Uint8Array(s.cowData);
-    this.stalls = new LatencySamples(s.stalls, s.writers);
+    this.stalls = new LatencyHistogram(s.stalls, s.writers);
   }
 
   isProtected(page: number): boolean {
@@ -207,9 +207,9 @@ export class WriteProtectSaver {
     this.v = new Views(shared);
   }
 
-  /** Writer stalls (ms) sampled so far. */
-  stallSamples(): number[] {
-    return this.v.stalls.samples();
+  /** Writer stalls so far, counted in the buckets of `boundsMs`. */
+  stallBuckets(boundsMs: readonly number[]): LatencyBuckets {
+    return this.v.stalls.buckets(boundsMs);
   }
 
   /** Protects every page (vCPUs are stopped when this runs) and turns checking on. */
