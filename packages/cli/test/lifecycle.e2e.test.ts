@@ -176,7 +176,7 @@ describe('free page hinting', () => {
     expect(r.info.status, JSON.stringify(r.info.error)).toBe('completed');
     expect(skipped).toBe(HINT_PAGES);
     const src = r.srcRam.blocks[0]!;
-    const words = new Int32Array(src.hostSab);
+    const words = new Int32Array(src.segmentSabs[0]!);
     const writtenInWindow = (page: number): boolean => {
       for (let slot = 0; slot < TARGET_PAGE_SIZE / 64; slot++) {
         const w = (page * TARGET_PAGE_SIZE) / 4 + slot * 16;

@@ -41,4 +41,14 @@ describe('SwitchoverPolicy', () => {
     expect(p.afterRound(100 * MB, MB, pc).decision).toBe('iterate');
     expect(p.afterRound(0, MB, pc).decision).toBe('postcopy');
   });
+
+  it('postcopy: rounds before any bandwidth was measured never count as stalled; the dirty pages, not the send queues, say whether it converges', () => {
+    const pc = { downtimeLimitMs: 300, postcopy: true, postcopyAfterRounds: 0 };
+    const p = new SwitchoverPolicy();
+    for (let i = 0; i < 10; i++) expect(p.afterRound(4 * 4096, 0, pc).decision).toBe('iterate');
+    const q = new SwitchoverPolicy();
+    // 4 MB queued, the dirty pages shrinking fast: converging, not stalled.
+    for (const dirty of [8e6, 4e6, 2e6, 1e6]) expect(q.afterRound(4e6 + dirty, 1e6, pc, dirty).decision).toBe('iterate');
+  });
 });
+

@@ -98,8 +98,8 @@ function fillPage(v) {
 function checkWrites(ram, fill, placed) {
   const ref = fillPage(fill);
   for (const b of ram.blocks) {
-    const host = Buffer.from(b.hostSab, 0, b.usedLength);
-    if (b.host.length !== b.usedLength || b.hostSab.byteLength < b.usedLength) throw new InvariantError(`block '${b.idstr}' resized: ${b.host.length} bytes, ${b.usedLength} declared`);
+    const host = b.host;
+    if (b.host.length !== b.usedLength || b.segments.reduce((n, s) => n + s.length, 0) !== b.usedLength) throw new InvariantError(`block '${b.idstr}' resized: ${b.host.length} bytes, ${b.usedLength} declared`);
     for (let p = 0; p < b.pages; p++) {
       if (b.arrived.test(p) || b.loaded.test(p) || placed.has(`${b.idstr}:${p}`)) continue;
       if (ref.compare(host, p * P, (p + 1) * P) !== 0) throw new InvariantError(`page ${p} of block '${b.idstr}' was written, but the loader accepted no record for it`);
@@ -113,7 +113,7 @@ function sameRam(ram, ref) {
     const a = ram.blocks[i];
     const b = ref.blocks[i];
     if (a.idstr !== b.idstr || a.usedLength !== b.usedLength) return false;
-    if (Buffer.compare(Buffer.from(a.hostSab, 0, a.usedLength), b.bytes) !== 0) return false;
+    if (Buffer.compare(a.host, b.bytes) !== 0) return false;
   }
   return true;
 }

@@ -155,7 +155,7 @@ class RamPool {
    */
   check(entry, allowed) {
     for (const b of entry.ram.blocks) {
-      const host = Buffer.from(b.hostSab, 0, b.usedLength);
+      const host = b.host;
       let start = 0;
       for (let p = 0; p <= b.pages; p++) {
         const ok = p < b.pages && allowed.has(`${b.idstr}:${p}`);
@@ -309,7 +309,7 @@ export const receiverTarget = {
     // Splice only within the same RAM layout (other blocks would be unknown anyway).
     const { bytes, ops } = mutate(rng, seed, state.seeds.filter((s) => s.layout === seed.layout && s !== seed));
     const { outcome, ram } = await receive(state, seed, bytes, rng, { hangMs: opts.hangMs });
-    if (outcome.kind === 'ok' && ram.blocks.some((b, i) => Buffer.compare(Buffer.from(b.hostSab, 0, b.usedLength), seed.ref[i]) !== 0)) outcome.wrongRam = { strict: false };
+    if (outcome.kind === 'ok' && ram.blocks.some((b, i) => Buffer.compare(b.host, seed.ref[i]) !== 0)) outcome.wrongRam = { strict: false };
     return { ...outcome, seed: seed.name, ops, input: bytes };
   },
 };

@@ -385,7 +385,7 @@ export class MigrationThread {
 
   /** Written and still in a kernel send queue, on every channel (0 where it cannot be known). */
   private unsentBytes(): number {
-    return (this.ctx.mainUnsentBytes?.() ?? 0) + (this.ctx.multifd?.unsentBytes() ?? 0);
+    return (this.ctx.mainUnsentBytes?.() ?? 0) + (this.ctx.multifd?.unsentBytes?.() ?? 0);
   }
 
   private async iterate(): Promise<'complete' | 'postcopy'> {
@@ -449,7 +449,7 @@ export class MigrationThread {
           { round: policy.rounds + 1, pending, dirtiedPages: dirtied, mbps: (stats.bandwidth * 8) / 1e6, expectedDowntimeMs: stats.expectedDowntimeMs, downtimeLimitMs: params.downtimeLimitMs, throttle: stats.cpuThrottlePercentage },
           'round ended (dirty-log sync)',
         );
-        const { decision, reason } = policy.afterRound(pending, stats.bandwidth, params);
+        const { decision, reason } = policy.afterRound(pending, stats.bandwidth, params, saver.dirtyPages * TARGET_PAGE_SIZE);
         if (decision !== 'iterate') {
           if (reason) this.log.info({ rounds: policy.rounds, pending, reason }, `switching to ${decision}`);
           else this.log.debug({ rounds: policy.rounds, pending, thresholdBytes: SwitchoverPolicy.threshold(stats.bandwidth, params.downtimeLimitMs) }, 'switchover: what is dirty fits the downtime limit');

@@ -48,8 +48,8 @@ export interface MultifdLink extends PageSender {
   readonly flushAfterEachSection: boolean;
   /** Pages handed over and not written yet, as bytes of whole pages (for the rate limit). */
   readonly pendingBytes: number;
-  /** Bytes written on the channels that their kernel send queues still hold (not on the link yet). */
-  unsentBytes(): number;
+  /** Bytes written on the channels that their kernel send queues still hold (not on the link yet); absent: unknown. */
+  unsentBytes?(): number;
   /**
    * The last barrier is written: nothing more goes on multifd. A destination may now close
    * its channels (QEMU does once it has loaded); that is no longer a failure.

@@ -28,19 +28,22 @@ export class SwitchoverPolicy {
   }
 
   /**
-   * A round ended and the bitmap was synced; `pending` bytes are dirty now. Also says why,
-   * for the log.
+   * A round ended and the bitmap was synced; `pending` bytes must still go (dirty now, and
+   * written but still in the send queues); `dirty` of them are dirty pages (what converges
+   * or not: the queues drain by themselves). Also says why, for the log.
    */
-  afterRound(pending: number, bandwidth: number, p: SwitchoverParams): { decision: SwitchoverDecision; reason?: string } {
+  afterRound(pending: number, bandwidth: number, p: SwitchoverParams, dirty = pending): { decision: SwitchoverDecision; reason?: string } {
     this.rounds++;
     // A switch that is due wins over completing (QEMU checks start_postcopy first too).
     if (p.postcopy && p.postcopyAfterRounds > 0 && this.rounds >= p.postcopyAfterRounds) return { decision: 'postcopy', reason: 'the rounds asked for are done' };
     if (pending <= SwitchoverPolicy.threshold(bandwidth, p.downtimeLimitMs)) return { decision: 'complete' };
-    if (p.postcopy) {
+    // Before a bandwidth was measured nothing can converge yet: no round counts as stalled
+    // (a destination that refused the stream must be heard before a switch is decided).
+    if (p.postcopy && bandwidth > 0) {
       // What is dirty no longer shrinks by a tenth from one round to the next, while it
       // does not fit the limit.
-      this.stalled = pending > 0.9 * this.lastPending ? this.stalled + 1 : 0;
-      this.lastPending = pending;
+      this.stalled = dirty > 0.9 * this.lastPending ? this.stalled + 1 : 0;
+      this.lastPending = dirty;
       if (this.stalled >= POSTCOPY_STALLED_ROUNDS) return { decision: 'postcopy', reason: 'precopy does not converge' };
     }
     return { decision: 'iterate' };
