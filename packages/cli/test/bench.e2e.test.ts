@@ -78,6 +78,8 @@ describe('bench --link: two hosts simulated by network namespaces', () => {
     const a = await spawnCli(CLI_MAIN, ['bench', '--link', 'moon']).done;
     expect(a.code).toBe(2);
     expect(a.stderr).toMatch(/unknown profile 'moon'|needs root/);
+  });
+});
 
 describe('bench postcopy, preempt on against off', () => {
   it("alternates the scenarios run by run, reports the guest's progress against the same writers with no migration, then the medians and issue 20's goals", async () => {
