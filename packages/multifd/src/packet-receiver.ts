@@ -263,7 +263,7 @@ export class PacketReceiver {
     this.wait(
       d.decompress(payload, out).then(() => {
         const block = this.block!;
-        for (let i = 0; i < h.normalPages; i++) block.page(h.offsets[i]! / TARGET_PAGE_SIZE).set(out.subarray(i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE));
+        for (let i = 0; i < h.normalPages; i++) block.writePage(h.offsets[i]! / TARGET_PAGE_SIZE, out.subarray(i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE));
         this.packetDone();
       }),
     );

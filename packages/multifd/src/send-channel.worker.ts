@@ -173,7 +173,7 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
     // method sent it raw) the pages go straight from guest RAM.
     let payload: Buffer | undefined;
     if (compressor !== undefined && normal.length > 0) {
-      for (let i = 0; i < normal.length; i++) block.page(normal[i]! / TARGET_PAGE_SIZE).copy(pagesScratch, i * TARGET_PAGE_SIZE);
+      for (let i = 0; i < normal.length; i++) pagesScratch.set(block.page(normal[i]! / TARGET_PAGE_SIZE), i * TARGET_PAGE_SIZE);
       // Only the method may choose to send raw: a stateful stream (zlib) has consumed the
       // pages, so its output must go out even when it grew (random data does).
       const out = await compressor.compress(pagesScratch.subarray(0, payloadLen));

@@ -170,7 +170,7 @@ export class RamLoadState {
         }
         if (flags & RAM_SAVE_FLAG_PAGE) {
           if (s.buf.length - s.pos < TARGET_PAGE_SIZE) await s.ensure(TARGET_PAGE_SIZE);
-          block.page(offset / TARGET_PAGE_SIZE).set(s.buf.subarray(s.pos, s.pos + TARGET_PAGE_SIZE));
+          block.writePage(offset / TARGET_PAGE_SIZE, s.buf.subarray(s.pos, s.pos + TARGET_PAGE_SIZE));
           block.loaded.set(offset / TARGET_PAGE_SIZE);
           block.arrived.set(offset / TARGET_PAGE_SIZE);
           s.pos += TARGET_PAGE_SIZE;
@@ -181,7 +181,7 @@ export class RamLoadState {
           // QEMU's ram_handle_compressed: fill with the byte (always 0 in practice); a page
           // known to be zero needs nothing (RamBlock.loadZeroPage).
           if (ch !== 0) {
-            block.page(offset / TARGET_PAGE_SIZE).fill(ch);
+            block.fillPage(offset / TARGET_PAGE_SIZE, ch);
             block.loaded.set(offset / TARGET_PAGE_SIZE);
           } else {
             block.loadZeroPage(offset, this.opts.zeroUnlessLoaded === true);

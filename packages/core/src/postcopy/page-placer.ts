@@ -33,8 +33,8 @@ export class RamPagePlacer implements PostcopyPlacing {
   placePage(block: RamBlock, offset: number, data: Uint8Array | null): void {
     const page = this.blockBase.get(block)! + offset / TARGET_PAGE_SIZE;
     this.placer.place(page, () => {
-      if (data) block.page(offset / TARGET_PAGE_SIZE).set(data);
-      else block.page(offset / TARGET_PAGE_SIZE).fill(0);
+      if (data) block.writePage(offset / TARGET_PAGE_SIZE, data);
+      else block.fillPage(offset / TARGET_PAGE_SIZE, 0);
     });
   }
 }

@@ -332,8 +332,8 @@ export class PreemptReader {
     if (!isPage && this.buf[body] !== 0) this.bad('postcopy zero page record with a non-zero fill byte');
     const offset = h.offset;
     const placed = this.placer.place(this.blockBase[this.blockIndex.get(block)!]! + offset / TARGET_PAGE_SIZE, () => {
-      if (isPage) block.page(offset / TARGET_PAGE_SIZE).set(this.buf.subarray(body, body + TARGET_PAGE_SIZE));
-      else block.page(offset / TARGET_PAGE_SIZE).fill(0);
+      if (isPage) block.writePage(offset / TARGET_PAGE_SIZE, this.buf.subarray(body, body + TARGET_PAGE_SIZE));
+      else block.fillPage(offset / TARGET_PAGE_SIZE, 0);
     });
     if (placed) Atomics.add(this.ctl, this.owner ? OWNER_PAGES : VCPU_PAGES, 1);
   }
