@@ -56,6 +56,8 @@ export type ReturnPathFromThread =
   | { t: 'recv-bitmap'; idstr: string; bitmap: Uint8Array }
   /** Postcopy recovery: MIG_RP_MSG_RESUME_ACK's value. */
   | { t: 'resume-ack'; value: number }
+  /** MIG_RP_MSG_PONG's value. */
+  | { t: 'pong'; value: number }
   | { t: 'error'; error: { code: string; message: string } };
 
 export class ReturnPathThread implements SourceReturnPath {
@@ -65,6 +67,8 @@ export class ReturnPathThread implements SourceReturnPath {
   /** Postcopy recovery: received bitmaps asked for and not come yet, by block. */
   private readonly bitmapWaiters = new Map<string, { resolve: (b: Uint8Array) => void; reject: (e: VmigError) => void }>();
   private failure: VmigError | undefined;
+  /** PONGs waited for, by value (never rejected: a PONG that does not come is only not measured). */
+  private readonly pongWaiters = new Map<number, () => void>();
   readonly openPreempt: (() => Promise<void>) | undefined;
   /** An error on the preempt channel's socket (its owner decides what it means). */
   onPreemptError: ((e: Error) => void) | undefined;
@@ -162,6 +166,10 @@ export class ReturnPathThread implements SourceReturnPath {
     this.port.postMessage({ t: 'listen', urgent, preempt: this.preempt?.shared } satisfies ReturnPathToThread);
   }
 
+  pong(value: number): Promise<void> {
+    return new Promise((resolve) => this.pongWaiters.set(value, resolve));
+  }
+
   receivedBitmap(idstr: string): Promise<Uint8Array> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise((resolve, reject) => this.bitmapWaiters.set(idstr, { resolve, reject }));
@@ -175,6 +183,10 @@ export class ReturnPathThread implements SourceReturnPath {
       this.bitmapWaiters.delete(m.idstr);
       w.resolve(m.bitmap);
     } else if (m.t === 'resume-ack') this.ack.resolve(m.value);
+    else if (m.t === 'pong') {
+      this.pongWaiters.get(m.value)?.();
+      this.pongWaiters.delete(m.value);
+    }
     else if (m.t === 'slice') this.faultSliceUs = m.us;
     else if (m.t === 'request') {
       try {

@@ -13,6 +13,7 @@
  */
 import { receiveMessageOnPort, workerData } from 'node:worker_threads';
 import {
+  decodeRpPong,
   decodeRpRecvBitmap,
   decodeRpResumeAck,
   decodeRpShut,
@@ -104,7 +105,10 @@ function handle(type: number, body: Uint8Array): boolean {
     post({ t: 'shut', status: decodeRpShut(body) });
     return false;
   }
-  if (type === MIG_RP_MSG_PONG) return true;
+  if (type === MIG_RP_MSG_PONG) {
+    post({ t: 'pong', value: decodeRpPong(body) });
+    return true;
+  }
   if (type === MIG_RP_MSG_RECV_BITMAP) {
     // Postcopy recovery: the raw bitmap follows (read in run()); its size is checked against the block here.
     const idstr = decodeRpRecvBitmap(body);

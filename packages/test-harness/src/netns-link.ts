@@ -21,6 +21,8 @@ export interface LinkProfile {
 }
 
 export const LINK_PROFILES: Record<string, LinkProfile> = {
+  /** The rate alone (tbf): what the source can see of the link is all there is to see. */
+  '1g': { name: '1g', rateMbit: 1000, delayMs: 0, lossPct: 0 },
   '10g': { name: '10g', rateMbit: 10_000, delayMs: 0.2, lossPct: 0 },
   '1g-wan': { name: '1g-wan', rateMbit: 1000, delayMs: 10, lossPct: 0.1 },
 };

@@ -18,7 +18,7 @@ import { type PostcopyLink, PostcopySource, SHUT } from './postcopy-source.js';
 import { MAIN, RAM_SECTION_ID, RamSections } from './ram-sections.js';
 import { type MultifdLink, RamSaver, type ZeroPageDetection } from './ram-save.js';
 import { RateLimiter } from './rate-limit.js';
-import { putStreamStart } from './savevm.js';
+import { putPing, putStreamStart } from './savevm.js';
 import { SwitchoverPolicy } from './switchover.js';
 import type { VmRunControl } from './vm.js';
 import { Watchdog } from './watchdog.js';
@@ -110,6 +110,9 @@ export interface PostcopyRecovery {
   reconnect(uri: string): Promise<Omit<PostcopyLink, 'shutStatus'>>;
 }
 
+/** The value of the PING sent at setup to measure the link's round trip. */
+const PING_RTT = 0x76726d67;
+
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
 const BANDWIDTH_PERIOD_MS = 100;
 
@@ -138,6 +141,8 @@ export class MigrationThread {
   private readonly sections: RamSections;
   /** Bumped at each pause: failures of the channels before it say nothing any more. */
   private epoch = 0;
+  /** The round trip measured at setup (PING/PONG, ms); 0 until it is known. */
+  private roundTripMs = 0;
   /** migrate_cancel was asked for (a pause may have cleared the error it set). */
   private cancelRequested = false;
   /** Postcopy paused: the next `migrate URI resume=true`. */
@@ -356,6 +361,15 @@ export class MigrationThread {
     // Postcopy: what the destination must prepare before the switch (its vCPU threads).
     if (params.postcopy) putSetupDeviceSections(sink, this.ctx.devices, RAM_SECTION_ID + 1);
     await this.guard(sink.flush(), MAIN);
+    if (returnPath?.pong) {
+      // The link's round trip, while nothing is queued yet (a PING of its own, flushed): the
+      // completion costs one (EOF out, SHUT back) on top of the last pages, so the
+      // switchover leaves room for it. Not waited for: until it is known it counts as 0.
+      putPing(sink, PING_RTT);
+      const t0 = performance.now();
+      await this.guard(sink.flush(), MAIN);
+      void returnPath.pong(PING_RTT).then(() => (this.roundTripMs = performance.now() - t0));
+    }
     this.stats.setupTimeMs = performance.now() - this.stats.startTime;
     this.log.debug({ setupTimeMs: this.stats.setupTimeMs, blocks: this.ctx.ram.blocks.length, multifd: !!this.ctx.multifd, returnPath: !!returnPath, postcopy: params.postcopy }, 'setup done');
   }
@@ -423,14 +437,16 @@ export class MigrationThread {
         }
       }
 
-      // What the stop must still carry: the dirty pages, and what the send queues hold.
+      // What the stop must still carry: the dirty pages, and what the send queues hold; in the
+      // time the limit leaves once the completion's round trip (EOF out, SHUT back) is taken.
       let pending = saver.dirtyPages * TARGET_PAGE_SIZE;
-      if (pending <= SwitchoverPolicy.threshold(stats.bandwidth, params.downtimeLimitMs) || saver.dirtyPages === 0) {
+      const budgetMs = Math.max(0, params.downtimeLimitMs - this.roundTripMs);
+      if (pending <= SwitchoverPolicy.threshold(stats.bandwidth, budgetMs) || saver.dirtyPages === 0) {
         await sections.endRound();
         // The scan wrapped or little is left: look at what the vCPUs dirtied since.
         const dirtied = this.bitmapSyncPrecopy();
         pending = saver.dirtyPages * TARGET_PAGE_SIZE + this.unsentBytes();
-        stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : 0;
+        stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 + this.roundTripMs : 0;
         const roundEnd = performance.now();
         stats.timeline.round({
           round: policy.rounds + 1,
@@ -449,10 +465,10 @@ export class MigrationThread {
           { round: policy.rounds + 1, pending, dirtiedPages: dirtied, mbps: (stats.bandwidth * 8) / 1e6, expectedDowntimeMs: stats.expectedDowntimeMs, downtimeLimitMs: params.downtimeLimitMs, throttle: stats.cpuThrottlePercentage },
           'round ended (dirty-log sync)',
         );
-        const { decision, reason } = policy.afterRound(pending, stats.bandwidth, params, saver.dirtyPages * TARGET_PAGE_SIZE);
+        const { decision, reason } = policy.afterRound(pending, stats.bandwidth, { ...params, downtimeLimitMs: budgetMs }, saver.dirtyPages * TARGET_PAGE_SIZE);
         if (decision !== 'iterate') {
           if (reason) this.log.info({ rounds: policy.rounds, pending, reason }, `switching to ${decision}`);
-          else this.log.debug({ rounds: policy.rounds, pending, thresholdBytes: SwitchoverPolicy.threshold(stats.bandwidth, params.downtimeLimitMs) }, 'switchover: what is dirty fits the downtime limit');
+          else this.log.debug({ rounds: policy.rounds, pending, roundTripMs: this.roundTripMs, thresholdBytes: SwitchoverPolicy.threshold(stats.bandwidth, budgetMs) }, 'switchover: what is dirty fits the downtime limit');
           return decision;
         }
         if (saver.dirtyPages === 0) {
@@ -461,7 +477,7 @@ export class MigrationThread {
           continue;
         }
       }
-      stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 : stats.expectedDowntimeMs;
+      stats.expectedDowntimeMs = stats.bandwidth > 0 ? (pending / stats.bandwidth) * 1000 + this.roundTripMs : stats.expectedDowntimeMs;
 
       limiter.account(sections.chargedBytes());
       if (limiter.allowance(now) <= 0) {

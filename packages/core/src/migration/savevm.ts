@@ -11,6 +11,7 @@ import type { GuestRam } from '../ram/ram-block.js';
 import {
   MIG_CMD_OPEN_RETURN_PATH,
   MIG_CMD_PACKAGED,
+  MIG_CMD_PING,
   MIG_CMD_POSTCOPY_ADVISE,
   MIG_CMD_POSTCOPY_LISTEN,
   MIG_CMD_POSTCOPY_RAM_DISCARD,
@@ -28,6 +29,13 @@ export function putStreamStart(sink: StreamSink, opts: { machineName: string; re
   putFileHeader(sink, opts.machineName);
   if (opts.returnPath) putCommand(sink, MIG_CMD_OPEN_RETURN_PATH);
   if (opts.postcopy) putCommand(sink, MIG_CMD_POSTCOPY_ADVISE, encodePostcopyAdvise());
+}
+
+/** qemu_savevm_send_ping: the destination answers PONG with `value` on the return path. */
+export function putPing(sink: StreamSink, value: number): void {
+  const b = new Uint8Array(4);
+  new DataView(b.buffer).setUint32(0, value);
+  putCommand(sink, MIG_CMD_PING, b);
 }
 
 /** ram_postcopy_send_discard_bitmap: a discard command per run of dirty pages of each block. */

@@ -27,4 +27,6 @@ export interface SourceReturnPath {
   receivedBitmap?(idstr: string): Promise<Uint8Array>;
   /** Postcopy recovery: the value of the destination's RESUME_ACK. */
   readonly resumeAck?: Promise<number>;
+  /** Resolves when the destination's PONG with `value` comes (the answer to MIG_CMD_PING). */
+  pong?(value: number): Promise<void>;
 }

@@ -39,6 +39,11 @@ export function encodeRpPong(value: number): Uint8Array {
   return encodeRpMessage(MIG_RP_MSG_PONG, be32(value));
 }
 
+/** PONG's value (the PING's); -1 if it has none. */
+export function decodeRpPong(data: Uint8Array): number {
+  return data.length === 4 ? ((data[0]! << 24) | (data[1]! << 16) | (data[2]! << 8) | data[3]!) >>> 0 : -1;
+}
+
 /** SHUT's status (0: the destination loaded everything); a SHUT without one counts as failure. */
 export function decodeRpShut(data: Uint8Array): number {
   return data.length >= 4 ? ((data[0]! << 24) | (data[1]! << 16) | (data[2]! << 8) | data[3]!) >>> 0 : 1;
