@@ -198,3 +198,25 @@ describe("the destination's page requests across a pause", () => {
     expect([...readFileSync(b)]).toEqual([3]);
   });
 });
+
+describe('recovery commands outside a recovery', () => {
+  it('RECV_BITMAP and POSTCOPY_RESUME in a stream that is not a recovery connection are refused (VMIG_ERR_POSTCOPY), RAM untouched', async () => {
+    const { MemorySink, MemorySource, putFileHeader, putCommand, putEof, qemuLoadVmState, MIG_CMD_RECV_BITMAP, MIG_CMD_POSTCOPY_RESUME } = await import('../src/index.js');
+    const { qemuDevices } = await import('./helpers.js');
+    for (const [cmd, data] of [
+      [MIG_CMD_RECV_BITMAP, encodeRecvBitmapCmd('pc.ram')],
+      [MIG_CMD_POSTCOPY_RESUME, new Uint8Array(0)],
+    ] as const) {
+      const ram = GuestRam.create([{ idstr: 'pc.ram', size: 16 * TARGET_PAGE_SIZE }], { prefault: false });
+      const w = new MemorySink();
+      putFileHeader(w, 'none');
+      putCommand(w, cmd, data);
+      putEof(w);
+      await expect(qemuLoadVmState(new MemorySource([w.bytes()]), { ram, createRam: () => ram, devices: qemuDevices(), onRecvBitmap: () => {}, onPostcopyResume: async () => {} })).rejects.toMatchObject({
+        code: 'VMIG_ERR_POSTCOPY',
+        message: expect.stringMatching(/outside a postcopy recovery/),
+      });
+      expect(ram.blocks[0]!.host.every((b) => b === 0)).toBe(true);
+    }
+  });
+});
