@@ -2,12 +2,13 @@
  * DelayProxy: one-way delay and loss on a TCP path where the kernel has no `netem` (this
  * project's machine: `tbf` shapes the rate, nothing adds latency). Every connection to it is
  * forwarded to one target; each chunk read in either direction is written `delayMs` later,
- * in order. Loss is modelled by its cost to a TCP stream, a stall: each full segment (1448
- * bytes) is lost with probability `loss`, and a lost one holds up the stream behind it for
- * one more round trip (2 x delay), as a fast retransmit does. What it does not model: the
- * congestion window's halving after a loss (throughput over a lossy path is higher here than
- * on a real one). The proxy holds at most `maxHeldBytes` per direction (then it stops
- * reading, so the sender's queues fill as behind a real window of that size).
+ * in order. Loss is modelled by the head-of-line block it causes in a TCP stream: each full
+ * segment (1448 bytes) is lost with probability `loss`, and a lost one arrives one round
+ * trip (2 x delay) late, with everything that arrives behind it meanwhile (the receiver
+ * delivers in order); data after that is not delayed further. What it does not model: the
+ * congestion window's halving after a loss (a real TCP stream over such a path is much
+ * slower). The proxy holds at most `maxHeldBytes` per direction (then it stops reading, so
+ * the sender's queues fill as behind a real window of that size).
  *
  *   const p = await DelayProxy.start({ listen: { host, port: 0 }, target: { host, port }, delayMs: 10, loss: 0.001 });
  *   p.port; await p.close();
@@ -33,7 +34,10 @@ const SEGMENT = 1448;
 class Pipe {
   private readonly queue: { at: number; chunk: Buffer }[] = [];
   private held = 0;
+  /** When the last chunk is released (releases never go back in time: the stream stays in order). */
   private last = 0;
+  /** Until when a lost segment blocks the stream (head of line). */
+  private blockedUntil = 0;
   private timer: NodeJS.Timeout | undefined;
   private ended = false;
 
@@ -51,14 +55,14 @@ class Pipe {
 
   private take(chunk: Buffer): void {
     const now = performance.now();
-    let at = Math.max(now + this.o.delayMs, this.last);
     const p = this.o.loss ?? 0;
     if (p > 0) {
       const segments = Math.ceil(chunk.length / SEGMENT);
       const random = this.o.random ?? Math.random;
-      // At least one of the chunk's segments lost: the stream stalls one round trip there.
-      if (random() < 1 - (1 - p) ** segments) at += 2 * this.o.delayMs;
+      // One of the chunk's segments lost: it comes a round trip later, and so does what follows it until then.
+      if (random() < 1 - (1 - p) ** segments) this.blockedUntil = Math.max(this.blockedUntil, now + 3 * this.o.delayMs);
     }
+    const at = Math.max(now + this.o.delayMs, this.blockedUntil, this.last);
     this.last = at;
     this.queue.push({ at, chunk });
     this.held += chunk.length;

@@ -121,14 +121,16 @@ export class NetnsLink {
 
   /**
    * Where the source connects to reach `port` of the destination's address: that port, or,
-   * when the delay comes from the proxy, the proxy's (started in the destination's namespace,
-   * holding at most two round trips of the rate).
+   * when the delay comes from the proxy, the proxy's (started in the destination's namespace).
+   * The proxy holds at most what the link carries in three one-way delays (a loss's block
+   * included): enough for the full rate; the source cannot see those bytes (on a real path
+   * the bytes in flight are in its send queue, unacknowledged, where it measures them).
    */
   async path(port: number): Promise<number> {
     if (this.delayBy !== 'proxy') return port;
     await this.stopProxy();
     const main = fileURLToPath(new URL('./delay-proxy-main.js', import.meta.url));
-    const maxHeld = Math.ceil(((this.profile.rateMbit * 1e6) / 8) * ((4 * this.profile.delayMs) / 1000)) + (1 << 20);
+    const maxHeld = Math.max(64 * 1024, Math.ceil(((this.profile.rateMbit * 1e6) / 8) * ((3 * this.profile.delayMs) / 1000)));
     const [cmd, ...args] = this.exec('dst', [process.execPath, main, this.dstAddr, this.dstAddr, String(port), String(this.profile.delayMs), String(this.profile.lossPct / 100), String(maxHeld)]);
     const child = spawn(cmd!, args, { stdio: ['pipe', 'pipe', 'inherit'] });
     this.proxy = child;
