@@ -95,7 +95,8 @@ describe('bench postcopy, preempt on against off', () => {
       const pc = l['postcopy'] as Json;
       expect(pc['noMigrationWritesPerSecond']).toBeGreaterThan(0);
       expect(pc['pagesMissingMs']).toBeGreaterThan(0);
-      expect(pc['writesWhileMissing']).toBeLessThanOrEqual(pc['destinationWrites']);
+      // A vCPU counts a write while missing before it makes it: each may have counted one it had not finished when stopped.
+      expect(pc['writesWhileMissing']).toBeLessThanOrEqual(pc['destinationWrites'] + pc['vcpuBlocktimeMs'].length);
       expect(pc['guestWritesPerSecond']).toBeCloseTo((pc['writesWhileMissing'] / pc['pagesMissingMs']) * 1000, -1);
       expect(pc['guestProgress']).toBeCloseTo(pc['guestWritesPerSecond'] / pc['noMigrationWritesPerSecond'], 2);
       expect(pc['vcpuBlocktimeMs']).toHaveLength(2);
