@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { BufferedWriter, connect, parseMigrationUri } from '@vmig/channel';
 import { DEFAULT_PARAMS, DeviceRegistry, GlobalStateDevice, GuestRam, MigrationThread, TimerDevice } from '@vmig/core';
-import { digestRam, fillRam, spawnCli } from '@vmig/test-harness';
+import { ControlClient, digestRam, FaultProxy, fillRam, spawnCli } from '@vmig/test-harness';
 import { CLI_MAIN, haveQemu, QEMU } from './cli.js';
 
 type Json = Record<string, unknown>;
@@ -50,6 +50,20 @@ class QemuMonitor {
       if (this.proc.exitCode !== null) return `exited: ${this.out.slice(-500)}`;
     }
     return `no end within ${ms} ms: ${this.out.slice(-500)}`;
+  }
+
+  /** Asks `info migrate` until it says `status` (bounded); returns what it last said. */
+  async waitStatus(status: string, ms = 30_000): Promise<string> {
+    const deadline = Date.now() + ms;
+    let last = '';
+    while (Date.now() < deadline) {
+      this.out = '';
+      this.send('info migrate');
+      await new Promise((r) => setTimeout(r, 200));
+      last = /Migration status: ([\w-]+)/.exec(this.out)?.[1] ?? last;
+      if (last === status) return last;
+    }
+    return last;
   }
 
   /** Guest RAM as QEMU holds it (pmemsave), digested as the reports digest it. */
@@ -135,6 +149,42 @@ describe.runIf(haveQemu())('a real QEMU 7.2 destination', () => {
     const { qemu, uri } = await qemuDestination(['migrate_set_capability postcopy-ram on']);
     const report = await expectMigratedInto(qemu, uri, ['--postcopy', '--postcopy-after-rounds', '1'], 'ram-postcopy.bin');
     expect((report['ram'] as { postcopyBytes: number }).postcopyBytes).toBeGreaterThan(0);
+  });
+
+  it('postcopy recovery into it: the link reset after the switch, QEMU pauses, migrate_recover there, migrate resume=true here: QEMU\'s RAM has the source\'s digest', async () => {
+    const port = 20_000 + Math.floor(Math.random() * 20_000);
+    const { qemu, uri } = await qemuDestination(['migrate_set_capability postcopy-ram on']);
+    const proxies: FaultProxy[] = [await FaultProxy.start({ target: { host: '127.0.0.1', port: Number(uri.split(':').pop()) } })];
+    try {
+      const src = spawnCli(CLI_MAIN, [
+        'migrate', proxies[0]!.uri, '--json', '--ram-block', `mem=${RAM}`, '--guest-devices', 'none', '--writers', '2', '--dirty-rate', '8M',
+        '--postcopy', '--max-bandwidth', '4M', '--max-postcopy-bandwidth', '2M', '--channel-timeout', '3000', '--control', `unix:${join(tmp, 'src-recovery.sock')}`,
+      ]);
+      const ctl = await ControlClient.connect(((await src.waitFor((l) => l['event'] === 'control')) as { address: string }).address.slice('unix:'.length));
+      await ctl.execute('qmp_capabilities');
+      // Early in the first round: most pages are still to come after the switch.
+      await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'active');
+      await new Promise((r) => setTimeout(r, 300));
+      expect((await ctl.execute('migrate-start-postcopy'))['return']).toEqual({});
+      await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'postcopy-active');
+      await new Promise((r) => setTimeout(r, 300));
+      proxies[0]!.cut(0, 'reset');
+      await src.waitFor((l) => l['event'] === 'status' && l['status'] === 'postcopy-paused', 30_000);
+      // QEMU pauses too once its reads fail.
+      expect(await qemu.waitStatus('postcopy-paused')).toBe('postcopy-paused');
+      qemu.send(`migrate_recover tcp:127.0.0.1:${port}`);
+      await new Promise((r) => setTimeout(r, 500));
+      proxies.push(await FaultProxy.start({ target: { host: '127.0.0.1', port } }));
+      expect((await ctl.execute('migrate', { uri: proxies[1]!.uri, resume: true }))['return']).toEqual({});
+      const run = await src.done;
+      ctl.close();
+      expect(run.code, run.stderr).toBe(0);
+      expect((run.report?.['ram'] as { postcopyRecoveries: number }).postcopyRecoveries).toBe(1);
+      expect(await qemu.migrationStatus()).toBe('completed');
+      expect(await qemu.ramDigest(join(tmp, 'ram-recovery.bin'))).toBe(run.report?.['ramDigest']);
+    } finally {
+      for (const p of proxies) await p.close();
+    }
   });
 
   it("through the library's API (core's MigrationThread with the application's own device list): the same", async () => {
