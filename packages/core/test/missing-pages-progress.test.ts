@@ -56,17 +56,25 @@ describe('the guest\'s progress while pages are missing', () => {
   });
 });
 
+/**
+ * Pages 0 and 1 missing, one vCPU thread (fixtures/faulting-vcpu.mjs) that faults on page 0;
+ * resolves once it blocks there (rule 2), page 0 not placed yet.
+ */
+async function faultingVcpu(faultSliceUs = 0): Promise<{ placer: MissingPagesPlacer; w: Worker }> {
+  const shared = createMissingPages(BLOCKS, 1, true, createReturnPath(-1), faultSliceUs);
+  const placer = new MissingPagesPlacer(shared);
+  placer.markAllReceived();
+  placer.markMissing(0, 2);
+  placer.setRunningVcpus(1);
+  const w = new Worker(new URL('./fixtures/faulting-vcpu.mjs', import.meta.url), { workerData: { shared, page: 0, other: 10 } });
+  while (placer.blockedVcpus === 0) await new Promise((r) => setTimeout(r, 1));
+  return { placer, w };
+}
+
 describe('a faulting vCPU\'s scheduler slice', () => {
   it('is the fault slice while pages are missing, and its own again once every page is in', async () => {
-    const shared = createMissingPages(BLOCKS, 1, true, createReturnPath(-1), 150);
-    const placer = new MissingPagesPlacer(shared);
-    placer.markAllReceived();
-    placer.markMissing(0, 2);
-    placer.setRunningVcpus(1);
-    const w = new Worker(new URL('./fixtures/faulting-vcpu.mjs', import.meta.url), { workerData: { shared, page: 0, other: 10 } });
+    const { placer, w } = await faultingVcpu(150);
     try {
-      // It faults on page 0 and blocks (rule 2) until it is placed.
-      while (placer.blockedVcpus === 0) await new Promise((r) => setTimeout(r, 1));
       placer.place(0, () => {});
       const [first] = (await once(w, 'message')) as [{ ok: boolean; before: number | undefined; during: number | undefined }];
       expect(first.ok).toBe(true);
@@ -87,14 +95,8 @@ describe('a faulting vCPU\'s scheduler slice', () => {
   });
 
   it('is left alone without a fault slice', async () => {
-    const shared = createMissingPages(BLOCKS, 1, true, createReturnPath(-1));
-    const placer = new MissingPagesPlacer(shared);
-    placer.markAllReceived();
-    placer.markMissing(0, 2);
-    placer.setRunningVcpus(1);
-    const w = new Worker(new URL('./fixtures/faulting-vcpu.mjs', import.meta.url), { workerData: { shared, page: 0, other: 10 } });
+    const { placer, w } = await faultingVcpu();
     try {
-      while (placer.blockedVcpus === 0) await new Promise((r) => setTimeout(r, 1));
       placer.place(0, () => {});
       const [first] = (await once(w, 'message')) as [{ during: number | undefined; before: number | undefined }];
       expect(first.during).toBe(first.before);
