@@ -24,12 +24,17 @@ interface Scenario {
   shared: string[];
   /** Flags for the source only. */
   source: string[];
+  /**
+   * Flags for the destination in place of `shared` (the default): without `--ram` it builds
+   * its RAM from the stream's block list, as every destination of a QEMU source does.
+   */
+  destination?: string[];
   /** A background snapshot to a temporary file instead of a migration. */
   snapshot?: boolean;
   /** TLS on every channel, with credentials made for the run (openssl). */
   tls?: boolean;
   /** The same migration QEMU 7.2 can run (`--vs-qemu`): its RAM and its channels. */
-  qemu?: { fill: 'random' | 'zero'; channels: number };
+  qemu?: { fill: 'random' | 'zero'; channels: number; destinationPrealloc?: boolean };
   /** Postcopy: the writers that run on at the destination (hot pattern), measured with no migration too. */
   guest?: PostcopyGuest;
 }
@@ -50,6 +55,16 @@ function scenarios(ram: string): Scenario[] {
     { name: 'multifd-random-2ch-tls', description: `${ram} random RAM, 2 multifd channels, TLS on every channel`, shared: mf(2), source: ['--fill', 'random'], tls: true },
     { name: 'multifd-random-2ch-integrity', description: `${ram} random RAM, 2 multifd channels, --integrity (range digests at the stop, both sides)`, shared: [...mf(2), '--integrity'], source: ['--fill', 'random'] },
     { name: 'multifd-zero-2ch', description: `${ram} zero RAM, 2 multifd channels (zero pages found by the channels)`, shared: mf(2), source: ['--fill', 'zero'], qemu: { fill: 'zero', channels: 2 } },
+    // The destination as QEMU's usually is: RAM not allocated before the stream names it
+    // (vmig: no --ram; QEMU: prealloc=off). Fresh pages are faulted in by whoever writes them.
+    ...(['random', 'zero'] as const).map((fill) => ({
+      name: `multifd-${fill}-2ch-stream`,
+      description: `${ram} ${fill} RAM, 2 multifd channels, the destination's RAM built from the stream (no --ram; QEMU: prealloc=off)`,
+      shared: mf(2),
+      destination: ['--multifd-channels', '2'],
+      source: ['--fill', fill],
+      qemu: { fill, channels: 2, destinationPrealloc: false },
+    })),
     {
       name: 'multifd-text-none-200M',
       description: `${ram} text RAM, 2 channels, no compression, --max-bandwidth 200M`,
@@ -185,7 +200,13 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
         // QEMU's run first in each pair, then vmig's: alternating, so a drift of the machine hits both.
         if (s.qemu.fill === 'random' && !randomMem) makeRandomMemFile((randomMem = join(vsQemu.dir, 'random.mem')), vsQemu.ramBytes);
         try {
-          const q = await runQemuPair({ ramBytes: vsQemu.ramBytes, memFile: s.qemu.fill === 'random' ? randomMem : undefined, multifdChannels: s.qemu.channels, timeoutMs: 300_000 });
+          const q = await runQemuPair({
+            ramBytes: vsQemu.ramBytes,
+            memFile: s.qemu.fill === 'random' ? randomMem : undefined,
+            multifdChannels: s.qemu.channels,
+            destinationPrealloc: s.qemu.destinationPrealloc ?? true,
+            timeoutMs: 300_000,
+          });
           times.qemu.push(q.totalTimeMs);
           emit({ scenario: `${s.name} (QEMU 7.2)`, peer: 'qemu', run: i + 1, verified: true, totalTimeMs: q.totalTimeMs, downtimeMs: q.downtimeMs, setupTimeMs: q.setupMs, throughputMBps: Math.round(vsQemu.ramBytes / 1e6 / (q.totalTimeMs / 1000)) });
         } catch (e) {
@@ -199,7 +220,7 @@ async function runScenarios(cliMain: string, scenarios: Scenario[], repeat: numb
       }
       // The same writers with no migration, just before the run (nothing else of ours runs then).
       const noMigration = s.guest ? await measureWriteRate({ ramBytes, ...s.guest, pattern: 'hot', ms: NO_MIGRATION_MS }) : undefined;
-      const { source, destination } = await runMigrationPair(cliMain, s.shared, [...s.shared, ...s.source]);
+      const { source, destination } = await runMigrationPair(cliMain, s.destination ?? s.shared, [...s.shared, ...s.source]);
       const src = source.report as Record<string, any> | undefined;
       const dst = destination.report as Record<string, any> | undefined;
       // Postcopy: the destination's own writes are taken out before comparing (postcopy-verify.ts).

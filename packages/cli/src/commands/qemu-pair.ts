@@ -2,7 +2,8 @@
  * `vmig bench --vs-qemu`: the same migration between two QEMU 7.2 processes (`-M none`, one
  * RAM backend, driven over HMP on stdio, as the live QEMU tests drive it), timed by QEMU's
  * own `info migrate` (total time, downtime). Both backends are pre-allocated before the
- * migration starts, as vmig's two sides pre-fault theirs.
+ * migration starts, as vmig's two sides pre-fault theirs, unless the destination's is asked
+ * not to be (QEMU's default, compared with a vmig destination that builds RAM from the stream).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -17,6 +18,8 @@ export interface QemuPairOptions {
   /** RAM contents: a file of random bytes (made once by makeRandomMemFile), or zero. */
   memFile: string | undefined;
   multifdChannels: number;
+  /** prealloc=on for the destination's backend (off: pages are faulted in as they arrive). */
+  destinationPrealloc: boolean;
   /** Bounds the whole run: QEMU's start (pre-allocation), the migration, the exit. */
   timeoutMs: number;
 }
@@ -106,7 +109,7 @@ export async function runQemuPair(o: QemuPairOptions): Promise<QemuRun> {
   const caps = o.multifdChannels > 0 ? ['migrate_set_capability multifd on', `migrate_set_parameter multifd-channels ${o.multifdChannels}`] : [];
   // QEMU 7.2 limits a migration to 128 MiB/s unless told; vmig does not limit by default.
   const params = ['migrate_set_parameter max-bandwidth 100G'];
-  const dst = qemu(`memory-backend-ram,id=mem,size=${size},prealloc=on`, ['-incoming', 'defer']);
+  const dst = qemu(`memory-backend-ram,id=mem,size=${size},prealloc=${o.destinationPrealloc ? 'on' : 'off'}`, ['-incoming', 'defer']);
   const src = qemu(o.memFile ? `memory-backend-file,id=mem,size=${size},mem-path=${o.memFile},share=off,prealloc=on` : `memory-backend-ram,id=mem,size=${size},prealloc=on`, []);
   try {
     // The prompt comes once the backend is allocated.
