@@ -66,6 +66,19 @@ describe('AtomicBitmap', () => {
     );
   });
 
+  it('setRange sets exactly the range, across word edges (property)', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 300 }), fc.nat(), fc.nat(), (n, a, b) => {
+        const start = a % n;
+        const len = b % (n - start + 1);
+        const bm = AtomicBitmap.create(n);
+        bm.setRange(start, len);
+        for (let i = 0; i < n; i++) expect(bm.test(i)).toBe(i >= start && i < start + len);
+      }),
+    );
+    expect(() => AtomicBitmap.create(64).setRange(60, 5)).toThrow(RangeError);
+  });
+
   it('popcount32', () => {
     expect(popcount32(0)).toBe(0);
     expect(popcount32(-1)).toBe(32);

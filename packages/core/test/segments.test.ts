@@ -4,10 +4,25 @@
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { GuestRam, MAX_BLOCK_BYTES, RamBlock, TARGET_PAGE_SIZE, VmigError } from '../src/index.js';
+import { GuestRam, isZeroPage, MAX_BLOCK_BYTES, RamBlock, TARGET_PAGE_SIZE, VmigError } from '../src/index.js';
 
 const MIB = 1 << 20;
 const P = TARGET_PAGE_SIZE;
+
+describe('isZeroPage', () => {
+  it('finds a single set byte wherever it is (the bytes looked at first, and every other one)', () => {
+    const buf = Buffer.alloc(3 * P);
+    expect(isZeroPage(buf, P)).toBe(true);
+    for (let i = 0; i < P; i++) {
+      buf[P + i] = 1;
+      expect(isZeroPage(buf, P)).toBe(false);
+      buf[P + i] = 0;
+    }
+    buf[P - 1] = 1;
+    buf[2 * P] = 1;
+    expect(isZeroPage(buf, P)).toBe(true);
+  });
+});
 
 describe('a RAM block in segments', () => {
   it('write and read of any range around the edges match a flat buffer; page(), bytes(), isZeroPage() too', () => {

@@ -31,13 +31,19 @@ const MAX_INFLIGHT = 2;
 
 interface Job {
   block: number;
-  pages: number[];
+  pages: Uint32Array;
 }
 
 export class MultifdSender implements MultifdLink {
   private readonly inflight: number[];
   private readonly blockIndex = new Map<RamBlock, number>();
-  private batch: Job | undefined;
+  /** The job being filled by savePage: its block and its first `batchLength` pages. */
+  private batchBlock = -1;
+  private readonly batchPages = new Uint32Array(new ArrayBuffer(JOB_PAGES * 4));
+  private batchLength = 0;
+  /** blockIndex's answer for the block savePage saw last (a scan stays in one block for long). */
+  private lastBlock: RamBlock | undefined;
+  private lastBlockIdx = -1;
   private readonly queue: Job[] = [];
   private packetNum = 0;
   private next = 0;
@@ -187,17 +193,22 @@ export class MultifdSender implements MultifdLink {
 
   /** PageSender: queue one page; `w` (the main stream) is not used. */
   savePage(_w: ByteWriter, block: RamBlock, page: number): void {
-    const idx = this.blockIndex.get(block)!;
+    if (block !== this.lastBlock) {
+      this.lastBlock = block;
+      this.lastBlockIdx = this.blockIndex.get(block)!;
+    }
+    const idx = this.lastBlockIdx;
     this.pendingPages++;
-    if (this.batch && this.batch.block !== idx) this.enqueueBatch();
-    this.batch ??= { block: idx, pages: [] };
-    this.batch.pages.push(page);
-    if (this.batch.pages.length === JOB_PAGES) this.enqueueBatch();
+    if (this.batchLength > 0 && this.batchBlock !== idx) this.enqueueBatch();
+    this.batchBlock = idx;
+    this.batchPages[this.batchLength++] = page;
+    if (this.batchLength === JOB_PAGES) this.enqueueBatch();
   }
 
   private enqueueBatch(): void {
-    if (this.batch && this.batch.pages.length > 0) this.queue.push(this.batch);
-    this.batch = undefined;
+    // A copy of the batch (it is transferred to the channel); the batch array is reused.
+    if (this.batchLength > 0) this.queue.push({ block: this.batchBlock, pages: this.batchPages.slice(0, this.batchLength) });
+    this.batchLength = 0;
     this.dispatch();
   }
 
@@ -215,11 +226,11 @@ export class MultifdSender implements MultifdLink {
       if (ch < 0) return;
       this.next = (ch + 1) % this.workers.length;
       const job = this.queue.shift()!;
-      const pages = Uint32Array.from(job.pages);
+      const pages = job.pages;
       this.inflight[ch]!++;
       const msg: SendToChannel = { t: 'job', block: job.block, pages, packetNum: this.packetNum };
       this.packetNum += Math.ceil(pages.length / MULTIFD_PAGE_COUNT);
-      this.workers[ch]!.postMessage(msg, [pages.buffer]);
+      this.workers[ch]!.postMessage(msg, [pages.buffer as ArrayBuffer]);
     }
   }
 

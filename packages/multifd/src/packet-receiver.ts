@@ -16,7 +16,7 @@
  *
  * Nothing here knows sockets or threads; recv-channel.worker.ts wires it to a socket.
  */
-import { type GuestRam, type RamBlock, StreamError, TARGET_PAGE_SIZE } from '@vmig/core';
+import { type AtomicBitmap, type GuestRam, type RamBlock, StreamError, TARGET_PAGE_SIZE } from '@vmig/core';
 import { compressionByFlags } from './compress/registry.js';
 import type { MultifdRecvDecompressor } from './compress/method.js';
 import {
@@ -276,9 +276,9 @@ export class PacketReceiver {
     this.filled = 0;
     if (this.applying) {
       const block = this.block!;
-      for (let i = 0; i < h.normalPages; i++) block.loaded.set(h.offsets[i]! / TARGET_PAGE_SIZE);
+      setPageRuns(block.loaded, h.offsets, 0, h.normalPages);
       for (let i = h.normalPages; i < h.offsets.length; i++) block.loadZeroPage(h.offsets[i]!, this.zeroUnlessLoaded);
-      for (let i = 0; i < h.offsets.length; i++) block.arrived.set(h.offsets[i]! / TARGET_PAGE_SIZE);
+      setPageRuns(block.arrived, h.offsets, 0, h.offsets.length);
       this.totals.normal += h.normalPages;
       this.totals.zero += h.zeroPages;
       this.applying = false;
@@ -329,5 +329,16 @@ export class PacketReceiver {
       this.hooks.endPages();
     }
     this.hooks.fail(e);
+  }
+}
+
+/** Sets the bits of the pages at byte offsets `offsets[from..to)`, a run of contiguous pages at a time. */
+function setPageRuns(bitmap: AtomicBitmap, offsets: Float64Array, from: number, to: number): void {
+  for (let i = from; i < to; ) {
+    const first = offsets[i]! / TARGET_PAGE_SIZE;
+    let j = i + 1;
+    while (j < to && offsets[j] === offsets[j - 1]! + TARGET_PAGE_SIZE) j++;
+    bitmap.setRange(first, j - i);
+    i = j;
   }
 }

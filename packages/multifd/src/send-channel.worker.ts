@@ -13,7 +13,7 @@
 import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
 import { tlsConnect } from '@vmig/channel';
-import { GuestRam, isZeroPage, type RamBlock, setThreadName, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
+import { GuestRam, isZeroPage, mayBeZero, type RamBlock, setThreadName, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
 import { compressionByName } from './compress/registry.js';
 import { JOB_PACKETS, type SendChannelConfig, type SendToChannel } from './send-protocol.js';
 import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_MAX_PAYLOAD, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE, MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
@@ -131,12 +131,28 @@ async function handle(m: SendToChannel): Promise<void> {
 }
 
 /**
- * zero-page-detection=multifd: this thread finds zero pages and lists them, no payload.
- * A run of contiguous pages is checked with one compare first (a call per page costs more
- * than the compare itself); only a run that is not all zero is checked page by page. A run
- * ends at a segment edge of the block (ram-block.ts).
+ * One packet's pages as byte offsets in the block: the normal pages first, then the zero
+ * pages (the header's order). Reused from packet to packet: a job's packets are built one
+ * after the other and each header is encoded before the next packet is split.
  */
-function splitZeroPages(block: RamBlock, pages: Uint32Array, normal: number[], zero: number[]): void {
+const packetOffsets = new Float64Array(MULTIFD_PAGE_COUNT);
+const zeroScratch = new Float64Array(MULTIFD_PAGE_COUNT);
+
+/**
+ * Fills packetOffsets with the pages of `pages` (normal first, then zero); returns the number
+ * of normal pages. zero-page-detection=multifd: this thread finds zero pages and lists them,
+ * no payload. A run of contiguous pages that may be zero is checked with one compare first (a
+ * call per page costs more than the compare itself); otherwise each page is looked at, and a
+ * page with data is known from a few bytes (isZeroPage). A run ends at a segment edge of the
+ * block (ram-block.ts).
+ */
+function splitPages(block: RamBlock, pages: Uint32Array): number {
+  let normal = 0;
+  if (cfg.zeroPageDetection !== 'multifd') {
+    for (let i = 0; i < pages.length; i++) packetOffsets[i] = pages[i]! * TARGET_PAGE_SIZE;
+    return pages.length;
+  }
+  let zero = 0;
   for (let i = 0; i < pages.length; ) {
     const start = pages[i]! * TARGET_PAGE_SIZE;
     const limit = block.segmentEnd(start) / TARGET_PAGE_SIZE;
@@ -144,13 +160,18 @@ function splitZeroPages(block: RamBlock, pages: Uint32Array, normal: number[], z
     while (j < pages.length && pages[j] === pages[j - 1]! + 1 && pages[j]! < limit) j++;
     const end = (pages[j - 1]! + 1) * TARGET_PAGE_SIZE;
     const run = block.bytes(start, end - start);
-    if (ZERO_RUN.compare(run, 0, run.length, 0, run.length) === 0) {
-      for (let off = start; off < end; off += TARGET_PAGE_SIZE) zero.push(off);
+    if (mayBeZero(run, 0) && ZERO_RUN.compare(run, 0, run.length, 0, run.length) === 0) {
+      for (let off = start; off < end; off += TARGET_PAGE_SIZE) zeroScratch[zero++] = off;
     } else {
-      for (let off = start; off < end; off += TARGET_PAGE_SIZE) (isZeroPage(run, off - start) ? zero : normal).push(off);
+      for (let off = start; off < end; off += TARGET_PAGE_SIZE) {
+        if (isZeroPage(run, off - start)) zeroScratch[zero++] = off;
+        else packetOffsets[normal++] = off;
+      }
     }
     i = j;
   }
+  packetOffsets.set(zeroScratch.subarray(0, zero), normal);
+  return normal;
 }
 
 /** One job: its pages as packets of up to 128 pages each, numbered from `packetNum`. */
@@ -163,17 +184,15 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
   let zeroCount = 0;
   for (let k = 0; k * MULTIFD_PAGE_COUNT < pages.length; k++) {
     const part = pages.subarray(k * MULTIFD_PAGE_COUNT, (k + 1) * MULTIFD_PAGE_COUNT);
-    const normal: number[] = [];
-    const zero: number[] = [];
-    if (cfg.zeroPageDetection === 'multifd') splitZeroPages(block, part, normal, zero);
-    else for (const p of part) normal.push(p * TARGET_PAGE_SIZE);
+    const normal = splitPages(block, part);
+    const zero = part.length - normal;
     let flags = 0;
-    let payloadLen = normal.length * TARGET_PAGE_SIZE;
+    let payloadLen = normal * TARGET_PAGE_SIZE;
     // Compressed: the method's output is written as it is. Otherwise (no method, or the
     // method sent it raw) the pages go straight from guest RAM.
     let payload: Buffer | undefined;
-    if (compressor !== undefined && normal.length > 0) {
-      for (let i = 0; i < normal.length; i++) pagesScratch.set(block.page(normal[i]! / TARGET_PAGE_SIZE), i * TARGET_PAGE_SIZE);
+    if (compressor !== undefined && normal > 0) {
+      for (let i = 0; i < normal; i++) pagesScratch.set(block.page(packetOffsets[i]! / TARGET_PAGE_SIZE), i * TARGET_PAGE_SIZE);
       // Only the method may choose to send raw: a stateful stream (zlib) has consumed the
       // pages, so its output must go out even when it grew (random data does).
       const out = await compressor.compress(pagesScratch.subarray(0, payloadLen));
@@ -187,30 +206,31 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
     const hpos = k * MULTIFD_PACKET_HEADER_SIZE;
     encodeMultifdPacketHeader(headers, hpos, {
       flags,
-      normalPages: normal.length,
-      zeroPages: zero.length,
+      normalPages: normal,
+      zeroPages: zero,
       nextPacketSize: payloadLen,
       packetNum: packetNum + k,
       ramblock: block.idstr,
-      offsets: Float64Array.from([...normal, ...zero]),
+      offsets: packetOffsets,
     });
     w.add(headers, hpos, hpos + MULTIFD_PACKET_HEADER_SIZE);
     if (payload) {
       w.add(payload, 0, payloadLen);
     } else {
       // A view per run of contiguous pages inside one segment.
-      for (let i = 0; i < normal.length; ) {
-        const limit = block.segmentEnd(normal[i]!);
+      for (let i = 0; i < normal; ) {
+        const first = packetOffsets[i]!;
+        const limit = block.segmentEnd(first);
         let j = i + 1;
-        while (j < normal.length && normal[j] === normal[j - 1]! + TARGET_PAGE_SIZE && normal[j]! < limit) j++;
-        const run = block.bytes(normal[i]!, normal[j - 1]! + TARGET_PAGE_SIZE - normal[i]!);
+        while (j < normal && packetOffsets[j] === packetOffsets[j - 1]! + TARGET_PAGE_SIZE && packetOffsets[j]! < limit) j++;
+        const run = block.bytes(first, packetOffsets[j - 1]! + TARGET_PAGE_SIZE - first);
         w.add(run, 0, run.length);
         i = j;
       }
     }
     bytes += MULTIFD_PACKET_HEADER_SIZE + payloadLen;
-    normalCount += normal.length;
-    zeroCount += zero.length;
+    normalCount += normal;
+    zeroCount += zero;
   }
   w.flush(() => {
     freeHeaders.push(headers);

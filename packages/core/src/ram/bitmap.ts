@@ -37,6 +37,20 @@ export class AtomicBitmap {
     Atomics.or(this.words, i >>> 5, 1 << (i & 31));
   }
 
+  /** Sets bits [start, start + n), a word at a time (one Atomics.or per word, not per bit). */
+  setRange(start: number, n: number): void {
+    if (n <= 0) return;
+    this.check(start);
+    this.check(start + n - 1);
+    const end = start + n;
+    for (let i = start; i < end; ) {
+      const lo = i & 31;
+      const hi = Math.min(32, lo + (end - i));
+      Atomics.or(this.words, i >>> 5, hi - lo === 32 ? -1 : ((1 << (hi - lo)) - 1) << lo);
+      i += hi - lo;
+    }
+  }
+
   clear(i: number): void {
     this.check(i);
     Atomics.and(this.words, i >>> 5, ~(1 << (i & 31)));

@@ -89,6 +89,18 @@ const utf8 = new TextEncoder();
 const utf8d = new TextDecoder();
 
 /** Writes a full-length packet header at b[pos..pos+1344). */
+/** The last block name encoded (a channel sends one block's pages packet after packet). */
+let lastName = { text: '', bytes: new Uint8Array(0) };
+
+function encodedName(ramblock: string): Uint8Array {
+  if (lastName.text !== ramblock) {
+    const bytes = utf8.encode(ramblock);
+    if (bytes.length >= MULTIFD_RAMBLOCK_LEN) throw new RangeError('ramblock name too long');
+    lastName = { text: ramblock, bytes };
+  }
+  return lastName.bytes;
+}
+
 export function encodeMultifdPacketHeader(b: Uint8Array, pos: number, h: Omit<MultifdPacketHeader, 'pagesAlloc'> & { pagesAlloc?: number }): void {
   b.fill(0, pos, pos + MULTIFD_PACKET_HEADER_SIZE);
   setBe32(b, pos, MULTIFD_MAGIC);
@@ -99,8 +111,7 @@ export function encodeMultifdPacketHeader(b: Uint8Array, pos: number, h: Omit<Mu
   setBe32(b, pos + 20, h.nextPacketSize);
   setBe64(b, pos + 24, h.packetNum);
   setBe32(b, pos + 32, h.zeroPages);
-  const name = utf8.encode(h.ramblock);
-  if (name.length >= MULTIFD_RAMBLOCK_LEN) throw new RangeError('ramblock name too long');
+  const name = encodedName(h.ramblock);
   b.set(name, pos + 64);
   const n = h.normalPages + h.zeroPages;
   for (let i = 0; i < n; i++) setBe64(b, pos + MULTIFD_HEADER_FIXED + 8 * i, h.offsets[i]!);
