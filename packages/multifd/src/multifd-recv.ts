@@ -13,7 +13,7 @@ import { FirstError, type GuestRam, StreamError, VmigError, workerUrl, workerExe
 import { ABORT, APPLYING, CONTROL_WORDS, DIALECT, DIALECT_LEGACY, DIALECT_MODERN, MAX_CHANNELS, POSTED, RELEASED, SEALED } from './recv-control.js';
 import { type CompressionName, compressionByName } from './compress/registry.js';
 import type { RecvChannelApi, RecvThreadConfig, RecvTotals } from './recv-protocol.js';
-import { Comlink, endpoint } from './recv-rpc.js';
+import { Comlink, endpoint, type Remote } from './recv-rpc.js';
 import { decodeMultifdInit, MULTIFD_INIT_SIZE, type MultifdInit } from './wire/multifd-wire.js';
 
 export class MultifdReceiver {
@@ -21,7 +21,7 @@ export class MultifdReceiver {
   private readonly ctl = new Int32Array(this.control);
   private readonly workers: Worker[];
   /** Each thread's control plane (comlink, recv-protocol.ts). */
-  private readonly threads: Comlink.Remote<RecvChannelApi>[] = [];
+  private readonly threads: Remote<RecvChannelApi>[] = [];
   /** Channel ids whose init was accepted. */
   private readonly attached: boolean[];
   /** Threads (slots) that own a connection. */

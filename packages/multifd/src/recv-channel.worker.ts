@@ -16,7 +16,7 @@ import { PacketReceiver } from './packet-receiver.js';
 import { MULTIFD_INIT_SIZE } from './wire/multifd-wire.js';
 import { ABORT, APPLYING, DIALECT, DIALECT_LEGACY, POSTED, RELEASED, SEALED } from './recv-control.js';
 import type { RecvChannelApi, RecvChannelEvents, RecvThreadConfig } from './recv-protocol.js';
-import { Comlink, endpoint } from './recv-rpc.js';
+import { Comlink, endpoint, type Remote } from './recv-rpc.js';
 
 const cfg = workerData as RecvThreadConfig;
 const port = parentPort!;
@@ -33,11 +33,11 @@ let ram: GuestRam | undefined;
 let ramArrived: (() => void) | undefined;
 let adopted: ((id: number) => void) | undefined;
 /** The load loop's listener (a comlink proxy); its calls are queued messages, never awaited. */
-let events: Comlink.Remote<RecvChannelEvents> | undefined;
+let events: Remote<RecvChannelEvents> | undefined;
 
 const api: RecvChannelApi = {
   listen(e) {
-    events = e as unknown as Comlink.Remote<RecvChannelEvents>;
+    events = e as unknown as Remote<RecvChannelEvents>;
   },
   setRam(shared) {
     ram = GuestRam.fromShared(shared);

@@ -1,18 +1,24 @@
 /**
- * comlink over worker_threads for the recv threads' control plane (recv-protocol.ts). The
- * package ships CommonJS builds only; its Node adapter turns a Worker or MessagePort into
- * the endpoint comlink expects.
+ * comlink over worker_threads for the recv threads' control plane (recv-protocol.ts); its
+ * Node adapter turns a Worker or MessagePort into the endpoint comlink expects.
+ *
+ * Both are loaded with require, not import: the package's main build is CommonJS (UMD), and
+ * an ESM import of CommonJS makes Node lex the file for its export names, in every thread
+ * that loads it. That lexer is hot enough to be compiled by TurboFan, once per thread, on the
+ * two cores the migration needs.
  */
+import { createRequire } from 'node:module';
 import type { MessagePort, Worker } from 'node:worker_threads';
-import * as Comlink from 'comlink';
-import nodeAdapter from 'comlink/dist/umd/node-adapter.js';
+import type * as ComlinkApi from 'comlink';
 
-export { Comlink };
+const require = createRequire(import.meta.url);
 
-// The adapter's module.exports is the function; its declaration file says `export default`,
-// which under CommonJS interop types the import as the module instead.
-const nodeEndpoint = nodeAdapter as unknown as (of: Worker | MessagePort) => Comlink.Endpoint;
+export const Comlink = require('comlink') as typeof ComlinkApi;
+export type Remote<T> = ComlinkApi.Remote<T>;
 
-export function endpoint(of: Worker | MessagePort): Comlink.Endpoint {
+// The adapter's module.exports is the function.
+const nodeEndpoint = require('comlink/dist/umd/node-adapter.js') as (of: Worker | MessagePort) => ComlinkApi.Endpoint;
+
+export function endpoint(of: Worker | MessagePort): ComlinkApi.Endpoint {
   return nodeEndpoint(of);
 }

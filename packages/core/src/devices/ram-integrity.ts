@@ -12,13 +12,25 @@
  * idstr, be64 used_length, be32 range count, and per range two be32 halves (high, low) of
  * its digest. Precopy only: after a postcopy switch the destination's vCPUs write RAM while
  * pages still arrive, and the section travels in the switch's package, before the pages.
+ *
+ * @node-rs/xxhash is loaded on first use, with require: core is loaded by every thread of
+ * vmig's, and an ESM import of the package's 29 KB CommonJS loader made Node lex it for its
+ * export names in each of them, a lexer hot enough for TurboFan to compile, once per thread,
+ * on the cores the migration needs (multifd/src/recv-rpc.ts).
  */
-import { xxh64 } from '@node-rs/xxhash';
+import { createRequire } from 'node:module';
+import type * as XxHash from '@node-rs/xxhash';
 import { VmigError } from '../errors.js';
 import type { ByteWriter, StreamSource } from '../io.js';
 import type { GuestRam, RamBlock } from '../ram/ram-block.js';
 import { getU32, getU64, putCountedString, readCountedString } from '../wire/main-stream.js';
 import type { VmStateDevice } from './device.js';
+
+let xxhash: typeof XxHash | undefined;
+function xxh64(data: Uint8Array): bigint {
+  xxhash ??= createRequire(import.meta.url)('@node-rs/xxhash') as typeof XxHash;
+  return xxhash.xxh64(data);
+}
 
 export const INTEGRITY_SECTION = 'vmig-integrity';
 /** The unit a digest covers: small enough to say where RAM differs, large enough to hash fast. */

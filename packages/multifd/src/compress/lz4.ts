@@ -8,11 +8,21 @@
  * `compressSync`: with the synchronous call the source's peak RSS for 1 GiB of text RAM was
  * 1.5-1.6 GiB, memory that lz4-napi's allocator (mimalloc) kept after the buffers were
  * freed; with `compress` it is 1.25 GiB (docs/benchmarks.md).
+ *
+ * lz4-napi is loaded on first use, with require: every channel thread loads this module,
+ * and an ESM import of the package's CommonJS loader makes Node lex it for its export names
+ * in each of them (recv-rpc.ts says why that costs), even when lz4 is not the method.
  */
-import { compress, uncompressSync } from 'lz4-napi';
+import { createRequire } from 'node:module';
+import type * as Lz4Napi from 'lz4-napi';
 import { StreamError } from '@vmig/core';
 import { MULTIFD_FLAG_VMIG_LZ4 } from '../wire/multifd-wire.js';
 import type { MultifdCompressionMethod } from './method.js';
+
+let loaded: typeof Lz4Napi | undefined;
+function lz4(): typeof Lz4Napi {
+  return (loaded ??= createRequire(import.meta.url)('lz4-napi') as typeof Lz4Napi);
+}
 
 export const lz4Method: MultifdCompressionMethod = {
   name: 'lz4',
@@ -20,7 +30,7 @@ export const lz4Method: MultifdCompressionMethod = {
   createSender() {
     return {
       async compress(pages) {
-        const payload = await compress(pages);
+        const payload = await lz4().compress(pages);
         return payload.length < pages.length ? { payload, flag: MULTIFD_FLAG_VMIG_LZ4 } : undefined;
       },
     };
@@ -34,7 +44,7 @@ export const lz4Method: MultifdCompressionMethod = {
         }
         let data: Buffer;
         try {
-          data = uncompressSync(payload);
+          data = lz4().uncompressSync(payload);
         } catch (e) {
           throw new StreamError('VMIG_ERR_MULTIFD_PACKET', `lz4: ${(e as Error).message}`);
         }
