@@ -8,6 +8,7 @@ import { BufferedWriter, ByteReader } from '@vmig/channel';
 import {
   DEFAULT_PARAMS,
   DeviceRegistry,
+  encodeRpPong,
   encodeRpShut,
   GuestRam,
   MigrationNotifiers,
@@ -27,6 +28,11 @@ export interface InProcessOptions {
   params?: Partial<MigrationParams>;
   srcDevices?: (ram: GuestRam, vcpus: VcpuPool) => DeviceRegistry;
   dstDevices?: (ram: () => GuestRam | undefined) => DeviceRegistry;
+  /**
+   * The destination's answer to a PING (value): the PONG is written after `delayMs` (a
+   * destination slow to load what came before), or never (undefined: a peer that ignores PING).
+   */
+  answerPing?: (value: number) => { delayMs: number } | undefined;
   /** Called with the migration before it runs (register notifiers, schedule faults). */
   prepare?: (mig: MigrationThread, ctx: { srcRam: GuestRam; vcpus: VcpuPool; abort: AbortController; destroyDestination: () => void }) => void;
 }
@@ -40,6 +46,8 @@ export interface InProcessResult {
 }
 
 export async function migrateInProcess(o: InProcessOptions): Promise<InProcessResult> {
+  // Started first, as the CLI does: its thread boots while the RAM is made.
+  const returnPath = new ReturnPathThread();
   const srcRam = GuestRam.create([{ idstr: 'pc.ram', size: o.ramBytes }]);
   fillRam(srcRam, 'random', '7');
   const dstRamFixed = GuestRam.create([{ idstr: 'pc.ram', size: o.ramBytes }]);
@@ -60,6 +68,12 @@ export async function migrateInProcess(o: InProcessOptions): Promise<InProcessRe
         createRam: () => dstRamFixed,
         devices: o.dstDevices?.(() => dstRam) ?? new DeviceRegistry(),
         onOpenReturnPath: () => (rp = true),
+        onPing: (value) => {
+          const answer = o.answerPing?.(value);
+          const pong = (): unknown => sock.destroyed || sock.write(encodeRpPong(value));
+          if (answer?.delayMs === 0) pong();
+          else if (answer) setTimeout(pong, answer.delayMs);
+        },
       }).then(
         () => {
           if (rp) sock.write(encodeRpShut(0));
@@ -79,7 +93,6 @@ export async function migrateInProcess(o: InProcessOptions): Promise<InProcessRe
   const sock = net.connect(port, '127.0.0.1');
   await new Promise<void>((r, j) => sock.once('connect', r).once('error', j));
   const abort = new AbortController();
-  const returnPath = new ReturnPathThread();
   returnPath.attach(sock, srcRam);
   const mig = new MigrationThread({
     ram: srcRam,

@@ -19,6 +19,47 @@ function recordChains(mig: { notifiers: { precopy: { add: (f: (e: PrecopyNotifyD
 const precopyOnly = (log: string[]): string => log.filter((e) => !e.startsWith('state:')).join(',');
 const count = (log: string[], e: string): number => log.filter((x) => x === e).length;
 
+/** The value of the PING the source sends at setup (migration-thread.ts). */
+const SETUP_PING = 0x76726d67;
+
+describe('the drain before the stop', () => {
+  it('a destination that answers PING: the vCPUs stop only after it loaded everything sent (the PONG of a PING after the last round)', async () => {
+    const log: string[] = [];
+    const r = await migrateInProcess({
+      ramBytes: 32 * MiB,
+      writers: { writers: 2, dirtyRate: 8 * MiB },
+      // Slow to load: each PONG but the setup's comes 100 ms after its PING.
+      answerPing: (value) => {
+        log.push(`ping:${value.toString(16)}`);
+        return { delayMs: value === SETUP_PING ? 0 : 100 };
+      },
+      prepare: (mig) => {
+        recordChains(mig, log);
+        const pong = (mig as unknown as { ctx: { returnPath: { pong(v: number): Promise<void> } } }).ctx.returnPath;
+        const wrapped = pong.pong.bind(pong);
+        pong.pong = (v) => wrapped(v).then(() => void log.push(`pong:${v.toString(16)}`));
+      },
+    });
+    expect(r.info.status, JSON.stringify(r.info.error)).toBe('completed');
+    const drains = log.filter((e) => e.startsWith('pong:') && e !== `pong:${SETUP_PING.toString(16)}`);
+    expect(drains.length, log.join(' ')).toBeGreaterThan(0);
+    expect(log.indexOf(drains[drains.length - 1]!)).toBeLessThan(log.indexOf('COMPLETE'));
+    expect(differingPages(r.srcRam, r.dstRam!)).toEqual([]);
+  });
+
+  it('a destination that never answers PING is never asked to drain: one PING (the setup\'s), completed', async () => {
+    const pings: number[] = [];
+    const r = await migrateInProcess({
+      ramBytes: 16 * MiB,
+      writers: { writers: 1, dirtyRate: 4 * MiB },
+      answerPing: (value) => void pings.push(value),
+    });
+    expect(r.info.status, JSON.stringify(r.info.error)).toBe('completed');
+    expect(pings).toEqual([SETUP_PING]);
+    expect(differingPages(r.srcRam, r.dstRam!)).toEqual([]);
+  });
+});
+
 describe('notifier chains', () => {
   it('complete: SETUP, syncs in BEFORE/AFTER pairs, COMPLETE, the final sync, CLEANUP once; state events in order', async () => {
     const log: string[] = [];

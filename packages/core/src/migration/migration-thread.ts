@@ -112,6 +112,12 @@ export interface PostcopyRecovery {
 
 /** The value of the PING sent at setup to measure the link's round trip. */
 const PING_RTT = 0x76726d67;
+/** The PINGs of drainBeforeStop: this value plus a count. */
+const PING_DRAIN = 0x76640000;
+/** How long the first drain waits for the setup's PONG before taking the peer for one that ignores PING. */
+const PONG_GRACE_MS = 1000;
+/** What drainBeforeStop waits for, as a timeout names it. */
+const LOADED = 'the destination to load what was sent (PONG)';
 
 /** How often bandwidth is measured (QEMU's BUFFER_DELAY). */
 const BANDWIDTH_PERIOD_MS = 100;
@@ -143,6 +149,11 @@ export class MigrationThread {
   private epoch = 0;
   /** The round trip measured at setup (PING/PONG, ms); 0 until it is known. */
   private roundTripMs = 0;
+  /** writtenBytes() when drainBeforeStop last saw the destination load everything; -1: never. */
+  private drainedAt = -1;
+  private drains = 0;
+  /** Resolves true once the destination answered the setup's PING (never, for a peer that ignores PING). */
+  private setupPong: Promise<boolean> | undefined;
   /** migrate_cancel was asked for (a pause may have cleared the error it set). */
   private cancelRequested = false;
   /** Postcopy paused: the next `migrate URI resume=true`. */
@@ -368,7 +379,10 @@ export class MigrationThread {
       putPing(sink, PING_RTT);
       const t0 = performance.now();
       await this.guard(sink.flush(), MAIN);
-      void returnPath.pong(PING_RTT).then(() => (this.roundTripMs = performance.now() - t0));
+      this.setupPong = returnPath.pong(PING_RTT).then(() => {
+        this.roundTripMs = performance.now() - t0;
+        return true;
+      });
     }
     this.stats.setupTimeMs = performance.now() - this.stats.startTime;
     this.log.debug({ setupTimeMs: this.stats.setupTimeMs, blocks: this.ctx.ram.blocks.length, multifd: !!this.ctx.multifd, returnPath: !!returnPath, postcopy: params.postcopy }, 'setup done');
@@ -466,6 +480,8 @@ export class MigrationThread {
           'round ended (dirty-log sync)',
         );
         const { decision, reason } = policy.afterRound(pending, stats.bandwidth, { ...params, downtimeLimitMs: budgetMs }, saver.dirtyPages * TARGET_PAGE_SIZE);
+        // A queue the source cannot see drained first; then what was dirtied meanwhile is looked at again.
+        if (decision === 'complete' && (await this.drainBeforeStop())) continue;
         if (decision !== 'iterate') {
           if (reason) this.log.info({ rounds: policy.rounds, pending, reason }, `switching to ${decision}`);
           else this.log.debug({ rounds: policy.rounds, pending, roundTripMs: this.roundTripMs, thresholdBytes: SwitchoverPolicy.threshold(stats.bandwidth, budgetMs) }, 'switchover: what is dirty fits the downtime limit');
@@ -489,6 +505,39 @@ export class MigrationThread {
       stats.transferred = sections.writtenBytes();
       stats.precopyBytes = stats.transferred;
     }
+  }
+
+  /**
+   * Before the stop, everything sent so far is loaded by the destination. What the source
+   * measures ends at its own send queues (TIOCOUTQ): bytes already past them and not loaded
+   * yet (the destination's receive queues, a proxy or a router on the path, a destination
+   * slower than the link) would be carried during the downtime, unseen by the estimate. A
+   * PING after the round's barrier comes back as a PONG once the destination has loaded
+   * everything before it, multifd pages included (QEMU answers it the same way). Returns
+   * whether it waited: the caller syncs the dirty log again and decides anew. Nothing is
+   * waited for when nothing was written since the last drain, or when the destination did
+   * not answer the setup's PING within PONG_GRACE_MS of the first drain (no return path, or a
+   * peer that ignores PING: it is not asked again).
+   */
+  private async drainBeforeStop(): Promise<boolean> {
+    const { sink, returnPath } = this.ctx;
+    if (!returnPath?.pong || !this.setupPong || this.sections.writtenBytes() === this.drainedAt) return false;
+    let grace: NodeJS.Timeout | undefined;
+    const answered = await this.guard(Promise.race([this.setupPong, new Promise<boolean>((r) => (grace = setTimeout(() => r(false), PONG_GRACE_MS)))]), LOADED);
+    clearTimeout(grace);
+    if (!answered) {
+      this.log.debug({ graceMs: PONG_GRACE_MS }, 'the destination does not answer PING: no drain before the stop');
+      this.setupPong = undefined;
+      return false;
+    }
+    const value = PING_DRAIN + (++this.drains & 0xffff);
+    putPing(sink, value);
+    const t0 = performance.now();
+    await this.guard(sink.flush(), MAIN);
+    await this.guard(returnPath.pong(value), LOADED);
+    this.drainedAt = this.sections.writtenBytes();
+    this.log.debug({ waitedMs: performance.now() - t0 }, 'before the stop: the destination loaded everything sent');
+    return true;
   }
 
   /**
