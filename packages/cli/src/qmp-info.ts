@@ -61,12 +61,12 @@ export function qmpParameters(p: Readonly<MigrationParams>, extra: { multifdChan
   };
 }
 
-/** query-status: the guest's run state as QEMU's RunState. */
-export function qmpStatus(migration: string | undefined, side: 'source' | 'destination'): { status: string; running: boolean; singlestep: boolean } {
-  if (side === 'destination') {
-    const done = migration === 'completed';
-    return { status: done ? 'running' : 'inmigrate', running: done, singlestep: false };
-  }
+/**
+ * query-status: the guest's run state as QEMU's RunState. The destination's guest runs once
+ * the migration completed or postcopy's RUN came (`guestRunning`).
+ */
+export function qmpStatus(migration: string | undefined, side: 'source' | 'destination', guestRunning = migration === 'completed'): { status: string; running: boolean; singlestep: boolean } {
+  if (side === 'destination') return { status: guestRunning ? 'running' : 'inmigrate', running: guestRunning, singlestep: false };
   if (migration === 'completed' || migration === 'postcopy-active' || migration === 'postcopy-paused' || migration === 'postcopy-recover') return { status: 'postmigrate', running: false, singlestep: false };
   if (migration === 'device') return { status: 'finish-migrate', running: false, singlestep: false };
   return { status: 'running', running: true, singlestep: false };

@@ -80,6 +80,9 @@ describe('postcopy recovery between two vmig processes', () => {
       // Paused: each side says how to go on.
       expect((await pair.src.waitFor((l) => l['event'] === 'paused'))['control']).toMatch(/^unix:/);
       expect(((await pair.dst.waitFor((l) => l['event'] === 'paused'))['error'] as Report).code).toMatch(/VMIG_ERR_/);
+      // The guest runs on at the destination while paused (QEMU's RunState), not at the source.
+      expect((await pair.dstCtl.execute('query-status'))['return']).toMatchObject({ status: 'running', running: true });
+      expect((await pair.srcCtl.execute('query-status'))['return']).toMatchObject({ status: 'postmigrate', running: false });
       await recoverPair(pair);
       await expectVerified(pair, 1);
     });

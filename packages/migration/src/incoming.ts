@@ -181,6 +181,16 @@ export class IncomingMigration extends EventEmitter<IncomingMigrationEvents> {
     return this.postcopy?.incoming.faultLatencyBuckets(boundsMs);
   }
 
+  /**
+   * Whether the guest runs here (QEMU's RunState `running` against `inmigrate`): once the
+   * migration completed, or from postcopy's RUN on, paused or not (the vCPUs keep running
+   * while the link is down; only those that fault wait).
+   */
+  get guestRunning(): boolean {
+    const pc = this.postcopy?.incoming.state;
+    return this.status === 'completed' || pc === 'running' || pc === 'end';
+  }
+
   /** Why postcopy is paused (status postcopy-paused or postcopy-recover), if it is. */
   get pauseCause(): VmigError | undefined {
     return this.paused?.cause;

@@ -42,7 +42,7 @@ export async function incomingCommand(argv: string[]): Promise<number> {
         settings.control,
         {
           'query-migrate': () => (status === 'none' ? {} : { status }),
-          'query-status': () => qmpStatus(status, 'destination'),
+          'query-status': () => qmpStatus(status, 'destination', status === 'completed' || (dst?.guestRunning ?? false)),
           'query-migrate-capabilities': () =>
             qmpCapabilities({ 'auto-converge': false, 'postcopy-ram': settings.postcopy, 'postcopy-preempt': settings.postcopyPreempt, multifd: settings.multifdChannels > 0 }),
           'query-migrate-parameters': () => ({ 'multifd-channels': settings.multifdChannels, 'multifd-compression': settings.compression }),
