@@ -6,7 +6,7 @@
  * it waits while more than `highWaterMark` bytes sit in the socket's queue.
  */
 import type { Writable } from 'node:stream';
-import { setBe32, setBe64, VmigError, type StreamSink } from '@vmig/core';
+import { copyBytes, setBe32, setBe64, VmigError, type StreamSink } from '@vmig/core';
 
 export interface BufferedWriterOptions {
   channel?: string;
@@ -83,7 +83,8 @@ export class BufferedWriter implements StreamSink {
     while (off < b.length) {
       if (this.len === this.size) this.pushStaging();
       const take = Math.min(b.length - off, this.size - this.len);
-      this.cur.set(b.subarray(off, off + take), this.len);
+      // Guest pages come from SharedArrayBuffers: copyBytes says why not set().
+      copyBytes(this.cur, this.len, b.subarray(off, off + take));
       this.len += take;
       off += take;
     }

@@ -2,6 +2,7 @@ export * from './errors.js';
 export * from './io.js';
 export * from './ram/bitmap.js';
 export * from './ram/ram-block.js';
+export * from './ram/copy-bytes.js';
 export * from './wire/constants.js';
 export * from './wire/main-stream.js';
 export * from './wire/return-path.js';

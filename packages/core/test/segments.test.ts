@@ -4,10 +4,31 @@
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { GuestRam, isZeroPage, MAX_BLOCK_BYTES, RamBlock, TARGET_PAGE_SIZE, VmigError } from '../src/index.js';
+import { copyBytes, GuestRam, isZeroPage, MAX_BLOCK_BYTES, RamBlock, TARGET_PAGE_SIZE, VmigError } from '../src/index.js';
 
 const MIB = 1 << 20;
 const P = TARGET_PAGE_SIZE;
+
+describe('copyBytes', () => {
+  it('is set() at any size and alignment, into and out of a SharedArrayBuffer; out of range is a RangeError', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 3 * P }), fc.integer({ min: 0, max: 15 }), fc.integer({ min: 0, max: 15 }), fc.boolean(), (len, srcAt, dstAt, intoShared) => {
+        const shared = new Uint8Array(new SharedArrayBuffer(4 * P));
+        const plain = new Uint8Array(4 * P);
+        const [from, into] = intoShared ? [plain, shared] : [shared, plain];
+        for (let i = 0; i < from.length; i++) from[i] = (i * 7 + 3) & 0xff;
+        into.fill(0xee);
+        const expected = Uint8Array.from(into);
+        expected.set(from.subarray(srcAt, srcAt + len), dstAt);
+        copyBytes(into, dstAt, from.subarray(srcAt, srcAt + len));
+        expect(Buffer.compare(Buffer.from(into.buffer), Buffer.from(expected.buffer))).toBe(0);
+      }),
+    );
+    const into = new Uint8Array(new SharedArrayBuffer(2 * P));
+    expect(() => copyBytes(into, P + 1, new Uint8Array(P))).toThrow(RangeError);
+    expect(() => copyBytes(into, 2 * P - 1, new Uint8Array(2))).toThrow(RangeError);
+  });
+});
 
 describe('isZeroPage', () => {
   it('finds a single set byte wherever it is (the bytes looked at first, and every other one)', () => {

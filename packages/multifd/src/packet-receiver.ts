@@ -16,7 +16,7 @@
  *
  * Nothing here knows sockets or threads; recv-channel.worker.ts wires it to a socket.
  */
-import { type AtomicBitmap, type GuestRam, type RamBlock, StreamError, TARGET_PAGE_SIZE } from '@vmig/core';
+import { type AtomicBitmap, copyBytes, type GuestRam, type RamBlock, StreamError, TARGET_PAGE_SIZE } from '@vmig/core';
 import { compressionByFlags } from './compress/registry.js';
 import type { MultifdRecvDecompressor } from './compress/method.js';
 import {
@@ -171,7 +171,7 @@ export class PacketReceiver {
       }
       const t = this.directTarget();
       const k = Math.min(t.length, bytes.length - pos);
-      t.set(bytes.subarray(pos, pos + k));
+      copyBytes(t, 0, bytes.subarray(pos, pos + k));
       pos += k;
       this.advance(k);
     }
@@ -308,7 +308,7 @@ export class PacketReceiver {
         while (pos < bytes.length && !this.stopped) {
           const t = this.directTarget();
           const k = Math.min(t.length, bytes.length - pos);
-          t.set(bytes.subarray(pos, pos + k));
+          copyBytes(t, 0, bytes.subarray(pos, pos + k));
           pos += k;
           this.advance(k);
         }

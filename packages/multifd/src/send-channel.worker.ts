@@ -13,7 +13,7 @@
 import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
 import { tlsConnect } from '@vmig/channel';
-import { GuestRam, isZeroPage, mayBeZero, type RamBlock, setThreadName, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
+import { copyBytes, GuestRam, isZeroPage, mayBeZero, type RamBlock, setThreadName, TARGET_PAGE_SIZE, toVmigError, VmigError } from '@vmig/core';
 import { compressionByName } from './compress/registry.js';
 import { JOB_PACKETS, type SendChannelConfig, type SendToChannel } from './send-protocol.js';
 import { encodeMultifdInit, encodeMultifdPacketHeader, MULTIFD_FLAG_SYNC, MULTIFD_MAX_PAYLOAD, MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PACKET_SIZE, MULTIFD_PAGE_COUNT } from './wire/multifd-wire.js';
@@ -192,7 +192,7 @@ async function sendJob(blockIdx: number, pages: Uint32Array, packetNum: number):
     // method sent it raw) the pages go straight from guest RAM.
     let payload: Buffer | undefined;
     if (compressor !== undefined && normal > 0) {
-      for (let i = 0; i < normal; i++) pagesScratch.set(block.page(packetOffsets[i]! / TARGET_PAGE_SIZE), i * TARGET_PAGE_SIZE);
+      for (let i = 0; i < normal; i++) copyBytes(pagesScratch, i * TARGET_PAGE_SIZE, block.page(packetOffsets[i]! / TARGET_PAGE_SIZE));
       // Only the method may choose to send raw: a stateful stream (zlib) has consumed the
       // pages, so its output must go out even when it grew (random data does).
       const out = await compressor.compress(pagesScratch.subarray(0, payloadLen));

@@ -1,5 +1,6 @@
 import { InvalidArgumentError, VmigError } from '../errors.js';
 import { AtomicBitmap } from './bitmap.js';
+import { copyBytes } from './copy-bytes.js';
 
 /** QEMU's TARGET_PAGE_BITS / TARGET_PAGE_SIZE for x86: every page here is 4 KiB. */
 export const TARGET_PAGE_BITS = 12;
@@ -187,7 +188,7 @@ export class RamBlock {
   /** Copies one page's bytes (`data`, a page long) into page `page`, without a view of it. */
   writePage(page: number, data: Uint8Array): void {
     const seg = Math.floor(page / this.segmentPages);
-    this.views[seg]!.set(data, (page - seg * this.segmentPages) * TARGET_PAGE_SIZE);
+    copyBytes(this.views[seg]!, (page - seg * this.segmentPages) * TARGET_PAGE_SIZE, data);
   }
 
   /** Fills page `page` with `byte`. */
@@ -209,7 +210,7 @@ export class RamBlock {
     const out = Buffer.allocUnsafe(length);
     for (let done = 0; done < length; ) {
       const n = Math.min(length - done, this.segmentEnd(offset + done) - (offset + done));
-      out.set(this.bytes(offset + done, n), done);
+      copyBytes(out, done, this.bytes(offset + done, n));
       done += n;
     }
     return out;
@@ -222,7 +223,7 @@ export class RamBlock {
     }
     for (let done = 0; done < data.length; ) {
       const n = Math.min(data.length - done, this.segmentEnd(offset + done) - (offset + done));
-      this.bytes(offset + done, n).set(data.subarray(done, done + n));
+      copyBytes(this.bytes(offset + done, n), 0, data.subarray(done, done + n));
       done += n;
     }
   }
