@@ -24,6 +24,15 @@ describe('copyBytes', () => {
         expect(Buffer.compare(Buffer.from(into.buffer), Buffer.from(expected.buffer))).toBe(0);
       }),
     );
+    // Overlapping ranges of one buffer: as set() (memmove), both ways.
+    const one = new Uint8Array(new SharedArrayBuffer(3 * P));
+    for (let i = 0; i < one.length; i++) one[i] = i & 0xff;
+    const model = Uint8Array.from(one);
+    copyBytes(one, 100, one.subarray(0, 2 * P));
+    model.set(model.subarray(0, 2 * P), 100);
+    copyBytes(one, 0, one.subarray(300, 300 + 2 * P));
+    model.set(model.subarray(300, 300 + 2 * P), 0);
+    expect(Buffer.compare(Buffer.from(one.buffer), Buffer.from(model.buffer))).toBe(0);
     const into = new Uint8Array(new SharedArrayBuffer(2 * P));
     expect(() => copyBytes(into, P + 1, new Uint8Array(P))).toThrow(RangeError);
     expect(() => copyBytes(into, 2 * P - 1, new Uint8Array(2))).toThrow(RangeError);

@@ -17,8 +17,12 @@ const NATIVE_COPY_MIN = 512;
 
 const fill = Buffer.prototype.fill as (this: Uint8Array, value: Uint8Array, offset: number, end: number) => unknown;
 
-/** `dst.set(src, at)`, with a plain memcpy for anything but small copies. Throws RangeError if it does not fit. */
+/**
+ * `dst.set(src, at)`, with a plain memcpy for anything but small copies. Throws RangeError if
+ * it does not fit. Within one buffer the ranges may overlap, which memcpy does not allow:
+ * that copy stays set()'s (memmove's semantics).
+ */
 export function copyBytes(dst: Uint8Array, at: number, src: Uint8Array): void {
-  if (src.length < NATIVE_COPY_MIN) dst.set(src, at);
+  if (src.length < NATIVE_COPY_MIN || src.buffer === dst.buffer) dst.set(src, at);
   else fill.call(dst, src, at, at + src.length);
 }
