@@ -30,9 +30,10 @@ export interface InProcessOptions {
   dstDevices?: (ram: () => GuestRam | undefined) => DeviceRegistry;
   /**
    * The destination's answer to a PING (value): the PONG is written after `delayMs` (a
-   * destination slow to load what came before), or never (undefined: a peer that ignores PING).
+   * destination slow to load what came before), then `onSent` is called; or never
+   * (undefined: a peer that ignores PING).
    */
-  answerPing?: (value: number) => { delayMs: number } | undefined;
+  answerPing?: (value: number) => { delayMs: number; onSent?: () => void } | undefined;
   /** Called with the migration before it runs (register notifiers, schedule faults). */
   prepare?: (mig: MigrationThread, ctx: { srcRam: GuestRam; vcpus: VcpuPool; abort: AbortController; destroyDestination: () => void }) => void;
 }
@@ -70,7 +71,11 @@ export async function migrateInProcess(o: InProcessOptions): Promise<InProcessRe
         onOpenReturnPath: () => (rp = true),
         onPing: (value) => {
           const answer = o.answerPing?.(value);
-          const pong = (): unknown => sock.destroyed || sock.write(encodeRpPong(value));
+          const pong = (): void => {
+            if (sock.destroyed) return;
+            sock.write(encodeRpPong(value));
+            answer?.onSent?.();
+          };
           if (answer?.delayMs === 0) pong();
           else if (answer) setTimeout(pong, answer.delayMs);
         },

@@ -28,17 +28,10 @@ describe('the drain before the stop', () => {
     const r = await migrateInProcess({
       ramBytes: 32 * MiB,
       writers: { writers: 2, dirtyRate: 8 * MiB },
-      // Slow to load: each PONG but the setup's comes 100 ms after its PING.
-      answerPing: (value) => {
-        log.push(`ping:${value.toString(16)}`);
-        return { delayMs: value === SETUP_PING ? 0 : 100 };
-      },
-      prepare: (mig) => {
-        recordChains(mig, log);
-        const pong = (mig as unknown as { ctx: { returnPath: { pong(v: number): Promise<void> } } }).ctx.returnPath;
-        const wrapped = pong.pong.bind(pong);
-        pong.pong = (v) => wrapped(v).then(() => void log.push(`pong:${v.toString(16)}`));
-      },
+      // Slow to load: each PONG but the setup's is written 100 ms after its PING. A source
+      // that did not wait for it would reach COMPLETE before the PONG was even written.
+      answerPing: (value) => ({ delayMs: value === SETUP_PING ? 0 : 100, onSent: () => void log.push(`pong:${value.toString(16)}`) }),
+      prepare: (mig) => recordChains(mig, log),
     });
     expect(r.info.status, JSON.stringify(r.info.error)).toBe('completed');
     const drains = log.filter((e) => e.startsWith('pong:') && e !== `pong:${SETUP_PING.toString(16)}`);
